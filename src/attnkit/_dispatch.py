@@ -1,0 +1,79 @@
+"""Which backend can run a call, why not, and the order ``impl="auto"`` tries them in.
+
+Auto order: ``sdpa`` (torch's fused kernels) where it can express the call, then ``tiled``
+(structured masks, ALiBi, lse on any device), then ``reference`` (dropout with structured masks).
+An explicit ``impl`` never falls back: it raises with the backend's reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from ._validate import Call
+from .ops import sdpa as _sdpa
+from .ops.reference import reference_attention
+from .ops.tiled import tiled_attention
+
+AUTO_ORDER = ("sdpa", "tiled", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str
+    why_not: Callable[[Call], str | None]
+    run: Callable[[Call], tuple[Tensor, Tensor | None]]
+
+
+def _reference_run(c: Call):
+    return reference_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale, dropout_p=c.dropout_p)
+
+
+def _sdpa_run(c: Call):
+    return _sdpa.sdpa_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale,
+                                dropout_p=c.dropout_p, need_lse=c.need_lse)
+
+
+def _tiled_why_not(c: Call) -> str | None:
+    if c.dropout_p > 0:
+        return f"dropout_p={c.dropout_p}: tiled does not implement dropout (use impl='sdpa' or 'reference')"
+    return None
+
+
+def _tiled_run(c: Call):
+    return tiled_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale)
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", "textbook formula, materializes Nq x Nk; the test oracle",
+                         lambda c: None, _reference_run),
+    "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention (flash/cuDNN/math)",
+                    lambda c: _sdpa.why_not(c.q, c.mask, c.bias, c.dropout_p, c.need_lse), _sdpa_run),
+    "tiled": Backend("tiled", "FlashAttention-2 tiling in torch, skips masked-out tiles, O(N*block) memory",
+                     _tiled_why_not, _tiled_run),
+}
+
+
+def reasons(c: Call) -> dict[str, str | None]:
+    """Each backend's reason it cannot run this call (None: it can)."""
+    return {name: b.why_not(c) for name, b in BACKENDS.items()}
+
+
+def choose(c: Call, impl: str) -> Backend:
+    """The backend for ``impl`` (or the first capable one for "auto"); raises with reasons."""
+    if impl == "auto":
+        why = reasons(c)
+        for name in AUTO_ORDER:
+            if why[name] is None:
+                return BACKENDS[name]
+        raise ValueError("no backend can run this call: " + "; ".join(f"{n}: {r}" for n, r in why.items()))
+    if impl not in BACKENDS:
+        raise ValueError(f"impl={impl!r} is not a backend; choose one of 'auto', "
+                         + ", ".join(repr(n) for n in BACKENDS))
+    reason = BACKENDS[impl].why_not(c)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
+    return BACKENDS[impl]

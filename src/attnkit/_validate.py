@@ -1,0 +1,103 @@
+"""Input checks for the public functions: every error says what was expected, what came, what to do."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .bias import Bias, DenseBias
+from .masks import Mask, dense_mask
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated attention call: tensors plus normalized mask, bias and scale."""
+
+    q: Tensor  # (B, Hq, Nq, D)
+    k: Tensor  # (B, Hkv, Nk, D)
+    v: Tensor  # (B, Hkv, Nk, Dv)
+    mask: Mask | None
+    bias: Bias | None
+    scale: float
+    dropout_p: float
+    need_lse: bool
+
+    @property
+    def shape(self) -> dict[str, int]:
+        B, Hq, Nq, D = self.q.shape
+        return dict(B=B, Hq=Hq, Hkv=self.k.shape[1], Nq=Nq, Nk=self.k.shape[2], D=D, Dv=self.v.shape[-1])
+
+
+def _check_tensors(q: object, k: object, v: object) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D), got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)} ({t.dim()}-D); "
+                             "for (B, N, H, D) inputs use .transpose(1, 2)")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them with .to()")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (B, Hq, _, D), (Bk, Hkv, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q has B={B}, k has {Bk}, v has {Bv}")
+    if D != Dk:
+        raise ValueError(f"head dims differ: q has D={D}, k has D={Dk}; q and k must share D (v may differ)")
+    if Hkv != Hv or Nk != Nv:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hkv, Nk)")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads; "
+                         "GQA/MQA needs Hq % Hkv == 0")
+
+
+def _normalize_mask(mask: object) -> Mask | None:
+    if mask is None or isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask tensor has dtype {mask.dtype}; a mask is bool (True = may attend). "
+                            "Pass an additive float mask as bias=")
+        return dense_mask(mask)
+    raise TypeError(f"mask must be None, an attnkit mask (ak.causal(), ...) or a bool tensor, "
+                    f"got {type(mask).__name__}")
+
+
+def _normalize_bias(bias: object, q: Tensor) -> Bias | None:
+    if bias is None or isinstance(bias, Bias):
+        return bias
+    if isinstance(bias, Tensor):
+        if not bias.is_floating_point():
+            raise TypeError(f"bias tensor has dtype {bias.dtype}; a bias is an additive float tensor "
+                            "(pass a bool tensor as mask=)")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device} but q is on {q.device}; move it with .to()")
+        return DenseBias(bias)
+    raise TypeError(f"bias must be None, a float tensor or a structured bias (ak.alibi), got {type(bias).__name__}")
+
+
+def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_lse=False) -> Call:
+    """Check every argument of ``ak.attention`` and return the normalized call."""
+    _check_tensors(q, k, v)
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    mask_n = _normalize_mask(mask)
+    bias_n = _normalize_bias(bias, q)
+    if mask_n is not None:
+        mask_n.check(B, Hq, Nq, Nk)
+    if bias_n is not None:
+        bias_n.check(B, Hq, Nq, Nk)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (None means 1/sqrt(D)), got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return Call(q, k, v, mask_n, bias_n, float(scale), float(dropout_p), bool(need_lse))

@@ -1,0 +1,113 @@
+"""Additive attention biases: a dense float tensor, or structured ones computed tile by tile.
+
+A bias is added to the scaled scores before the softmax: ``softmax(q k^T * scale + bias)``.
+Like masks, a bias evaluates on a sub-grid of (query rows, key columns) and returns a tensor
+broadcastable to (B, H, rows, cols), so tiled paths never build the full Nq x Nk matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .masks import query_positions
+
+
+class Bias:
+    """Base of additive biases. ``evaluate`` returns float (Bm, Hm, len(rows), len(cols))."""
+
+    def evaluate(self, rows: Tensor, cols: Tensor, Nq: int, Nk: int) -> Tensor:
+        raise NotImplementedError
+
+    def materialize(self, Nq: int, Nk: int, device: torch.device | str | None = None) -> Tensor:
+        """The dense bias (Bm, Hm, Nq, Nk)."""
+        dev = torch.device(device or "cpu")
+        return self.evaluate(torch.arange(Nq, device=dev), torch.arange(Nk, device=dev), Nq, Nk)
+
+    def check(self, B: int, H: int, Nq: int, Nk: int) -> None:
+        """Raise ValueError if the bias cannot apply to a (B, H, Nq, Nk) problem."""
+
+
+@dataclass(frozen=True, eq=False)
+class Alibi(Bias):
+    """ALiBi (Press et al. 2022): ``bias[h, i, j] = -slopes[h] * |p_i - j|``, p_i = i + Nk - Nq.
+
+    For causal attention (j <= p_i) this is the paper's ``slopes[h] * (j - p_i)``; the absolute
+    value extends it symmetrically to bidirectional attention.
+    """
+
+    slopes: Tensor  # (H,) float
+
+    def evaluate(self, rows, cols, Nq, Nk):
+        dist = (cols[None, :] - query_positions(rows, Nq, Nk)[:, None]).abs()  # (r, c)
+        slopes = self.slopes.to(device=rows.device)
+        return -(slopes[:, None, None] * dist.to(slopes.dtype))[None]  # (1, H, r, c)
+
+    def check(self, B, H, Nq, Nk):
+        if self.slopes.shape[0] != H:
+            raise ValueError(f"alibi: {self.slopes.shape[0]} slopes for Hq={H} query heads; give one per head "
+                             "(ak.alibi_slopes(H) gives the paper's)")
+
+    def __repr__(self) -> str:
+        return f"alibi(<{self.slopes.shape[0]} slopes>)"
+
+
+@dataclass(frozen=True, eq=False)
+class DenseBias(Bias):
+    """A user's float tensor broadcastable to (B, H, Nq, Nk)."""
+
+    tensor: Tensor
+
+    def evaluate(self, rows, cols, Nq, Nk):
+        t = self.tensor
+        while t.dim() < 4:
+            t = t.unsqueeze(0)
+        t = t.expand(*t.shape[:2], Nq, Nk)
+        return t[:, :, rows.to(t.device)][:, :, :, cols.to(t.device)]
+
+    def check(self, B, H, Nq, Nk):
+        if self.tensor.dim() > 4:
+            raise ValueError(f"bias has {self.tensor.dim()} dims; expected at most 4 (B, H, Nq, Nk)")
+        try:
+            torch.broadcast_shapes(self.tensor.shape, (B, H, Nq, Nk))
+        except RuntimeError:
+            raise ValueError(f"bias of shape {tuple(self.tensor.shape)} cannot broadcast to "
+                             f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}") from None
+        if torch.isnan(self.tensor).any():
+            raise ValueError("bias contains NaN; an additive bias must be finite or -inf "
+                             "(use a mask to forbid positions)")
+
+    def __repr__(self) -> str:
+        return f"bias(<{tuple(self.tensor.shape)}>)"
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The ALiBi paper's head slopes: a geometric sequence starting at 2^(-8/n), n the closest
+    power of two <= num_heads, with the interleaved extension for other head counts."""
+    if num_heads < 1:
+        raise ValueError(f"alibi_slopes: num_heads must be >= 1, got {num_heads}")
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(n)
+    if n < num_heads:
+        slopes += power_of_two(2 * n)[0::2][: num_heads - n]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi(slopes: Tensor | int) -> Alibi:
+    """Structured ALiBi bias. ``slopes``: (H,) per-head slopes, or an int H for the paper's slopes."""
+    if isinstance(slopes, int) and not isinstance(slopes, bool):
+        slopes = alibi_slopes(slopes)
+    t = torch.as_tensor(slopes)
+    if not t.is_floating_point() or t.dim() != 1:
+        raise ValueError(f"alibi: expected float slopes of shape (H,), got dtype={t.dtype} shape={tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("alibi: slopes must be finite")
+    return Alibi(t)

@@ -1,0 +1,54 @@
+"""All log-sum-exp arithmetic of attnkit lives here.
+
+A *partial* attention result over a subset of keys is a pair ``(out, lse)``: ``out`` (..., N, Dv) is
+the softmax-weighted average of the subset's values and ``lse`` (..., N) the natural log of the
+subset's softmax denominator. Two partials over disjoint key subsets merge exactly (FlashAttention-2,
+flash-decoding, ring attention all rest on this):
+
+    lse = log(exp(lse_a) + exp(lse_b))
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+A row that saw no key has ``lse = -inf`` and contributes weight 0; a row no partial saw keeps
+``out = 0, lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def finite_or_zero(lse: Tensor) -> Tensor:
+    """lse with -inf (rows that saw nothing) replaced by 0, safe to subtract from scores."""
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def merge(out_a: Tensor | None, lse_a: Tensor | None, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge two partials over disjoint keys; ``out_a=None`` means "nothing seen yet".
+
+    out_* (..., N, Dv) float, lse_* (..., N) float32/64. Returns the merged (out, lse).
+    """
+    if out_a is None:
+        return out_b, lse_b
+    lse = torch.logaddexp(lse_a, lse_b)  # (..., N); -inf only where both are -inf
+    ref = finite_or_zero(lse)
+    w_a = torch.exp(lse_a - ref).unsqueeze(-1)  # (..., N, 1); 0 where lse_a = -inf
+    w_b = torch.exp(lse_b - ref).unsqueeze(-1)
+    return w_a * out_a + w_b * out_b, lse
+
+
+def lse_of_scores(scores: Tensor) -> Tensor:
+    """Row log-sum-exp of masked scores (..., Nk) -> (...), -inf for rows that are all -inf.
+
+    Unlike ``torch.logsumexp`` its gradient is 0 (not NaN) on such rows.
+    """
+    m = scores.amax(-1, keepdim=True).detach()  # (..., 1)
+    m = finite_or_zero(m)
+    total = torch.exp(scores - m).sum(-1)  # (...,); 0 on empty rows
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, torch.log(safe) + m.squeeze(-1), torch.full_like(total, float("-inf")))
+
+
+def probabilities(scores: Tensor, lse: Tensor) -> Tensor:
+    """softmax rows from scores (..., Nk) and their lse (...): exp(s - lse), 0 on empty rows."""
+    return torch.exp(scores - finite_or_zero(lse).unsqueeze(-1)).masked_fill(torch.isneginf(scores), 0.0)

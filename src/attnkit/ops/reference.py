@@ -1,0 +1,59 @@
+"""The one oracle: the textbook formula ``softmax(q k^T * scale + bias) v``, fully materialized.
+
+Every test compares every other backend against this file. It favours being obviously right over
+being fast: it builds the (B, Hq, Nq, Nk) score matrix, so its memory is O(Nq * Nk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..bias import Bias
+from ..masks import Mask
+from .merge import lse_of_scores, probabilities
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types are computed in float32; float32 and float64 in themselves."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def expand_kv(x: Tensor, Hq: int) -> Tensor:
+    """GQA/MQA: repeat each of the Hkv heads of (B, Hkv, N, D) Hq/Hkv times -> (B, Hq, N, D)."""
+    Hkv = x.shape[1]
+    return x if Hkv == Hq else x.repeat_interleave(Hq // Hkv, dim=1)
+
+
+def scores(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: float) -> Tensor:
+    """Masked, biased, scaled scores (B, Hq, Nq, Nk) in the compute dtype; -inf where masked."""
+    ct = compute_dtype(q.dtype)
+    Nq, Nk = q.shape[2], k.shape[2]
+    s = q.to(ct) @ expand_kv(k, q.shape[1]).to(ct).transpose(-1, -2) * scale  # (B, Hq, Nq, Nk)
+    if bias is not None:
+        s = s + bias.materialize(Nq, Nk, q.device).to(ct)
+    if mask is not None:
+        s = s.masked_fill(~mask.materialize(Nq, Nk, q.device), float("-inf"))
+    return s
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: float) -> Tensor:
+    """Probabilities (B, Hq, Nq, Nk) in the compute dtype; rows that may attend nowhere are 0."""
+    s = scores(q, k, mask, bias, scale)
+    return probabilities(s, lse_of_scores(s))
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
+                        scale: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in the compute dtype.
+
+    Differentiable by plain autograd. Dropout applies to the probabilities (after the lse).
+    """
+    s = scores(q, k, mask, bias, scale)  # (B, Hq, Nq, Nk)
+    lse = lse_of_scores(s)  # (B, Hq, Nq)
+    p = probabilities(s, lse)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out = p @ expand_kv(v, q.shape[1]).to(s.dtype)  # (B, Hq, Nq, Dv)
+    return out.to(q.dtype), lse

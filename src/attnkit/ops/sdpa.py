@@ -1,0 +1,76 @@
+"""torch's ``scaled_dot_product_attention`` as an attnkit backend.
+
+It expresses: no mask, ``causal()`` and dense masks/biases (bool or float tensors). torch's
+``is_causal`` is aligned top-left, attnkit's bottom-right: they agree only when Nq == Nk, so any
+other causal call passes the (Nq, Nk) mask explicitly. torch's public SDPA returns no
+log-sum-exp; when one is asked for on the CPU, torch's CPU flash kernel (the same kernel SDPA
+dispatches to) is called directly, which returns it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..bias import Bias, DenseBias
+from ..masks import Causal, Dense, Mask
+from .reference import compute_dtype, expand_kv
+
+
+def why_not(q: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float, need_lse: bool) -> str | None:
+    """None if this backend can run the call, else the reason it cannot."""
+    if mask is not None and not isinstance(mask, (Causal, Dense)):
+        return (f"mask {mask!r}: torch SDPA takes only causal or a dense tensor; materializing it "
+                "costs Nq x Nk memory (impl='tiled' skips its empty tiles)")
+    if bias is not None and not isinstance(bias, DenseBias):
+        return f"bias {bias!r} is structured; torch SDPA needs it materialized (impl='tiled' computes it per tile)"
+    if need_lse and q.device.type != "cpu":
+        return "return_lse: torch SDPA returns no log-sum-exp on this device (impl='tiled' does)"
+    if need_lse and dropout_p > 0:
+        return "return_lse with dropout: torch's kernel that returns the lse is called without dropout"
+    return None
+
+
+def _attn_mask(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None) -> tuple[Tensor | None, bool, Tensor | None]:
+    """torch's (attn_mask, is_causal) for the call, plus rows (Bm, Hm, Nq) that may attend nowhere."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    if isinstance(mask, Causal) and Nq == Nk and bias is None:
+        return None, True, None
+    allowed = None if mask is None else mask.materialize(Nq, Nk, q.device)  # (Bm, Hm, Nq, Nk)
+    dead = None
+    if allowed is not None:
+        dead = ~allowed.any(-1)  # (Bm, Hm, Nq)
+        if bool(dead.any()):  # give empty rows every key, then zero them: no NaN in either pass
+            allowed = allowed | dead.unsqueeze(-1)
+        else:
+            dead = None
+    if bias is None:
+        return allowed, False, dead
+    add = bias.materialize(Nq, Nk, q.device).to(compute_dtype(q.dtype))
+    if allowed is not None:
+        add = add.masked_fill(~allowed, float("-inf"))
+    return add, False, dead
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
+                   scale: float, dropout_p: float = 0.0, need_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+    """out (B, Hq, Nq, Dv), and lse (B, Hq, Nq) when ``need_lse`` (else None)."""
+    attn_mask, is_causal, dead = _attn_mask(q, k, mask, bias)
+    if need_lse:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=compute_dtype(q.dtype))
+            attn_mask = torch.where(attn_mask, zero, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), 0.0, is_causal,
+            attn_mask=attn_mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        lse = None
+    if dead is not None:
+        out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(dead.expand_as(lse), float("-inf"))
+    return out, lse

@@ -1,0 +1,267 @@
+"""Exact attention in tiles: FlashAttention-2's algorithm (Dao 2023) over any attnkit mask.
+
+Forward, for each block of queries::
+
+    out, lse = nothing
+    for each span of key tiles the mask allows (empty tiles are never visited):
+        out, lse = merge((out, lse), attend(q_block, k_span, v_span, mask only if partial))
+
+Backward recomputes instead of storing probabilities: with the final ``out`` and ``lse`` saved,
+each (query block, key span) pair contributes its share of ``dq``, ``dk``, ``dv`` independently
+(P = exp(S - lse), dS = P * (dP - rowsum(dout * out))).
+
+Consecutive key tiles of the same kind are fused into one span: FULL spans run with no mask at
+all, PARTIAL spans get their (block_q x span) slice of the mask. Memory is O(N * block), never
+Nq x Nk. Inside a span the work goes to a *tile kernel*:
+
+- ``fused``: torch's CPU flash-attention kernel, which returns its log-sum-exp (CPU only);
+- ``math``: the same arithmetic written with torch matmuls, chunked by ``block_k`` (any device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..bias import Bias
+from ..masks import EMPTY, FULL, PARTIAL, Mask
+from .merge import finite_or_zero, lse_of_scores, merge, probabilities
+from .reference import compute_dtype, expand_kv
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+BLOCK_Q = 512  # queries per block; measured on the 2-core CPU (docs/benchmarks.md)
+BLOCK_K = 256  # granularity at which the mask's tiles are classified
+
+
+@dataclass(frozen=True)
+class Span:
+    """Keys [k0, k1) seen by one query block; ``partial`` if the mask must be applied inside."""
+
+    k0: int
+    k1: int
+    partial: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which key spans each query block visits, derived from the mask's tile kinds."""
+
+    block_q: int
+    spans: tuple[tuple[Span, ...], ...]  # one tuple per query block
+
+    @property
+    def visited_keys(self) -> int:
+        return sum(s.k1 - s.k0 for row in self.spans for s in row) * self.block_q
+
+
+def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: int, block_k: int,
+              device: torch.device) -> Plan:
+    """Group each query block's non-empty key tiles into spans of equal kind.
+
+    A tile is FULL for the plan only if it is FULL for every batch element and head; it is
+    skipped only if it is EMPTY for all of them.
+    """
+    n_q, n_k = -(-Nq // block_q), -(-Nk // block_k)
+    if mask is None:
+        kinds = torch.full((n_q, n_k), FULL, dtype=torch.int8)
+    else:
+        k4 = mask.block_kinds(Nq, Nk, block_q, block_k, device)  # (Bm, Hm, nQ, nK)
+        all_full = (k4 == FULL).flatten(0, 1).all(0)
+        all_empty = (k4 == EMPTY).flatten(0, 1).all(0)
+        kinds = torch.full((n_q, n_k), PARTIAL, dtype=torch.int8, device=k4.device)
+        kinds = kinds.masked_fill(all_full, FULL).masked_fill(all_empty, EMPTY).cpu()
+    spans = tuple(_spans_of_row(row, block_k, Nk) for row in kinds.tolist())
+    return Plan(block_q, spans)
+
+
+def _spans_of_row(kinds: list[int], block_k: int, Nk: int) -> tuple[Span, ...]:
+    """Runs of consecutive non-empty tiles of the same kind -> spans of keys."""
+    spans: list[Span] = []
+    for j, kind in enumerate(kinds):
+        if kind == EMPTY:
+            continue
+        k0, k1, partial = j * block_k, min((j + 1) * block_k, Nk), kind == PARTIAL
+        if spans and spans[-1].k1 == k0 and spans[-1].partial == partial:
+            spans[-1] = Span(spans[-1].k0, k1, partial)
+        else:
+            spans.append(Span(k0, k1, partial))
+    return tuple(spans)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a tile needs besides the tensors: mask, bias, scale and the problem size."""
+
+    mask: Mask | None
+    bias: Bias | None
+    scale: float
+    Nq: int
+    Nk: int
+
+    def additive(self, q0: int, q1: int, span: Span, dtype: torch.dtype, device) -> Tensor | None:
+        """The (Bm, Hm, q1-q0, k1-k0) float tile of bias + (-inf where masked), or None."""
+        need_mask = span.partial and self.mask is not None
+        if not need_mask and self.bias is None:
+            return None
+        rows = torch.arange(q0, q1, device=device)
+        cols = torch.arange(span.k0, span.k1, device=device)
+        tile = torch.zeros((), dtype=dtype, device=device)
+        if self.bias is not None:
+            tile = self.bias.evaluate(rows, cols, self.Nq, self.Nk).to(dtype)
+        if need_mask:
+            allowed = self.mask.evaluate(rows, cols, self.Nq, self.Nk)
+            tile = torch.where(allowed, tile, torch.tensor(float("-inf"), dtype=dtype, device=device))
+        return tile
+
+
+def _rows_with_no_key(tile: Tensor | None) -> Tensor | None:
+    """(Bm, Hm, r) True where every entry of an additive tile is -inf, or None if no such row."""
+    if tile is None:
+        return None
+    dead = torch.isneginf(tile).all(-1)
+    return dead if bool(dead.any()) else None
+
+
+# -- tile kernels: (q block, key span) -> partial (out, lse) ----------------------------------
+
+def _fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """torch's CPU flash kernel on one span. q (B, H, r, D), k/v (B, H, c, D/Dv) expanded heads."""
+    out, lse = _cpu_flash(q, k, v, 0.0, False, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
+    dead = _rows_with_no_key(tile)
+    if dead is not None:  # the kernel reports lse = 0 for rows that saw nothing
+        lse = lse.masked_fill(dead.expand_as(lse), float("-inf"))
+    return out.to(lse.dtype), lse
+
+
+def _math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """The same result with plain torch ops (any device); tile already sliced to this chunk."""
+    ct = compute_dtype(q.dtype)
+    s = q.to(ct) @ k.to(ct).transpose(-1, -2) * scale  # (B, H, r, c)
+    if tile is not None:
+        s = s + tile
+    lse = lse_of_scores(s)  # (B, H, r)
+    return probabilities(s, lse) @ v.to(ct), lse  # (B, H, r, Dv)
+
+
+def _chunks(span: Span, block_k: int):
+    """Split a span into pieces of at most block_k keys (for the math kernel's memory)."""
+    for c0 in range(span.k0, span.k1, block_k):
+        yield Span(c0, min(c0 + block_k, span.k1), span.partial)
+
+
+def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Nq, D), k/v (B, Hq, Nk, D/Dv) with heads already expanded -> out, lse (fp32/64)."""
+    ct = compute_dtype(q.dtype)
+    B, H, Nq, _ = q.shape
+    out = q.new_zeros(B, H, Nq, v.shape[-1], dtype=ct)
+    lse = q.new_full((B, H, Nq), float("-inf"), dtype=ct)
+    for qb, spans in enumerate(plan.spans):
+        q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, Nq)
+        acc_out, acc_lse = None, None
+        for span in spans:
+            pieces = [span] if fused else _chunks(span, block_k)
+            for piece in pieces:
+                tile = prob.additive(q0, q1, piece, ct, q.device)
+                kernel = _fused_tile if fused else _math_tile
+                part = kernel(q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1],
+                              tile, prob.scale)
+                acc_out, acc_lse = merge(acc_out, acc_lse, *part)
+        if acc_out is not None:
+            out[:, :, q0:q1], lse[:, :, q0:q1] = acc_out, acc_lse
+    return out, lse
+
+
+def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: bool, block_k: int):
+    """dq, dk, dv (compute dtype) for expanded heads; see the module docstring for the algebra."""
+    ct = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+    dk = torch.zeros(k.shape, dtype=ct, device=q.device)
+    dv = torch.zeros(v.shape, dtype=ct, device=q.device)
+    lse_bwd = torch.where(torch.isneginf(lse), float("inf"), lse)  # exp(s - inf) = 0: empty rows
+    delta = (dout.to(ct) * out.to(ct)).sum(-1)  # (B, H, Nq): rowsum(dout * out)
+    if dlse is not None:
+        delta = delta - dlse.to(ct)  # d lse / d s = P, so it folds into the row term
+        fused = False  # the fused kernel computes its own rowsum and cannot take dlse
+    for qb, spans in enumerate(plan.spans):
+        q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, q.shape[2])
+        for span in spans:
+            for piece in ([span] if fused else _chunks(span, block_k)):
+                a, b = piece.k0, piece.k1
+                tile = prob.additive(q0, q1, piece, ct, q.device)
+                args = (dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, a:b], v[:, :, a:b],
+                        out[:, :, q0:q1], lse_bwd[:, :, q0:q1], delta[:, :, q0:q1], tile, prob.scale)
+                g_q, g_k, g_v = (_fused_tile_backward if fused else _math_tile_backward)(*args)
+                dq[:, :, q0:q1] += g_q
+                dk[:, :, a:b] += g_k
+                dv[:, :, a:b] += g_v
+    return dq, dk, dv
+
+
+def _fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
+    """torch's CPU flash backward on one (q block, span), given the final out and lse."""
+    return _cpu_flash_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, False,
+                               attn_mask=tile, scale=scale)
+
+
+def _math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
+    """P = exp(S - lse); dV = P^T dO; dS = P (dO V^T - delta); dQ = dS K s; dK = dS^T Q s."""
+    ct = compute_dtype(q.dtype)
+    q, k, v, dout = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, r, c)
+    if tile is not None:
+        s = s + tile
+    p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, r, c); 0 where masked or the row is empty
+    ds = p * (dout @ v.transpose(-1, -2) - delta.unsqueeze(-1))  # (B, H, r, c)
+    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ dout
+
+
+class _TiledFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prob, plan, fused, block_k):
+        Hq, Hkv = q.shape[1], k.shape[1]
+        ke, ve = expand_kv(k, Hq), expand_kv(v, Hq)
+        out, lse = _forward(q, ke, ve, prob, plan, fused, block_k)
+        out_q = out.to(q.dtype)
+        ctx.save_for_backward(q, ke, ve, out_q, lse)
+        ctx.cfg = (prob, plan, fused, block_k, Hkv)
+        ctx.set_materialize_grads(False)
+        return out_q, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, ke, ve, out, lse = ctx.saved_tensors
+        prob, plan, fused, block_k, Hkv = ctx.cfg
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(dout, dlse, q, ke, ve, out, lse, prob, plan, fused, block_k)
+        B, Hq, Nk = q.shape[0], q.shape[1], ke.shape[2]
+        if Hkv != Hq:  # sum the gradients of the heads that share one kv head
+            dk = dk.view(B, Hkv, Hq // Hkv, Nk, -1).sum(2)
+            dv = dv.view(B, Hkv, Hq // Hkv, Nk, -1).sum(2)
+        return dq.to(q.dtype), dk.to(ke.dtype), dv.to(ve.dtype), None, None, None, None
+
+
+def fused_available(q: Tensor) -> bool:
+    """The fused tile kernel is torch's CPU flash attention: CPU tensors only."""
+    return q.device.type == "cpu"
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
+                    scale: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                    kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact attention, O(N * block) memory, visiting only tiles the mask allows.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) in q's dtype,
+    lse (B, Hq, Nq) in float32 (float64 for float64 inputs). ``kernel``: "auto", "fused", "math".
+    """
+    Nq, Nk = q.shape[2], k.shape[2]
+    fused = fused_available(q) if kernel == "auto" else kernel == "fused"
+    if fused and not fused_available(q):
+        raise ValueError(f"tiled kernel='fused' runs on the CPU only, got device {q.device}; use kernel='math'")
+    plan = make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device)
+    prob = Problem(mask, bias, scale, Nq, Nk)
+    return _TiledFunction.apply(q, k, v, prob, plan, fused, block_k)
