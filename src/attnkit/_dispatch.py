@@ -51,7 +51,7 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "textbook formula, materializes Nq x Nk; the test oracle",
                          lambda c: None, _reference_run),
     "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention (flash/cuDNN/math)",
-                    lambda c: _sdpa.why_not(c.q, c.mask, c.bias, c.dropout_p, c.need_lse), _sdpa_run),
+                    lambda c: _sdpa.why_not(c.q, c.v, c.mask, c.bias, c.dropout_p, c.need_lse), _sdpa_run),
     "tiled": Backend("tiled", "FlashAttention-2 tiling in torch, skips masked-out tiles, O(N*block) memory",
                      _tiled_why_not, _tiled_run),
 }
@@ -62,10 +62,18 @@ def reasons(c: Call) -> dict[str, str | None]:
     return {name: b.why_not(c) for name, b in BACKENDS.items()}
 
 
+def auto_reasons(c: Call) -> dict[str, str | None]:
+    """Like ``reasons``, plus why auto passes over a backend that could run but would be slow."""
+    why = reasons(c)
+    if why["sdpa"] is None:
+        why["sdpa"] = _sdpa.auto_why_not(c.q, c.k, c.mask)
+    return why
+
+
 def choose(c: Call, impl: str) -> Backend:
     """The backend for ``impl`` (or the first capable one for "auto"); raises with reasons."""
     if impl == "auto":
-        why = reasons(c)
+        why = auto_reasons(c)
         for name in AUTO_ORDER:
             if why[name] is None:
                 return BACKENDS[name]

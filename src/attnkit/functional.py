@@ -73,5 +73,5 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, bias=None, scale=None
             return_lse: bool = False) -> Explanation:
     """List every backend with whether it can run this call and why not; prints nicely."""
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
-    return Explanation(_dispatch.choose(call, "auto").name, _dispatch.reasons(call), call.shape)
+    return Explanation(_dispatch.choose(call, "auto").name, _dispatch.auto_reasons(call), call.shape)
 

@@ -26,9 +26,13 @@ def expand_kv(x: Tensor, Hq: int) -> Tensor:
     return x if Hkv == Hq else x.repeat_interleave(Hq // Hkv, dim=1)
 
 
-def scores(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: float) -> Tensor:
-    """Masked, biased, scaled scores (B, Hq, Nq, Nk) in the compute dtype; -inf where masked."""
-    ct = compute_dtype(q.dtype)
+def scores(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: float,
+           upcast: bool = True) -> Tensor:
+    """Masked, biased, scaled scores (B, Hq, Nq, Nk) in the compute dtype; -inf where masked.
+
+    ``upcast=False`` computes in q's own dtype (the "naive" baseline of the numerics contract).
+    """
+    ct = compute_dtype(q.dtype) if upcast else q.dtype
     Nq, Nk = q.shape[2], k.shape[2]
     s = q.to(ct) @ expand_kv(k, q.shape[1]).to(ct).transpose(-1, -2) * scale  # (B, Hq, Nq, Nk)
     if bias is not None:
@@ -45,12 +49,13 @@ def attention_weights(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
-                        scale: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+                        scale: float, dropout_p: float = 0.0, upcast: bool = True) -> tuple[Tensor, Tensor]:
     """out (B, Hq, Nq, Dv) in q's dtype and lse (B, Hq, Nq) in the compute dtype.
 
     Differentiable by plain autograd. Dropout applies to the probabilities (after the lse).
+    ``upcast=False`` keeps half inputs in their dtype throughout (for the numerics contract).
     """
-    s = scores(q, k, mask, bias, scale)  # (B, Hq, Nq, Nk)
+    s = scores(q, k, mask, bias, scale, upcast)  # (B, Hq, Nq, Nk)
     lse = lse_of_scores(s)  # (B, Hq, Nq)
     p = probabilities(s, lse)
     if dropout_p > 0:

@@ -1,6 +1,8 @@
 """torch's ``scaled_dot_product_attention`` as an attnkit backend.
 
-It expresses: no mask, ``causal()`` and dense masks/biases (bool or float tensors). torch's
+It expresses: no mask, ``causal()`` and dense masks/biases (bool or float tensors); any other
+attnkit mask is materialized into a bool tensor first (what every SDPA user does with a padding
+mask), which ``impl="auto"`` allows only while that tensor stays small. torch's
 ``is_causal`` is aligned top-left, attnkit's bottom-right: they agree only when Nq == Nk, so any
 other causal call passes the (Nq, Nk) mask explicitly. torch's public SDPA returns no
 log-sum-exp; when one is asked for on the CPU, torch's CPU flash kernel (the same kernel SDPA
@@ -18,17 +20,31 @@ from ..masks import Causal, Dense, Mask
 from .reference import compute_dtype, expand_kv
 
 
-def why_not(q: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float, need_lse: bool) -> str | None:
+def why_not(q: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
+            need_lse: bool) -> str | None:
     """None if this backend can run the call, else the reason it cannot."""
-    if mask is not None and not isinstance(mask, (Causal, Dense)):
-        return (f"mask {mask!r}: torch SDPA takes only causal or a dense tensor; materializing it "
-                "costs Nq x Nk memory (impl='tiled' skips its empty tiles)")
     if bias is not None and not isinstance(bias, DenseBias):
         return f"bias {bias!r} is structured; torch SDPA needs it materialized (impl='tiled' computes it per tile)"
     if need_lse and q.device.type != "cpu":
         return "return_lse: torch SDPA returns no log-sum-exp on this device (impl='tiled' does)"
+    if need_lse and q.shape[-1] != v.shape[-1]:
+        return f"return_lse with Dv={v.shape[-1]} != D={q.shape[-1]}: torch's CPU kernel that returns the lse needs Dv == D"
     if need_lse and dropout_p > 0:
         return "return_lse with dropout: torch's kernel that returns the lse is called without dropout"
+    return None
+
+
+AUTO_MATERIALIZE_LIMIT = 1 << 24  # elements of a materialized mask auto accepts (16 MiB of bool)
+
+
+def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None) -> str | None:
+    """Why ``auto`` should not pick sdpa even though it could run: a big materialized mask."""
+    if mask is None or isinstance(mask, Dense) or (isinstance(mask, Causal) and q.shape[2] == k.shape[2]):
+        return None
+    n = q.shape[0] * q.shape[2] * k.shape[2]
+    if n > AUTO_MATERIALIZE_LIMIT:
+        return (f"mask {mask!r} would be materialized as {n:,} bools (B*Nq*Nk) for torch SDPA; "
+                "auto prefers tiled, which skips its empty tiles")
     return None
 
 

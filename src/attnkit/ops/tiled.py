@@ -245,9 +245,9 @@ class _TiledFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(ke.dtype), dv.to(ve.dtype), None, None, None, None
 
 
-def fused_available(q: Tensor) -> bool:
-    """The fused tile kernel is torch's CPU flash attention: CPU tensors only."""
-    return q.device.type == "cpu"
+def fused_available(q: Tensor, v: Tensor) -> bool:
+    """The fused tile kernel is torch's CPU flash attention: CPU tensors with Dv == D only."""
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
@@ -259,9 +259,10 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias:
     lse (B, Hq, Nq) in float32 (float64 for float64 inputs). ``kernel``: "auto", "fused", "math".
     """
     Nq, Nk = q.shape[2], k.shape[2]
-    fused = fused_available(q) if kernel == "auto" else kernel == "fused"
-    if fused and not fused_available(q):
-        raise ValueError(f"tiled kernel='fused' runs on the CPU only, got device {q.device}; use kernel='math'")
+    fused = fused_available(q, v) if kernel == "auto" else kernel == "fused"
+    if fused and not fused_available(q, v):
+        raise ValueError(f"tiled kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
+                         f"D={q.shape[-1]}, Dv={v.shape[-1]}; use kernel='math'")
     plan = make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device)
     prob = Problem(mask, bias, scale, Nq, Nk)
     return _TiledFunction.apply(q, k, v, prob, plan, fused, block_k)
