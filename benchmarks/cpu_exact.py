@@ -2,5 +2,4 @@
 import sys
 
 from attnkit.bench.cpu import main
-
 sys.exit(main(sys.argv[1:]))
