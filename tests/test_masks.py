@@ -48,7 +48,7 @@ def test_causal_is_bottom_right_aligned():
 
 def test_sliding_window_and_global_ascii():
     m = ak.sliding_window(1) | ak.global_tokens([0])
-    assert m.to_ascii(4, 4, allowed="x", blocked=".") == "xxxx\nxxx.\nx.xx\nx..x"
+    assert m.to_ascii(4, 4, allowed="x", blocked=".") == "xxxx\nxxx.\nxxxx\nx.xx"
     assert ak.sliding_window(0, 1).to_ascii(3, 3, allowed="x", blocked=".") == "xx.\n.xx\n..x"
 
 
