@@ -98,6 +98,11 @@ class Mask:
     def check(self, B: int, H: int, Nq: int, Nk: int) -> None:
         """Raise ValueError if this mask cannot apply to a (B, H, Nq, Nk) problem."""
 
+    def is_top_left_causal(self, q0: int, k0: int, Nq: int, Nk: int) -> bool:
+        """True if, on the tile starting at (query q0, key k0), this mask is exactly "key j' <= query
+        i'" in tile coordinates, so a fused kernel's own ``is_causal`` can replace the mask."""
+        return False
+
     # -- public API --------------------------------------------------------------------------
     def evaluate(self, rows: Tensor, cols: Tensor, Nq: int, Nk: int) -> Tensor:
         """The mask on a sub-grid: bool (Bm, Hm, len(rows), len(cols)), True = may attend."""
@@ -163,6 +168,9 @@ class Causal(Mask):
     def _block_kinds(self, tiling, device):
         p_lo, p_hi, k_lo, k_hi = tiling.bounds(device)
         return _kinds(full=k_hi <= p_lo, empty=k_lo > p_hi)
+
+    def is_top_left_causal(self, q0, k0, Nq, Nk):
+        return k0 == q0 + (Nk - Nq)
 
     def __repr__(self) -> str:
         return "causal()"

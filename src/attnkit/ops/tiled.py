@@ -102,6 +102,11 @@ class Problem:
     Nq: int
     Nk: int
 
+    def kernel_causal(self, q0: int, span: Span) -> bool:
+        """A partial span the fused kernel can run with its own is_causal instead of a mask tile."""
+        return (span.partial and self.bias is None and self.mask is not None
+                and self.mask.is_top_left_causal(q0, span.k0, self.Nq, self.Nk))
+
     def additive(self, q0: int, q1: int, span: Span, dtype: torch.dtype, device) -> Tensor | None:
         """The (Bm, Hm, q1-q0, k1-k0) float tile of bias + (-inf where masked), or None."""
         need_mask = span.partial and self.mask is not None
@@ -128,9 +133,10 @@ def _rows_with_no_key(tile: Tensor | None) -> Tensor | None:
 
 # -- tile kernels: (q block, key span) -> partial (out, lse) ----------------------------------
 
-def _fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float,
+                is_causal: bool = False) -> tuple[Tensor, Tensor]:
     """torch's CPU flash kernel on one span. q (B, H, r, D), k/v (B, H, c, D/Dv) expanded heads."""
-    out, lse = _cpu_flash(q, k, v, 0.0, False, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
+    out, lse = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
     dead = _rows_with_no_key(tile)
     if dead is not None:  # the kernel reports lse = 0 for rows that saw nothing
         lse = lse.masked_fill(dead.expand_as(lse), float("-inf"))
@@ -163,12 +169,13 @@ def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> t
         q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, Nq)
         acc_out, acc_lse = None, None
         for span in spans:
-            pieces = [span] if fused else _chunks(span, block_k)
-            for piece in pieces:
-                tile = prob.additive(q0, q1, piece, ct, q.device)
-                kernel = _fused_tile if fused else _math_tile
-                part = kernel(q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1],
-                              tile, prob.scale)
+            for piece in ([span] if fused else _chunks(span, block_k)):
+                args = (q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1])
+                if fused and prob.kernel_causal(q0, piece):
+                    part = _fused_tile(*args, None, prob.scale, is_causal=True)
+                else:
+                    tile = prob.additive(q0, q1, piece, ct, q.device)
+                    part = (_fused_tile if fused else _math_tile)(*args, tile, prob.scale)
                 acc_out, acc_lse = merge(acc_out, acc_lse, *part)
         if acc_out is not None:
             out[:, :, q0:q1], lse[:, :, q0:q1] = acc_out, acc_lse
@@ -191,19 +198,26 @@ def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: b
         for span in spans:
             for piece in ([span] if fused else _chunks(span, block_k)):
                 a, b = piece.k0, piece.k1
-                tile = prob.additive(q0, q1, piece, ct, q.device)
+                causal = fused and prob.kernel_causal(q0, piece)
+                tile = None if causal else prob.additive(q0, q1, piece, ct, q.device)
                 args = (dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, a:b], v[:, :, a:b],
                         out[:, :, q0:q1], lse_bwd[:, :, q0:q1], delta[:, :, q0:q1], tile, prob.scale)
-                g_q, g_k, g_v = (_fused_tile_backward if fused else _math_tile_backward)(*args)
+                if fused:
+                    g_q, g_k, g_v = _fused_tile_backward(*args, is_causal=causal)
+                else:
+                    g_q, g_k, g_v = _math_tile_backward(*args)
                 dq[:, :, q0:q1] += g_q
                 dk[:, :, a:b] += g_k
                 dv[:, :, a:b] += g_v
     return dq, dk, dv
 
 
-def _fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
-    """torch's CPU flash backward on one (q block, span), given the final out and lse."""
-    return _cpu_flash_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, False,
+def _fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, is_causal=False):
+    """torch's CPU flash backward on one (q block, span), given the final out and lse.
+
+    The kernel recomputes delta = rowsum(dout * out) itself from the final out it is given.
+    """
+    return _cpu_flash_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, is_causal,
                                attn_mask=tile, scale=scale)
 
 
