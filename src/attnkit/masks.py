@@ -461,6 +461,8 @@ def global_tokens(indices: Tensor | Sequence[int]) -> Mask:
     """Longformer global attention at these key positions (shared by the batch), or a bool
     tensor (B, Nk) with True at the global positions of each sample."""
     t = torch.as_tensor(indices)
+    if t.numel() == 0:
+        t = t.long().reshape(0)
     if t.dtype == torch.bool:
         if t.dim() != 2:
             raise ValueError(f"global_tokens: a bool tensor must be (B, Nk), got shape {tuple(t.shape)}")
