@@ -6,7 +6,8 @@
 
 Settings: fp32, B=1, H=12, D=64 on the CPU. Every (N, mask, impl, mode) case runs in a child
 ``python -m attnkit.bench.cpu --case JSON`` so its memory is measured alone:
-``extra peak = ru_maxrss after the timed calls - ru_maxrss right after creating the inputs``.
+``extra peak = peak RSS during the timed calls - RSS right after creating the inputs`` (the peak
+is reset there through /proc/self/clear_refs, see ``bench.process``).
 Before creating the inputs the child makes one tiny call of the same backend and mode, so
 one-off library start-up (thread pools, kernels) is not counted as the case's memory.
 Time: one warm-up call, then ``reps`` timed calls; the median is reported.
@@ -40,6 +41,8 @@ from typing import Callable, Sequence
 import torch
 
 import attnkit as ak
+
+from .process import peak_rss_mb, reset_peak_rss
 
 GB = 1e9
 MB = 2 ** 20
@@ -108,12 +111,6 @@ def skip_reason(case: Case, mem_budget_gb: float) -> str | None:
 # Child side: one case in this process
 # ---------------------------------------------------------------------------------------------
 
-def _maxrss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / MB if sys.platform == "darwin" else rss / 1024
-
-
 def _limit_address_space(gb: float) -> None:
     """Cap this process's virtual memory at ``gb`` so running out raises instead of swapping."""
     if gb <= 0:
@@ -167,9 +164,10 @@ def measure(case: Case) -> dict:
     """Run ``case`` in this process: times, baseline and peak RSS. Raises on failure."""
     make_step(case, *make_inputs(case, n=64))()  # library start-up outside the baseline
     inputs = make_inputs(case)
-    base = _maxrss_mb()
+    reset_peak_rss()  # the peak counts from here: inputs resident, start-up peaks forgotten
+    base = peak_rss_mb()
     times = time_step(make_step(case, *inputs), case.reps)
-    peak = _maxrss_mb()
+    peak = peak_rss_mb()
     return {"times_ms": times, "baseline_rss_mb": base, "peak_rss_mb": peak,
             "extra_peak_mb": peak - base, "threads": torch.get_num_threads()}
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
-from .merge import finite_or_zero, lse_of_scores, merge, probabilities
+from .merge import lse_of_scores, merge, probabilities
 from .reference import compute_dtype, expand_kv
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -1,0 +1,66 @@
+"""Measure one attention call in a fresh process, so its peak memory (ru_maxrss) is its own."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+import attnkit as ak
+
+SAMPLE_ROWS = 17  # every n // SAMPLE_ROWS-th output row comes back for cross-checking
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: ru_maxrss below is then the process peak
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset (MB = 2**20 bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _child(impl: str, n: int, heads: int, d: int, queue) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        small = torch.randn(1, heads, 64, d)
+        ak.attention(small, small, small, impl=impl)  # library start-up is not the case's memory
+        q, k, v = (torch.randn(1, heads, n, d) for _ in range(3))
+        reset_peak_rss()
+        base = peak_rss_mb()
+        t0 = time.perf_counter()
+        out = ak.attention(q, k, v, impl=impl)
+        ms = (time.perf_counter() - t0) * 1e3
+    rows = out[0, :, :: max(1, n // SAMPLE_ROWS)]
+    queue.put(dict(ms=ms, extra_mb=peak_rss_mb() - base, sample=rows.tolist()))
+
+
+def measure_in_child(impl: str, n: int, heads: int = 1, d: int = 64) -> dict:
+    """Time (ms) and extra peak RSS (MB) of one fp32 forward ``ak.attention(impl=impl)`` at
+    (1, heads, n, d), plus ``sample``: a few output rows for comparing backends."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(impl, n, heads, d, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def compare_samples(a: dict, b: dict) -> float:
+    """max |difference| between the sampled output rows of two measurements."""
+    return (torch.tensor(a["sample"]) - torch.tensor(b["sample"])).abs().max().item()

@@ -1,0 +1,34 @@
+"""The ``attnkit`` command: ``demo``, ``info``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnkit", description="Self-attention end to end.")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="walk through the seed pipeline on the CPU (about a minute)")
+    demo.add_argument("--long-n", type=int, default=16384, help="sequence length of the long exact step")
+    sub.add_parser("info", help="versions, devices and every backend with its availability")
+    bench = sub.add_parser("bench", help="CPU benchmark: tiled vs sdpa vs reference (see benchmarks/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to python -m attnkit.bench.cpu")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(long_n=args.long_n)
+    if args.command == "info":
+        from .info import run_info
+        return run_info()
+    from ..bench.cpu import main as bench_main
+    return bench_main(args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
