@@ -83,7 +83,7 @@ def test_global_index_out_of_range():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"global_tokens: indices must lie in \[0, Nk=8\), got min=1 max=8"):
         ak.attention(q, k, v, mask=ak.global_tokens([1, 8]))
-    with pytest.raises(ValueError, match="global_tokens: index -1 is negative"):
+    with pytest.raises(ValueError, match="global_tokens: -1 is negative"):
         ak.global_tokens([-1, 2])
 
 
@@ -147,3 +147,9 @@ def test_bad_scale():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="scale must be a finite number"):
         ak.attention(q, k, v, scale=float("inf"))
+
+
+def test_empty_sequence():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="empty sequence: Nq=8, Nk=0"):
+        ak.attention(q, k[:, :, :0], v[:, :, :0])

@@ -53,6 +53,8 @@ def _check_tensors(q: object, k: object, v: object) -> None:
         raise ValueError(f"head dims differ: q has D={D}, k has D={Dk}; q and k must share D (v may differ)")
     if Hkv != Hv or Nk != Nv:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hkv, Nk)")
+    if q.shape[2] == 0 or Nk == 0:
+        raise ValueError(f"empty sequence: Nq={q.shape[2]}, Nk={Nk}; attention needs at least one query and one key")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads; "
                          "GQA/MQA needs Hq % Hkv == 0")

@@ -457,37 +457,34 @@ def sliding_window(left: int, right: int | None = None) -> Mask:
     return SlidingWindow(left, right)
 
 
-def global_tokens(indices: Tensor | Sequence[int]) -> Mask:
-    """Longformer global attention at these key positions (shared by the batch), or a bool
-    tensor (B, Nk) with True at the global positions of each sample."""
-    t = torch.as_tensor(indices)
+def _counts_or_flags(name: str, what: str, x: Tensor | Sequence[int]) -> tuple[Tensor | None, Tensor | None]:
+    """Parse "1-D non-negative integers, or a bool (B, Nk) tensor": (integers, None) or (None, flags)."""
+    t = torch.as_tensor(x)
     if t.numel() == 0:
         t = t.long().reshape(0)
     if t.dtype == torch.bool:
         if t.dim() != 2:
-            raise ValueError(f"global_tokens: a bool tensor must be (B, Nk), got shape {tuple(t.shape)}")
-        return GlobalTokens(indices=None, flags=t)
+            raise ValueError(f"{name}: a bool tensor must be (B, Nk), got shape {tuple(t.shape)}")
+        return None, t
     if t.is_floating_point() or t.dim() != 1:
-        raise ValueError(f"global_tokens: expected a 1-D list of integer positions or a bool (B, Nk) "
-                         f"tensor, got dtype={t.dtype} shape={tuple(t.shape)}")
+        raise ValueError(f"{name}: expected {what} or a bool (B, Nk) tensor, "
+                         f"got dtype={t.dtype} shape={tuple(t.shape)}")
     if t.numel() and int(t.min()) < 0:
-        raise ValueError(f"global_tokens: index {int(t.min())} is negative; positions count from 0")
-    return GlobalTokens(indices=t.long(), flags=None)
+        raise ValueError(f"{name}: {int(t.min())} is negative; expected {what}")
+    return t.long(), None
+
+
+def global_tokens(indices: Tensor | Sequence[int]) -> Mask:
+    """Longformer global attention at these key positions (shared by the batch), or a bool
+    tensor (B, Nk) with True at the global positions of each sample."""
+    idx, flags = _counts_or_flags("global_tokens", "a 1-D list of integer positions (from 0)", indices)
+    return GlobalTokens(indices=idx, flags=flags)
 
 
 def key_padding(lengths_or_valid: Tensor | Sequence[int]) -> Mask:
     """Padding: either lengths (B,) (keys ``j < lengths[b]`` are real) or bool (B, Nk), True = real."""
-    t = torch.as_tensor(lengths_or_valid)
-    if t.dtype == torch.bool:
-        if t.dim() != 2:
-            raise ValueError(f"key_padding: a bool tensor must be (B, Nk), got shape {tuple(t.shape)}")
-        return KeyPadding(lengths=None, valid=t)
-    if t.is_floating_point() or t.dim() != 1:
-        raise ValueError(f"key_padding: expected lengths (B,) of integers or a bool (B, Nk) tensor, "
-                         f"got dtype={t.dtype} shape={tuple(t.shape)}")
-    if t.numel() and int(t.min()) < 0:
-        raise ValueError(f"key_padding: length {int(t.min())} is negative")
-    return KeyPadding(lengths=t.long(), valid=None)
+    lengths, valid = _counts_or_flags("key_padding", "lengths (B,) of integers >= 0", lengths_or_valid)
+    return KeyPadding(lengths=lengths, valid=valid)
 
 
 def document(ids: Tensor | Sequence[int]) -> Mask:
