@@ -153,3 +153,45 @@ def test_empty_sequence():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="empty sequence: Nq=8, Nk=0"):
         ak.attention(q, k[:, :, :0], v[:, :, :0])
+
+
+def test_wrong_mask_and_bias_types():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="mask must be None, an attnkit mask .* got str"):
+        ak.attention(q, k, v, mask="causal")
+    with pytest.raises(TypeError, match="bias tensor has dtype torch.bool; a bias is an additive float"):
+        ak.attention(q, k, v, bias=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bias must be None, a float tensor or a structured bias"):
+        ak.attention(q, k, v, bias=1.0)
+    with pytest.raises(ValueError, match="bias is on meta but q is on cpu"):
+        ak.attention(q, k, v, bias=torch.zeros(8, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"bias of shape \(3, 8\) cannot broadcast"):
+        ak.attention(q, k, v, bias=torch.zeros(3, 8))
+    with pytest.raises(TypeError, match="dense_mask: expected a bool tensor .* got torch.float32"):
+        ak.dense_mask(torch.zeros(3, 3))
+
+
+def test_mask_argument_shapes():
+    with pytest.raises(ValueError, match=r"global_tokens: a bool tensor must be \(B, Nk\), got shape \(5,\)"):
+        ak.global_tokens(torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding: expected lengths .* got dtype=torch.float32"):
+        ak.key_padding([1.5, 2.0])
+    q, k, v = qkv(N=8, Nk=4)
+    with pytest.raises(ValueError, match="document: Nq=8 > Nk=4 puts queries before the first key"):
+        ak.attention(q, k, v, mask=ak.document([0, 0, 1, 1]))
+
+
+def test_alibi_arguments():
+    with pytest.raises(ValueError, match=r"alibi: expected float slopes of shape \(H,\)"):
+        ak.alibi(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="alibi: slopes must be finite"):
+        ak.alibi(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="alibi_slopes: num_heads must be >= 1, got 0"):
+        ak.alibi_slopes(0)
+
+
+def test_tiled_fused_kernel_needs_equal_head_dims():
+    from attnkit.ops.tiled import tiled_attention
+    q, k, v = qkv(Dv=6)
+    with pytest.raises(ValueError, match="tiled kernel='fused' needs CPU tensors with Dv == D"):
+        tiled_attention(q, k, v, mask=None, bias=None, scale=0.5, kernel="fused")

@@ -89,3 +89,10 @@ def test_mask_and_tensor_do_not_compose_silently():
 
 def test_repr_reads_like_the_expression():
     assert repr(ak.causal() & ak.sliding_window(4)) == "(causal() & sliding_window(4, 4))"
+
+
+def test_alibi_slopes_follow_the_paper():
+    assert torch.allclose(ak.alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert ak.alibi_slopes(12).shape == (12,)  # interleaved extension beyond a power of two
+    bias = ak.alibi(torch.tensor([0.5])).materialize(2, 4)[0, 0]  # queries at positions 2 and 3
+    assert bias.tolist() == [[-1.0, -0.5, 0.0, -0.5], [-1.5, -1.0, -0.5, 0.0]]
