@@ -71,6 +71,12 @@ def test_mask_cannot_broadcast():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"mask of shape \(3, 3\) cannot broadcast to \(B, H, Nq, Nk\) = \(1, 2, 8, 8\)"):
         ak.attention(q, k, v, mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 1, 8, 8\) cannot broadcast"):  # bigger than B=1
+        ak.attention(q, k, v, mask=torch.ones(2, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask has 5 dims; expected at most 4"):
+        ak.attention(q, k, v, mask=torch.ones(1, 1, 1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"bias of shape \(3, 8, 8\) cannot broadcast"):
+        ak.attention(q, k, v, bias=torch.zeros(3, 8, 8))
 
 
 def test_float_mask_is_refused_as_mask():
@@ -94,6 +100,14 @@ def test_negative_window():
         ak.sliding_window(3, -2)
     with pytest.raises(TypeError, match="sliding_window: left must be an int, got float"):
         ak.sliding_window(2.5)
+
+
+def test_infinite_bias():
+    q, k, v = qkv()
+    bias = torch.zeros(8, 8)
+    bias[2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"bias contains \+inf"):
+        ak.attention(q, k, v, bias=bias)
 
 
 def test_nan_in_bias():
@@ -195,3 +209,15 @@ def test_tiled_fused_kernel_needs_equal_head_dims():
     q, k, v = qkv(Dv=6)
     with pytest.raises(ValueError, match="tiled kernel='fused' needs CPU tensors with Dv == D"):
         tiled_attention(q, k, v, mask=None, bias=None, scale=0.5, kernel="fused")
+
+
+def test_per_sample_flags_must_fit():
+    q, k, v = qkv(B=2)
+    with pytest.raises(ValueError, match=r"global_tokens: a bool mask of shape \(2, 5\) does not fit B=2, Nk=8"):
+        ak.attention(q, k, v, mask=ak.global_tokens(torch.zeros(2, 5, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"key_padding: bool mask of shape \(3, 8\) does not fit B=2, Nk=8"):
+        ak.attention(q, k, v, mask=ak.key_padding(torch.ones(3, 8, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="key_padding: -2 is negative"):
+        ak.key_padding([3, -2])
+    with pytest.raises(TypeError, match="sliding_window: right must be an int, got str"):
+        ak.sliding_window(2, "3")

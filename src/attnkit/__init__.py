@@ -5,14 +5,14 @@
 """
 
 from .bias import Alibi, Bias, DenseBias, alibi, alibi_slopes
-from .functional import Explanation, attention, attention_weights, explain
+from .functional import Explanation, attention, attention_weights, backends, explain
 from .masks import (EMPTY, FULL, PARTIAL, Mask, causal, dense_mask, document, global_tokens,
                     key_padding, sliding_window)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_weights", "explain", "Explanation",
+    "attention", "attention_weights", "explain", "Explanation", "backends",
     "Mask", "causal", "sliding_window", "global_tokens", "key_padding", "document", "dense_mask",
     "EMPTY", "PARTIAL", "FULL",
     "Bias", "DenseBias", "Alibi", "alibi", "alibi_slopes",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ._validate import Call
@@ -40,6 +41,8 @@ def _sdpa_run(c: Call):
 def _tiled_why_not(c: Call) -> str | None:
     if c.dropout_p > 0:
         return f"dropout_p={c.dropout_p}: tiled does not implement dropout (use impl='sdpa' or 'reference')"
+    if c.bias is not None and c.bias.requires_grad() and torch.is_grad_enabled():
+        return "bias requires grad: tiled does not compute the bias gradient (use impl='sdpa' or 'reference')"
     return None
 
 
@@ -51,7 +54,7 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "textbook formula, materializes Nq x Nk; the test oracle",
                          lambda c: None, _reference_run),
     "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention (flash/cuDNN/math)",
-                    lambda c: _sdpa.why_not(c.q, c.v, c.mask, c.bias, c.dropout_p, c.need_lse), _sdpa_run),
+                    lambda c: _sdpa.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p, c.need_lse), _sdpa_run),
     "tiled": Backend("tiled", "FlashAttention-2 tiling in torch, skips masked-out tiles, O(N*block) memory",
                      _tiled_why_not, _tiled_run),
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import query_positions
+from .masks import check_broadcastable, query_positions
 
 
 class Bias:
@@ -29,6 +29,10 @@ class Bias:
 
     def check(self, B: int, H: int, Nq: int, Nk: int) -> None:
         """Raise ValueError if the bias cannot apply to a (B, H, Nq, Nk) problem."""
+
+    def requires_grad(self) -> bool:
+        """True if a gradient must flow into this bias's parameters."""
+        return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +50,9 @@ class Alibi(Bias):
         slopes = self.slopes.to(device=rows.device)
         return -(slopes[:, None, None] * dist.to(slopes.dtype))[None]  # (1, H, r, c)
 
+    def requires_grad(self) -> bool:
+        return self.slopes.requires_grad
+
     def check(self, B, H, Nq, Nk):
         if self.slopes.shape[0] != H:
             raise ValueError(f"alibi: {self.slopes.shape[0]} slopes for Hq={H} query heads; give one per head "
@@ -62,23 +69,21 @@ class DenseBias(Bias):
     tensor: Tensor
 
     def evaluate(self, rows, cols, Nq, Nk):
-        t = self.tensor
-        while t.dim() < 4:
-            t = t.unsqueeze(0)
+        t = self.tensor.reshape((1,) * (4 - self.tensor.dim()) + tuple(self.tensor.shape))  # align right
         t = t.expand(*t.shape[:2], Nq, Nk)
-        return t[:, :, rows.to(t.device)][:, :, :, cols.to(t.device)]
+        return t[:, :, rows.to(t.device)][:, :, :, cols.to(t.device)].to(rows.device)
+
+    def requires_grad(self) -> bool:
+        return self.tensor.requires_grad
 
     def check(self, B, H, Nq, Nk):
-        if self.tensor.dim() > 4:
-            raise ValueError(f"bias has {self.tensor.dim()} dims; expected at most 4 (B, H, Nq, Nk)")
-        try:
-            torch.broadcast_shapes(self.tensor.shape, (B, H, Nq, Nk))
-        except RuntimeError:
-            raise ValueError(f"bias of shape {tuple(self.tensor.shape)} cannot broadcast to "
-                             f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}") from None
+        check_broadcastable("bias", self.tensor, (B, H, Nq, Nk))
         if torch.isnan(self.tensor).any():
             raise ValueError("bias contains NaN; an additive bias must be finite or -inf "
                              "(use a mask to forbid positions)")
+        if torch.isposinf(self.tensor).any():
+            raise ValueError("bias contains +inf, which makes the softmax undefined; an additive bias "
+                             "must be finite or -inf")
 
     def __repr__(self) -> str:
         return f"bias(<{tuple(self.tensor.shape)}>)"

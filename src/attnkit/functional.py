@@ -69,6 +69,11 @@ class Explanation:
         return "\n".join(lines)
 
 
+def backends() -> dict[str, str]:
+    """Every backend ``impl`` can name, with a one-line summary, in auto's order of preference."""
+    return {name: _dispatch.BACKENDS[name].summary for name in _dispatch.AUTO_ORDER}
+
+
 def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, bias=None, scale=None, dropout_p=0.0,
             return_lse: bool = False) -> Explanation:
     """List every backend with whether it can run this call and why not; prints nicely."""

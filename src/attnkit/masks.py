@@ -68,6 +68,16 @@ class Tiling:
         return counts, sizes
 
 
+def check_broadcastable(name: str, t: Tensor, target: tuple[int, int, int, int]) -> None:
+    """A mask or bias must broadcast *to* (B, H, Nq, Nk) (torch's rules, aligned right)."""
+    if t.dim() > 4:
+        raise ValueError(f"{name} has {t.dim()} dims; expected at most 4 (B, H, Nq, Nk)")
+    padded = (1,) * (4 - t.dim()) + tuple(t.shape)
+    if any(s not in (1, n) for s, n in zip(padded, target)):
+        raise ValueError(f"{name} of shape {tuple(t.shape)} cannot broadcast to (B, H, Nq, Nk) = {target}; "
+                         "each dim must be 1 or the full size (dims align from the right, as in torch)")
+
+
 def _kinds(full: Tensor, empty: Tensor) -> Tensor:
     """Tile kinds from two boolean tensors; full wins over partial, empty over everything."""
     kinds = torch.full(torch.broadcast_shapes(full.shape, empty.shape), PARTIAL, dtype=torch.int8,
@@ -342,11 +352,13 @@ class Dense(Mask):
     tensor: Tensor
 
     def _full(self, Nq: int, Nk: int) -> Tensor:
-        t = _as4d(self.tensor)
+        t = self.tensor.reshape((1,) * (4 - self.tensor.dim()) + tuple(self.tensor.shape))  # align right
         return t.expand(*t.shape[:2], Nq, Nk)
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        return self._full(Nq, Nk).to(rows.device)[:, :, rows][:, :, :, cols]
+        full = self._full(Nq, Nk)
+        tile = full[:, :, rows.to(full.device)][:, :, :, cols.to(full.device)]
+        return tile.to(rows.device)
 
     def _block_kinds(self, tiling, device):
         t = self._full(tiling.Nq, tiling.Nk).to(device)
@@ -358,13 +370,7 @@ class Dense(Mask):
         return _kinds(all_, ~any_)
 
     def check(self, B, H, Nq, Nk):
-        try:
-            torch.broadcast_shapes(self.tensor.shape, (B, H, Nq, Nk))
-        except RuntimeError:
-            raise ValueError(f"mask of shape {tuple(self.tensor.shape)} cannot broadcast to "
-                             f"(B, H, Nq, Nk) = {(B, H, Nq, Nk)}") from None
-        if self.tensor.dim() > 4:
-            raise ValueError(f"mask has {self.tensor.dim()} dims; expected at most 4 (B, H, Nq, Nk)")
+        check_broadcastable("mask", self.tensor, (B, H, Nq, Nk))
 
     def __repr__(self) -> str:
         return f"dense_mask(<bool {tuple(self.tensor.shape)}>)"

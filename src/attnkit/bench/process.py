@@ -56,7 +56,14 @@ def measure_in_child(impl: str, n: int, heads: int = 1, d: int = 64) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(impl, n, heads, d, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Exception:  # queue.Empty: still running, unless the child died (e.g. out of memory)
+            if not proc.is_alive():
+                raise RuntimeError(f"the {impl} child process at N={n} ended with exit code "
+                                   f"{proc.exitcode} before reporting (out of memory?)") from None
     proc.join()
     return result
 

@@ -52,3 +52,17 @@ def lse_of_scores(scores: Tensor) -> Tensor:
 def probabilities(scores: Tensor, lse: Tensor) -> Tensor:
     """softmax rows from scores (..., Nk) and their lse (...): exp(s - lse), 0 on empty rows."""
     return torch.exp(scores - finite_or_zero(lse).unsqueeze(-1)).masked_fill(torch.isneginf(scores), 0.0)
+
+
+def mark_rows_without_keys(out: Tensor, lse: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Force the convention out = 0, lse = -inf on rows ``dead`` (broadcastable to lse's shape),
+    whatever a kernel reported for them (torch's CPU flash kernel reports lse = 0)."""
+    if dead is None:
+        return out, lse
+    dead = dead.expand_as(lse)
+    return out.masked_fill(dead.unsqueeze(-1), 0.0), lse.masked_fill(dead, float("-inf"))
+
+
+def lse_for_recompute(lse: Tensor) -> Tensor:
+    """lse with -inf rows set to +inf, so a backward that recomputes P = exp(S - lse) gets 0 there."""
+    return torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)

@@ -6,24 +6,13 @@ being fast: it builds the (B, Hq, Nq, Nk) score matrix, so its memory is O(Nq * 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..bias import Bias
 from ..masks import Mask
 from .merge import lse_of_scores, probabilities
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half types are computed in float32; float32 and float64 in themselves."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def expand_kv(x: Tensor, Hq: int) -> Tensor:
-    """GQA/MQA: repeat each of the Hkv heads of (B, Hkv, N, D) Hq/Hkv times -> (B, Hq, N, D)."""
-    Hkv = x.shape[1]
-    return x if Hkv == Hq else x.repeat_interleave(Hq // Hkv, dim=1)
+from .precision import compute_dtype, expand_kv
 
 
 def scores(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: float,

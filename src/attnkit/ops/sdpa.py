@@ -17,20 +17,26 @@ from torch import Tensor
 
 from ..bias import Bias, DenseBias
 from ..masks import Causal, Dense, Mask
-from .reference import compute_dtype, expand_kv
+from .merge import mark_rows_without_keys
+from .precision import compute_dtype, expand_kv
 
 
-def why_not(q: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
+def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
             need_lse: bool) -> str | None:
     """None if this backend can run the call, else the reason it cannot."""
     if bias is not None and not isinstance(bias, DenseBias):
         return f"bias {bias!r} is structured; torch SDPA needs it materialized (impl='tiled' computes it per tile)"
-    if need_lse and q.device.type != "cpu":
+    if not need_lse:
+        return None
+    if q.device.type != "cpu":
         return "return_lse: torch SDPA returns no log-sum-exp on this device (impl='tiled' does)"
-    if need_lse and q.shape[-1] != v.shape[-1]:
+    if q.shape[-1] != v.shape[-1]:
         return f"return_lse with Dv={v.shape[-1]} != D={q.shape[-1]}: torch's CPU kernel that returns the lse needs Dv == D"
-    if need_lse and dropout_p > 0:
+    if dropout_p > 0:
         return "return_lse with dropout: torch's kernel that returns the lse is called without dropout"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return ("return_lse under autograd: torch's kernel returns an lse with no gradient "
+                "(impl='tiled' differentiates it)")
     return None
 
 
@@ -48,31 +54,36 @@ def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None) -> str | None:
     return None
 
 
-def _attn_mask(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None) -> tuple[Tensor | None, bool, Tensor | None]:
-    """torch's (attn_mask, is_causal) for the call, plus rows (Bm, Hm, Nq) that may attend nowhere."""
+def _attn_mask(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None) -> tuple[Tensor | None, bool]:
+    """torch's (attn_mask, is_causal) for the call: None, a bool (True = may attend) or an additive
+    float tensor in the compute dtype, each (Bm, Hm, Nq, Nk)."""
     Nq, Nk = q.shape[2], k.shape[2]
     if isinstance(mask, Causal) and Nq == Nk and bias is None:
-        return None, True, None
+        return None, True
     allowed = None if mask is None else mask.materialize(Nq, Nk, q.device)  # (Bm, Hm, Nq, Nk)
-    dead = None
-    if allowed is not None:
-        dead = ~allowed.any(-1)  # (Bm, Hm, Nq)
-        if bool(dead.any()):  # give empty rows every key, then zero them: no NaN in either pass
-            allowed = allowed | dead.unsqueeze(-1)
-        else:
-            dead = None
     if bias is None:
-        return allowed, False, dead
+        return allowed, False
     add = bias.materialize(Nq, Nk, q.device).to(compute_dtype(q.dtype))
-    if allowed is not None:
-        add = add.masked_fill(~allowed, float("-inf"))
-    return add, False, dead
+    return (add if allowed is None else add.masked_fill(~allowed, float("-inf"))), False
+
+
+def _open_rows_without_keys(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Rows (Bm, Hm, Nq) that may attend nowhere, and a mask that lets them see every key instead
+    (their output is zeroed afterwards): no kernel then meets an all -inf row in either pass."""
+    if attn_mask is None:
+        return None, None
+    if attn_mask.dtype == torch.bool:
+        dead = ~attn_mask.any(-1)
+        return (dead, attn_mask | dead.unsqueeze(-1)) if bool(dead.any()) else (None, attn_mask)
+    dead = torch.isneginf(attn_mask).all(-1)
+    return (dead, attn_mask.masked_fill(dead.unsqueeze(-1), 0.0)) if bool(dead.any()) else (None, attn_mask)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
                    scale: float, dropout_p: float = 0.0, need_lse: bool = False) -> tuple[Tensor, Tensor | None]:
     """out (B, Hq, Nq, Dv), and lse (B, Hq, Nq) when ``need_lse`` (else None)."""
-    attn_mask, is_causal, dead = _attn_mask(q, k, mask, bias)
+    attn_mask, is_causal = _attn_mask(q, k, mask, bias)
+    dead, attn_mask = _open_rows_without_keys(attn_mask)
     if need_lse:
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             zero = torch.zeros((), dtype=compute_dtype(q.dtype))
@@ -81,12 +92,12 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: 
             q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), 0.0, is_causal,
             attn_mask=attn_mask, scale=scale)
     else:
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # torch's fused kernels want the bias in q's dtype
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                              is_causal=is_causal, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         lse = None
-    if dead is not None:
-        out = out.masked_fill(dead.unsqueeze(-1), 0.0)
-        if lse is not None:
-            lse = lse.masked_fill(dead.expand_as(lse), float("-inf"))
-    return out, lse
+    if lse is None:
+        return (out if dead is None else out.masked_fill(dead.unsqueeze(-1), 0.0)), None
+    return mark_rows_without_keys(out, lse, dead)

@@ -27,14 +27,15 @@ from torch import Tensor
 
 from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
-from .merge import lse_of_scores, merge, probabilities
-from .reference import compute_dtype, expand_kv
+from .merge import lse_for_recompute, lse_of_scores, mark_rows_without_keys, merge, probabilities
+from .precision import compute_dtype, expand_kv, reduce_kv_grad
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 BLOCK_Q = 512  # queries per block; measured on the 2-core CPU (docs/benchmarks.md)
 BLOCK_K = 256  # granularity at which the mask's tiles are classified
+FUSED_TILE_K = 2048  # longest key span the fused kernel gets when it needs a (block_q x span) tile
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,7 @@ def _fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: flo
                 is_causal: bool = False) -> tuple[Tensor, Tensor]:
     """torch's CPU flash kernel on one span. q (B, H, r, D), k/v (B, H, c, D/Dv) expanded heads."""
     out, lse = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
-    dead = _rows_with_no_key(tile)
-    if dead is not None:  # the kernel reports lse = 0 for rows that saw nothing
-        lse = lse.masked_fill(dead.expand_as(lse), float("-inf"))
-    return out.to(lse.dtype), lse
+    return mark_rows_without_keys(out.to(lse.dtype), lse, _rows_with_no_key(tile))
 
 
 def _math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
@@ -153,10 +151,19 @@ def _math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: floa
     return probabilities(s, lse) @ v.to(ct), lse  # (B, H, r, Dv)
 
 
-def _chunks(span: Span, block_k: int):
-    """Split a span into pieces of at most block_k keys (for the math kernel's memory)."""
-    for c0 in range(span.k0, span.k1, block_k):
-        yield Span(c0, min(c0 + block_k, span.k1), span.partial)
+def _chunks(span: Span, size: int):
+    """Split a span into pieces of at most ``size`` keys."""
+    for c0 in range(span.k0, span.k1, size):
+        yield Span(c0, min(c0 + size, span.k1), span.partial)
+
+
+def _pieces(prob: Problem, q0: int, span: Span, fused: bool, block_k: int):
+    """The calls one span becomes: block_k chunks for the math kernel; for the fused kernel the
+    whole span unless it needs an additive tile, whose memory FUSED_TILE_K bounds."""
+    if not fused:
+        return _chunks(span, block_k)
+    needs_tile = prob.bias is not None or (span.partial and not prob.kernel_causal(q0, span))
+    return _chunks(span, FUSED_TILE_K) if needs_tile else (span,)
 
 
 def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> tuple[Tensor, Tensor]:
@@ -169,7 +176,7 @@ def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> t
         q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, Nq)
         acc_out, acc_lse = None, None
         for span in spans:
-            for piece in ([span] if fused else _chunks(span, block_k)):
+            for piece in _pieces(prob, q0, span, fused, block_k):
                 args = (q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1])
                 if fused and prob.kernel_causal(q0, piece):
                     part = _fused_tile(*args, None, prob.scale, is_causal=True)
@@ -188,7 +195,7 @@ def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: b
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)
     dk = torch.zeros(k.shape, dtype=ct, device=q.device)
     dv = torch.zeros(v.shape, dtype=ct, device=q.device)
-    lse_bwd = torch.where(torch.isneginf(lse), float("inf"), lse)  # exp(s - inf) = 0: empty rows
+    lse_bwd = lse_for_recompute(lse)
     delta = (dout.to(ct) * out.to(ct)).sum(-1)  # (B, H, Nq): rowsum(dout * out)
     if dlse is not None:
         delta = delta - dlse.to(ct)  # d lse / d s = P, so it folds into the row term
@@ -196,7 +203,7 @@ def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: b
     for qb, spans in enumerate(plan.spans):
         q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, q.shape[2])
         for span in spans:
-            for piece in ([span] if fused else _chunks(span, block_k)):
+            for piece in _pieces(prob, q0, span, fused, block_k):
                 a, b = piece.k0, piece.k1
                 causal = fused and prob.kernel_causal(q0, piece)
                 tile = None if causal else prob.additive(q0, q1, piece, ct, q.device)
@@ -252,10 +259,7 @@ class _TiledFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = _backward(dout, dlse, q, ke, ve, out, lse, prob, plan, fused, block_k)
-        B, Hq, Nk = q.shape[0], q.shape[1], ke.shape[2]
-        if Hkv != Hq:  # sum the gradients of the heads that share one kv head
-            dk = dk.view(B, Hkv, Hq // Hkv, Nk, -1).sum(2)
-            dv = dv.view(B, Hkv, Hq // Hkv, Nk, -1).sum(2)
+        dk, dv = reduce_kv_grad(dk, Hkv), reduce_kv_grad(dv, Hkv)  # heads sharing a kv head
         return dq.to(q.dtype), dk.to(ke.dtype), dv.to(ve.dtype), None, None, None, None
 
 
