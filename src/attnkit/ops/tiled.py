@@ -33,9 +33,13 @@ from .precision import compute_dtype, expand_kv, reduce_kv_grad
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-BLOCK_Q = 512  # queries per block; measured on the 2-core CPU (docs/benchmarks.md)
+# Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
+# its span, so big query blocks are cheaper (N=16384 fwd+bwd, 2-core CPU: 24.5 s of backward with
+# 512-row blocks, 17.6 s with 2048); sparse masks want small blocks, which waste fewer keys.
+BLOCK_Q_CHOICES = (2048, 512, 128)
+WASTE_TOLERANCE = 1.2  # take the largest block visiting at most 1.2x the keys of the tightest
 BLOCK_K = 256  # granularity at which the mask's tiles are classified
-FUSED_TILE_K = 2048  # longest key span the fused kernel gets when it needs a (block_q x span) tile
+TILE_ELEMENTS = 1 << 21  # bound on a (block_q x span) additive tile handed to the fused kernel
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,17 @@ def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: i
         kinds = kinds.masked_fill(all_full, FULL).masked_fill(all_empty, EMPTY).cpu()
     spans = tuple(_spans_of_row(row, block_k, Nk) for row in kinds.tolist())
     return Plan(block_q, spans)
+
+
+def choose_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_k: int,
+                device: torch.device) -> Plan:
+    """The plan with the largest query block that visits at most WASTE_TOLERANCE x the keys of
+    the tightest candidate (dense masks get big blocks, windows small ones)."""
+    if mask is None:
+        return make_plan(None, bias, Nq, Nk, BLOCK_Q_CHOICES[0], block_k, device)
+    plans = [make_plan(mask, bias, Nq, Nk, bq, block_k, device) for bq in BLOCK_Q_CHOICES]
+    tightest = min(p.visited_keys for p in plans)
+    return next(p for p in plans if p.visited_keys <= WASTE_TOLERANCE * tightest)
 
 
 def _spans_of_row(kinds: list[int], block_k: int, Nk: int) -> tuple[Span, ...]:
@@ -157,13 +172,13 @@ def _chunks(span: Span, size: int):
         yield Span(c0, min(c0 + size, span.k1), span.partial)
 
 
-def _pieces(prob: Problem, q0: int, span: Span, fused: bool, block_k: int):
+def _pieces(prob: Problem, q0: int, block_q: int, span: Span, fused: bool, block_k: int):
     """The calls one span becomes: block_k chunks for the math kernel; for the fused kernel the
-    whole span unless it needs an additive tile, whose memory FUSED_TILE_K bounds."""
+    whole span unless it needs an additive tile, whose size TILE_ELEMENTS bounds."""
     if not fused:
         return _chunks(span, block_k)
     needs_tile = prob.bias is not None or (span.partial and not prob.kernel_causal(q0, span))
-    return _chunks(span, FUSED_TILE_K) if needs_tile else (span,)
+    return _chunks(span, max(block_k, TILE_ELEMENTS // block_q)) if needs_tile else (span,)
 
 
 def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> tuple[Tensor, Tensor]:
@@ -176,7 +191,7 @@ def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> t
         q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, Nq)
         acc_out, acc_lse = None, None
         for span in spans:
-            for piece in _pieces(prob, q0, span, fused, block_k):
+            for piece in _pieces(prob, q0, plan.block_q, span, fused, block_k):
                 args = (q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1])
                 if fused and prob.kernel_causal(q0, piece):
                     part = _fused_tile(*args, None, prob.scale, is_causal=True)
@@ -203,7 +218,7 @@ def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: b
     for qb, spans in enumerate(plan.spans):
         q0, q1 = qb * plan.block_q, min((qb + 1) * plan.block_q, q.shape[2])
         for span in spans:
-            for piece in _pieces(prob, q0, span, fused, block_k):
+            for piece in _pieces(prob, q0, plan.block_q, span, fused, block_k):
                 a, b = piece.k0, piece.k1
                 causal = fused and prob.kernel_causal(q0, piece)
                 tile = None if causal else prob.additive(q0, q1, piece, ct, q.device)
@@ -269,18 +284,20 @@ def fused_available(q: Tensor, v: Tensor) -> bool:
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
-                    scale: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                    scale: float, block_q: int | None = None, block_k: int = BLOCK_K,
                     kernel: str = "auto") -> tuple[Tensor, Tensor]:
     """Exact attention, O(N * block) memory, visiting only tiles the mask allows.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) in q's dtype,
     lse (B, Hq, Nq) in float32 (float64 for float64 inputs). ``kernel``: "auto", "fused", "math".
+    ``block_q=None`` picks the query block from the mask's structure (``choose_plan``).
     """
     Nq, Nk = q.shape[2], k.shape[2]
     fused = fused_available(q, v) if kernel == "auto" else kernel == "fused"
     if fused and not fused_available(q, v):
         raise ValueError(f"tiled kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
                          f"D={q.shape[-1]}, Dv={v.shape[-1]}; use kernel='math'")
-    plan = make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device)
+    plan = (choose_plan(mask, bias, Nq, Nk, block_k, q.device) if block_q is None
+            else make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device))
     prob = Problem(mask, bias, scale, Nq, Nk)
     return _TiledFunction.apply(q, k, v, prob, plan, fused, block_k)
