@@ -11,7 +11,7 @@ is reset there through /proc/self/clear_refs, see ``bench.process``).
 Before creating the inputs the child makes one tiny call of the same backend and mode, so
 one-off library start-up (thread pools, kernels) is not counted as the case's memory.
 Time: one warm-up call, then ``reps`` timed calls; the median is reported.
-FLOPs: ``4*B*H*N*N*D`` forward (half for causal); forward + backward counts 3.5x forward.
+FLOPs: useful FLOPs only, ``4*B*H*D`` per allowed (query, key) pair forward; forward + backward 3.5x.
 
 The ``reference`` backend materializes (B, H, N, N) fp32 scores: a case whose estimate
 (``B*H*N*N*4`` bytes, x2 forward, x4 forward + backward) exceeds the memory budget is recorded as
@@ -48,7 +48,9 @@ GB = 1e9
 MB = 2 ** 20
 RESULT_TAG = "ATTNKIT_BENCH_RESULT "
 IMPLS = ("tiled", "sdpa", "reference")
-MASKS = ("dense", "causal")
+MASKS = ("dense", "causal")  # the default suite; "window" (sliding_window(256)) on request
+WINDOW = 256  # one-sided window of the "window" mask
+MASK_CHOICES = ("dense", "causal", "window")
 MODES = ("fwd", "fwd+bwd")
 B, H, D = 1, 12, 64  # batch, heads, head dimension of every case
 
@@ -77,11 +79,19 @@ class Case:
 # Estimates
 # ---------------------------------------------------------------------------------------------
 
+def allowed_pairs(mask: str, n: int) -> float:
+    """(query, key) pairs the mask allows: N^2 dense, N(N+1)/2 causal, the band for window."""
+    if mask == "causal":
+        return n * (n + 1) / 2
+    if mask == "window":
+        w = min(WINDOW, n - 1)
+        return n * (2 * w + 1) - w * (w + 1)
+    return float(n * n)
+
+
 def flops(case: Case) -> float:
-    """FLOPs of one call: ``4*B*H*N*N*D`` forward, halved for causal, x3.5 with the backward."""
-    fwd = 4.0 * case.b * case.h * case.n * case.n * case.d
-    if case.mask == "causal":
-        fwd /= 2
+    """Useful FLOPs of one call: ``4*B*H*D`` per allowed pair forward, x3.5 with the backward."""
+    fwd = 4.0 * case.b * case.h * case.d * allowed_pairs(case.mask, case.n)
     return fwd * (3.5 if case.mode == "fwd+bwd" else 1.0)
 
 
@@ -136,7 +146,7 @@ def make_inputs(case: Case, n: int | None = None) -> tuple[torch.Tensor, ...]:
 def make_step(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               dout: torch.Tensor) -> Callable[[], None]:
     """A no-argument callable running one forward (no_grad) or forward + backward of ``case``."""
-    mask = ak.causal() if case.mask == "causal" else None
+    mask = {"dense": None, "causal": ak.causal(), "window": ak.sliding_window(WINDOW)}[case.mask]
 
     def fwd() -> None:
         with torch.no_grad():
@@ -392,7 +402,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu", description=__doc__.split("\n")[0])
     p.add_argument("--ns", type=_csv(int), default=(1024, 4096, 16384), help="sequence lengths")
     p.add_argument("--impls", type=_csv(str), default=IMPLS, help="backends")
-    p.add_argument("--masks", type=_csv(str), default=MASKS, help="dense and/or causal")
+    p.add_argument("--masks", type=_csv(str), default=MASKS, help="dense, causal and/or window (sliding_window(256))")
     p.add_argument("--modes", type=_csv(str), default=MODES, help="fwd and/or fwd+bwd")
     p.add_argument("--reps", type=int, default=3, help="timed calls per case (after one warm-up)")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON/markdown go")
@@ -407,7 +417,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _check_choices(args: argparse.Namespace) -> None:
     """Reject unknown impl/mask/mode names before any child starts."""
-    for name, got, allowed in (("impl", args.impls, IMPLS), ("mask", args.masks, MASKS),
+    for name, got, allowed in (("impl", args.impls, IMPLS), ("mask", args.masks, MASK_CHOICES),
                                ("mode", args.modes, MODES)):
         bad = [x for x in got if x not in allowed]
         if bad:
