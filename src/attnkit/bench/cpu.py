@@ -17,7 +17,7 @@ The ``reference`` backend materializes (B, H, N, N) fp32 scores: a case whose es
 (``B*H*N*N*4`` bytes, x2 forward, x4 forward + backward) exceeds the memory budget is recorded as
 "skipped". Each child also runs under an address-space limit (RLIMIT_AS) so that running out of
 memory ends as status "oom", and a child that runs past the time limit as "timeout"; the suite
-always goes on. Results go to ``<out_dir>/cpu_<date>.json`` and ``.md``, rewritten after each case.
+always goes on. Results go to ``<out_dir>/cpu_<date>T<hhmm>.json`` and ``.md``, rewritten after each case.
 """
 
 from __future__ import annotations
@@ -344,10 +344,10 @@ def markdown(head: dict, rows: Sequence[dict], impls: Sequence[str]) -> str:
 
 def write_results(out_dir: str | Path, head: dict, rows: Sequence[dict],
                   impls: Sequence[str]) -> tuple[Path, Path]:
-    """Write ``cpu_<date>.json`` and ``cpu_<date>.md`` under ``out_dir``; their paths."""
+    """Write ``cpu_<date>T<hhmm>.json`` and ``cpu_<date>T<hhmm>.md`` under ``out_dir``; their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu_{head['date'][:10]}"
+    stem = out / f"cpu_{head['date'][:16].replace(':', '')}"  # one file pair per run
     doc = {"header": head, "rows": list(rows), "ratios": ratios(rows)}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(head, rows, impls))
@@ -367,7 +367,7 @@ def run_suite(ns: Sequence[int] = (1024, 4096, 16384), impls: Sequence[str] = IM
 
     The result files are rewritten after each case, so an interrupted run keeps what it measured.
     ``on_row`` is called with each row as it completes (the CLI prints it); ``head`` defaults
-    to :func:`header` and names the files (``cpu_<date>``).
+    to :func:`header` and names the files (``cpu_<date>T<hhmm>``).
     """
     head, rows = head or header(), []
     for n in ns:
