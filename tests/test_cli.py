@@ -24,3 +24,16 @@ def test_demo_runs_and_backends_agree(capsys):
     assert "███··\n████·\n█████" in text  # causal, Nq=3 Nk=5, bottom-right
     m = re.search(r"tiled uses (\d+)x less memory .* max \|difference\| ([0-9.e+-]+)", text)
     assert m and float(m.group(2)) < 1e-5
+
+
+def test_bench_writes_json_and_markdown(tmp_path):
+    import json
+
+    argv = ["bench", "--ns", "128", "--impls", "tiled,sdpa", "--masks", "causal", "--modes", "fwd",
+            "--reps", "1", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    (json_path,) = tmp_path.glob("cpu_*.json")
+    doc = json.loads(json_path.read_text())
+    assert [r["status"] for r in doc["rows"]] == ["ok", "ok"]
+    assert all(r["median_ms"] > 0 and r["flops"] == 4 * 12 * 64 * 128 * 129 / 2 for r in doc["rows"])
+    assert "| 128 | causal | fwd |" in json_path.with_suffix(".md").read_text()
