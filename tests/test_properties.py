@@ -49,19 +49,20 @@ def problems(draw):
     if isinstance(mask, ak.masks.Document) or "document" in repr(mask):
         Nq = min(Nq, Nk)  # documents need every query at a key position
     blocks = (draw(st.integers(1, 33)), draw(st.integers(1, 33)))
-    return B, Hkv * group, Hkv, Nq, Nk, D, mask, blocks, draw(st.integers(0, 2 ** 16))
+    bias = ak.alibi(Hkv * group) if draw(st.booleans()) else None
+    return B, Hkv * group, Hkv, Nq, Nk, D, mask, bias, blocks, draw(st.integers(0, 2 ** 16))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.sampled_from(["fused", "math"]))
 def test_tiled_matches_reference_on_random_expressions(problem, kernel):
-    B, Hq, Hkv, Nq, Nk, D, mask, (bq, bk), seed = problem
+    B, Hq, Hkv, Nq, Nk, D, mask, bias, (bq, bk), seed = problem
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Nq, D, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, Hkv, Nk, D, generator=g, dtype=torch.float64, requires_grad=True)
-    out_r, lse_r = reference_attention(q, k, v, mask=mask, bias=None, scale=D ** -0.5)
-    out_t, lse_t = tiled_attention(q, k, v, mask=mask, bias=None, scale=D ** -0.5,
+    out_r, lse_r = reference_attention(q, k, v, mask=mask, bias=bias, scale=D ** -0.5)
+    out_t, lse_t = tiled_attention(q, k, v, mask=mask, bias=bias, scale=D ** -0.5,
                                    block_q=bq, block_k=bk, kernel=kernel)
     assert (out_t - out_r).abs().max() < 1e-10
     assert torch.equal(torch.isneginf(lse_t), torch.isneginf(lse_r))
@@ -71,6 +72,7 @@ def test_tiled_matches_reference_on_random_expressions(problem, kernel):
     for a, b in zip(g_t, g_r):
         assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-9
     assert_kinds_consistent(mask, Nq, Nk, bq, bk)
-    with torch.no_grad():  # torch SDPA (materializing the mask) agrees too
-        out_s = ak.attention(q, k, v, mask=mask, impl="sdpa")
+    with torch.no_grad():  # torch SDPA (materializing mask and bias) agrees too
+        dense_bias = None if bias is None else bias.materialize(Nq, Nk).double()
+        out_s = ak.attention(q, k, v, mask=mask, bias=dense_bias, impl="sdpa")
     assert (out_s - out_r).abs().max() < 1e-10
