@@ -221,3 +221,25 @@ def test_per_sample_flags_must_fit():
         ak.key_padding([3, -2])
     with pytest.raises(TypeError, match="sliding_window: right must be an int, got str"):
         ak.sliding_window(2, "3")
+
+
+def test_sdpa_return_lse_refusals():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="return_lse: torch SDPA returns no log-sum-exp on this device"):
+        ak.attention(q.to("meta"), k.to("meta"), v.to("meta"), impl="sdpa", return_lse=True)
+    with pytest.raises(ValueError, match="return_lse with Dv=6 != D=4"):
+        ak.attention(q, k, torch.randn(1, 2, 8, 6), impl="sdpa", return_lse=True)
+    with pytest.raises(ValueError, match="return_lse with dropout"):
+        ak.attention(q, k, v, impl="sdpa", return_lse=True, dropout_p=0.1)
+    with pytest.raises(ValueError, match="return_lse under autograd"):
+        ak.attention(q.requires_grad_(), k, v, impl="sdpa", return_lse=True)
+    bias = torch.zeros(8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="return_lse under autograd"):
+        ak.attention(q.detach(), k, v, bias=bias, impl="sdpa", return_lse=True)
+
+
+def test_unknown_tiled_kernel():
+    from attnkit.ops.tiled import tiled_attention
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="tiled kernel='fussed': choose 'auto', 'fused' or 'math'"):
+        tiled_attention(q, k, v, mask=None, bias=None, scale=0.5, kernel="fussed")

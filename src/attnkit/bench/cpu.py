@@ -49,7 +49,7 @@ MB = 2 ** 20
 RESULT_TAG = "ATTNKIT_BENCH_RESULT "
 IMPLS = ("tiled", "sdpa", "reference")
 MASKS = ("dense", "causal")  # the default suite; "window" (sliding_window(256)) on request
-WINDOW = 256  # one-sided window of the "window" mask
+WINDOW = 256  # the "window" mask: 256 keys each side, 513 in all
 MASK_CHOICES = ("dense", "causal", "window")
 MODES = ("fwd", "fwd+bwd")
 B, H, D = 1, 12, 64  # batch, heads, head dimension of every case
@@ -328,7 +328,7 @@ def markdown(head: dict, rows: Sequence[dict], impls: Sequence[str]) -> str:
     lines = [f"# attnkit CPU benchmark, {head['date']}", "",
              f"{head['hostname']}, {head['cpu_model']} ({head['machine']}), {head['cpu_count']} CPUs, "
              f"torch {head['torch_version']} ({head['torch_num_threads']} threads), "
-             f"attnkit {head['attnkit_version']}. fp32, B={B}, H={H}, D={D}. Cells: median time (ms) / "
+             f"attnkit {head['attnkit_version']}. fp32, B={B}, H={rows[0]['H'] if rows else H}, D={D}. Cells: median time (ms) / "
              "extra peak RSS over the inputs (MB = 2^20 bytes); ratios < 1 favour tiled.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for g in ratios(rows):
@@ -361,7 +361,7 @@ def write_results(out_dir: str | Path, head: dict, rows: Sequence[dict],
 def run_suite(ns: Sequence[int] = (1024, 4096, 16384), impls: Sequence[str] = IMPLS,
               masks: Sequence[str] = MASKS, modes: Sequence[str] = MODES, reps: int = 3,
               out_dir: str | Path = "benchmarks/results", *, mem_budget_gb: float = 16.0,
-              as_limit_gb: float = 20.0, timeout_s: float = 900.0,
+              as_limit_gb: float = 20.0, timeout_s: float = 900.0, heads: int = H,
               head: dict | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Run every (N, mask, mode, impl) case in its own process; rows, also written to ``out_dir``.
 
@@ -374,7 +374,7 @@ def run_suite(ns: Sequence[int] = (1024, 4096, 16384), impls: Sequence[str] = IM
         for mask in masks:
             for mode in modes:
                 for impl in impls:
-                    case = Case(impl=impl, mask=mask, mode=mode, n=n, reps=reps,
+                    case = Case(impl=impl, mask=mask, mode=mode, n=n, reps=reps, h=heads,
                                 as_limit_gb=as_limit_gb)
                     rows.append(run_case(case, mem_budget_gb, timeout_s))
                     write_results(out_dir, head, rows, impls)
@@ -405,6 +405,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--masks", type=_csv(str), default=MASKS, help="dense, causal and/or window (sliding_window(256))")
     p.add_argument("--modes", type=_csv(str), default=MODES, help="fwd and/or fwd+bwd")
     p.add_argument("--reps", type=int, default=3, help="timed calls per case (after one warm-up)")
+    p.add_argument("--heads", type=int, default=H, help=f"attention heads H (default {H})")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON/markdown go")
     p.add_argument("--mem-budget-gb", type=float, default=16.0,
                    help="skip reference cases whose score matrices need more than this")
@@ -435,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     head = header()
     rows = run_suite(args.ns, args.impls, args.masks, args.modes, args.reps, args.out_dir,
                      mem_budget_gb=args.mem_budget_gb, as_limit_gb=args.as_limit_gb,
-                     timeout_s=args.timeout, head=head,
+                     timeout_s=args.timeout, heads=args.heads, head=head,
                      on_row=lambda r: print(format_row(r), flush=True))
     json_path, md_path = write_results(args.out_dir, head, rows, args.impls)
     print(f"wrote {json_path} and {md_path}", flush=True)

@@ -34,23 +34,35 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
         return f"return_lse with Dv={v.shape[-1]} != D={q.shape[-1]}: torch's CPU kernel that returns the lse needs Dv == D"
     if dropout_p > 0:
         return "return_lse with dropout: torch's kernel that returns the lse is called without dropout"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    wants_grad = any(t.requires_grad for t in (q, k, v)) or (bias is not None and bias.requires_grad())
+    if torch.is_grad_enabled() and wants_grad:
         return ("return_lse under autograd: torch's kernel returns an lse with no gradient "
                 "(impl='tiled' differentiates it)")
     return None
 
 
 AUTO_MATERIALIZE_LIMIT = 1 << 24  # elements of a materialized mask auto accepts (16 MiB of bool)
+AUTO_DENSITY_LIMIT = 0.5  # below this share of tiles to compute, auto prefers tiled
 
 
-def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None) -> str | None:
-    """Why ``auto`` should not pick sdpa even though it could run: a big materialized mask."""
-    if mask is None or isinstance(mask, Dense) or (isinstance(mask, Causal) and q.shape[2] == k.shape[2]):
+def needs_materializing(q: Tensor, k: Tensor, mask: Mask | None) -> bool:
+    """True if torch SDPA can take this mask only as a materialized (.., Nq, Nk) tensor."""
+    return not (mask is None or isinstance(mask, Dense) or (isinstance(mask, Causal) and q.shape[2] == k.shape[2]))
+
+
+def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None, visited_fraction: float) -> str | None:
+    """Why ``auto`` should not pick sdpa although it could run: the mask must be materialized and
+    either is large or rules out much of the matrix (``visited_fraction``: the share of (query,
+    key) pairs a tiled plan computes), which tiled skips and SDPA computes anyway."""
+    if not needs_materializing(q, k, mask):
         return None
     n = q.shape[0] * q.shape[2] * k.shape[2]
     if n > AUTO_MATERIALIZE_LIMIT:
         return (f"mask {mask!r} would be materialized as {n:,} bools (B*Nq*Nk) for torch SDPA; "
                 "auto prefers tiled, which skips its empty tiles")
+    if visited_fraction < AUTO_DENSITY_LIMIT:
+        return (f"mask {mask!r} leaves {visited_fraction:.0%} of the tiles to compute; torch SDPA would "
+                "compute all of them, so auto prefers tiled")
     return None
 
 

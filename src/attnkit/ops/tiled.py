@@ -34,8 +34,8 @@ _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
-# its span, so big query blocks are cheaper (N=16384 fwd+bwd, 2-core CPU: 24.5 s of backward with
-# 512-row blocks, 17.6 s with 2048); sparse masks want small blocks, which waste fewer keys.
+# its span, so big query blocks are cheaper for dense work (benchmarks/results/tiled_blocks_*.md);
+# sparse masks want small blocks, which waste fewer keys.
 BLOCK_Q_CHOICES = (2048, 512, 128)
 WASTE_TOLERANCE = 1.2  # take the largest block visiting at most 1.2x the keys of the tightest
 BLOCK_K = 256  # granularity at which the mask's tiles are classified
@@ -56,11 +56,17 @@ class Plan:
     """Which key spans each query block visits, derived from the mask's tile kinds."""
 
     block_q: int
+    Nq: int
     spans: tuple[tuple[Span, ...], ...]  # one tuple per query block
 
     @property
     def visited_keys(self) -> int:
-        return sum(s.k1 - s.k0 for row in self.spans for s in row) * self.block_q
+        """(query, key) pairs the plan computes, counting the short last block's real rows."""
+        return sum(min(self.block_q, self.Nq - qb * self.block_q) * sum(s.k1 - s.k0 for s in row)
+                   for qb, row in enumerate(self.spans))
+
+    def visited_fraction(self, Nk: int) -> float:
+        return self.visited_keys / max(1, self.Nq * Nk)
 
 
 def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: int, block_k: int,
@@ -80,7 +86,7 @@ def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: i
         kinds = torch.full((n_q, n_k), PARTIAL, dtype=torch.int8, device=k4.device)
         kinds = kinds.masked_fill(all_full, FULL).masked_fill(all_empty, EMPTY).cpu()
     spans = tuple(_spans_of_row(row, block_k, Nk) for row in kinds.tolist())
-    return Plan(block_q, spans)
+    return Plan(block_q, Nq, spans)
 
 
 def choose_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_k: int,
@@ -293,6 +299,8 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias:
     ``block_q=None`` picks the query block from the mask's structure (``choose_plan``).
     """
     Nq, Nk = q.shape[2], k.shape[2]
+    if kernel not in ("auto", "fused", "math"):
+        raise ValueError(f"tiled kernel={kernel!r}: choose 'auto', 'fused' or 'math'")
     fused = fused_available(q, v) if kernel == "auto" else kernel == "fused"
     if fused and not fused_available(q, v):
         raise ValueError(f"tiled kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
