@@ -16,7 +16,7 @@ from torch import Tensor
 from ._validate import Call
 from .ops import sdpa as _sdpa
 from .ops.reference import reference_attention
-from .ops.tiled import BLOCK_K, choose_plan, tiled_attention
+from .ops.tiled import tiled_attention, work_fraction
 
 AUTO_ORDER = ("sdpa", "tiled", "reference")
 
@@ -69,8 +69,7 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
     """Like ``reasons``, plus why auto passes over a backend that could run but would be slow."""
     why = reasons(c)
     if why["sdpa"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
-        Nq, Nk = c.q.shape[2], c.k.shape[2]
-        fraction = choose_plan(c.mask, c.bias, Nq, Nk, BLOCK_K, c.q.device).visited_fraction(Nk)
+        fraction = work_fraction(c.mask, c.bias, c.q.shape[2], c.k.shape[2], c.q.device)
         why["sdpa"] = _sdpa.auto_why_not(c.q, c.k, c.mask, fraction)
     return why
 

@@ -36,7 +36,7 @@ _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
 # its span, so big query blocks are cheaper for dense work (benchmarks/results/tiled_blocks_*.md);
 # sparse masks want small blocks, which waste fewer keys.
-BLOCK_Q_CHOICES = (2048, 512, 128)
+BLOCK_Q_CHOICES = (8192, 2048, 512, 128)
 WASTE_TOLERANCE = 1.2  # take the largest block visiting at most 1.2x the keys of the tightest
 BLOCK_K = 256  # granularity at which the mask's tiles are classified
 TILE_ELEMENTS = 1 << 21  # bound on a (block_q x span) additive tile handed to the fused kernel
@@ -57,16 +57,14 @@ class Plan:
 
     block_q: int
     Nq: int
+    Nk: int
     spans: tuple[tuple[Span, ...], ...]  # one tuple per query block
 
     @property
     def visited_keys(self) -> int:
-        """(query, key) pairs the plan computes, counting the short last block's real rows."""
+        """(query, key) pairs the plan visits, counting the short last block's real rows."""
         return sum(min(self.block_q, self.Nq - qb * self.block_q) * sum(s.k1 - s.k0 for s in row)
                    for qb, row in enumerate(self.spans))
-
-    def visited_fraction(self, Nk: int) -> float:
-        return self.visited_keys / max(1, self.Nq * Nk)
 
 
 def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: int, block_k: int,
@@ -86,18 +84,38 @@ def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: i
         kinds = torch.full((n_q, n_k), PARTIAL, dtype=torch.int8, device=k4.device)
         kinds = kinds.masked_fill(all_full, FULL).masked_fill(all_empty, EMPTY).cpu()
     spans = tuple(_spans_of_row(row, block_k, Nk) for row in kinds.tolist())
-    return Plan(block_q, Nq, spans)
+    return Plan(block_q, Nq, Nk, spans)
+
+
+def plan_work(plan: Plan, mask: Mask | None, bias: Bias | None) -> float:
+    """Estimated (query, key) pairs a plan computes: a diagonal causal span that the fused kernel
+    runs with its own is_causal costs half its rectangle."""
+    total = 0.0
+    for qb, row in enumerate(plan.spans):
+        q0 = qb * plan.block_q
+        rows = min(plan.block_q, plan.Nq - q0)
+        for sp in row:
+            causal = (sp.partial and bias is None and mask is not None
+                      and mask.is_top_left_causal(q0, sp.k0, plan.Nq, plan.Nk))
+            total += rows * (sp.k1 - sp.k0) * (0.5 if causal else 1.0)
+    return total
 
 
 def choose_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_k: int,
                 device: torch.device) -> Plan:
-    """The plan with the largest query block that visits at most WASTE_TOLERANCE x the keys of
-    the tightest candidate (dense masks get big blocks, windows small ones)."""
+    """The plan with the largest query block whose estimated work is at most WASTE_TOLERANCE x
+    the least of the candidates (dense masks get big blocks, windows small ones)."""
     if mask is None:
         return make_plan(None, bias, Nq, Nk, BLOCK_Q_CHOICES[0], block_k, device)
     plans = [make_plan(mask, bias, Nq, Nk, bq, block_k, device) for bq in BLOCK_Q_CHOICES]
-    tightest = min(p.visited_keys for p in plans)
-    return next(p for p in plans if p.visited_keys <= WASTE_TOLERANCE * tightest)
+    works = [plan_work(p, mask, bias) for p in plans]
+    return next(p for p, w in zip(plans, works) if w <= WASTE_TOLERANCE * min(works))
+
+
+def work_fraction(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, device: torch.device) -> float:
+    """Share of the Nq x Nk pairs tiled computes for this mask (1.0 without a mask)."""
+    plan = choose_plan(mask, bias, Nq, Nk, BLOCK_K, device)
+    return plan_work(plan, mask, bias) / max(1, Nq * Nk)
 
 
 def _spans_of_row(kinds: list[int], block_k: int, Nk: int) -> tuple[Span, ...]:
