@@ -379,38 +379,41 @@ class Dense(Mask):
 # -- composition -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class And(Mask):
+class _Binary(Mask):
+    """Shared by ``&`` and ``|``: two operands, both checked, both tile kinds as 4-D."""
+
     a: Mask
     b: Mask
 
-    def _evaluate(self, rows, cols, Nq, Nk):
-        return self.a.evaluate(rows, cols, Nq, Nk) & self.b.evaluate(rows, cols, Nq, Nk)
-
-    def _block_kinds(self, tiling, device):
-        ka, kb = _as4d(self.a._block_kinds(tiling, device)), _as4d(self.b._block_kinds(tiling, device))
-        return _kinds(full=(ka == FULL) & (kb == FULL), empty=(ka == EMPTY) | (kb == EMPTY))
+    def _operand_kinds(self, tiling, device) -> tuple[Tensor, Tensor]:
+        return _as4d(self.a._block_kinds(tiling, device)), _as4d(self.b._block_kinds(tiling, device))
 
     def check(self, B, H, Nq, Nk):
         self.a.check(B, H, Nq, Nk)
         self.b.check(B, H, Nq, Nk)
+
+
+@dataclass(frozen=True)
+class And(_Binary):
+    def _evaluate(self, rows, cols, Nq, Nk):
+        return self.a.evaluate(rows, cols, Nq, Nk) & self.b.evaluate(rows, cols, Nq, Nk)
+
+    def _block_kinds(self, tiling, device):
+        ka, kb = self._operand_kinds(tiling, device)
+        return _kinds(full=(ka == FULL) & (kb == FULL), empty=(ka == EMPTY) | (kb == EMPTY))
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"
 
 
 @dataclass(frozen=True)
-class Or(Mask):
-    a: Mask
-    b: Mask
-
+class Or(_Binary):
     def _evaluate(self, rows, cols, Nq, Nk):
         return self.a.evaluate(rows, cols, Nq, Nk) | self.b.evaluate(rows, cols, Nq, Nk)
 
     def _block_kinds(self, tiling, device):
-        ka, kb = _as4d(self.a._block_kinds(tiling, device)), _as4d(self.b._block_kinds(tiling, device))
+        ka, kb = self._operand_kinds(tiling, device)
         return _kinds(full=(ka == FULL) | (kb == FULL), empty=(ka == EMPTY) & (kb == EMPTY))
-
-    check = And.check
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
