@@ -69,8 +69,8 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
     """Like ``reasons``, plus why auto passes over a backend that could run but would be slow."""
     why = reasons(c)
     if why["sdpa"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
-        fraction = work_fraction(c.mask, c.bias, c.q.shape[2], c.k.shape[2], c.q.device)
-        why["sdpa"] = _sdpa.auto_why_not(c.q, c.k, c.mask, fraction)
+        why["sdpa"] = _sdpa.auto_why_not(
+            c.q, c.k, c.mask, lambda: work_fraction(c.mask, c.bias, c.q.shape[2], c.k.shape[2], c.q.device))
     return why
 
 

@@ -11,6 +11,8 @@ dispatches to) is called directly, which returns it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,18 +52,20 @@ def needs_materializing(q: Tensor, k: Tensor, mask: Mask | None) -> bool:
     return not (mask is None or isinstance(mask, Dense) or (isinstance(mask, Causal) and q.shape[2] == k.shape[2]))
 
 
-def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None, visited_fraction: float) -> str | None:
+def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None, work_fraction: Callable[[], float]) -> str | None:
     """Why ``auto`` should not pick sdpa although it could run: the mask must be materialized and
-    either is large or rules out much of the matrix (``visited_fraction``: the share of (query,
-    key) pairs a tiled plan computes), which tiled skips and SDPA computes anyway."""
+    either is large or rules out much of the matrix (``work_fraction()``: the share of (query,
+    key) pairs a tiled plan computes, asked only when needed), which tiled skips and SDPA computes
+    anyway."""
     if not needs_materializing(q, k, mask):
         return None
     n = q.shape[0] * q.shape[2] * k.shape[2]
     if n > AUTO_MATERIALIZE_LIMIT:
         return (f"mask {mask!r} would be materialized as {n:,} bools (B*Nq*Nk) for torch SDPA; "
                 "auto prefers tiled, which skips its empty tiles")
-    if visited_fraction < AUTO_DENSITY_LIMIT:
-        return (f"mask {mask!r} leaves {visited_fraction:.0%} of the tiles to compute; torch SDPA would "
+    fraction = work_fraction()
+    if fraction < AUTO_DENSITY_LIMIT:
+        return (f"mask {mask!r} leaves {fraction:.0%} of the tiles to compute; torch SDPA would "
                 "compute all of them, so auto prefers tiled")
     return None
 

@@ -60,11 +60,6 @@ class Plan:
     Nk: int
     spans: tuple[tuple[Span, ...], ...]  # one tuple per query block
 
-    @property
-    def visited_keys(self) -> int:
-        """(query, key) pairs the plan visits, counting the short last block's real rows."""
-        return sum(min(self.block_q, self.Nq - qb * self.block_q) * sum(s.k1 - s.k0 for s in row)
-                   for qb, row in enumerate(self.spans))
 
 
 def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: int, block_k: int,
