@@ -188,23 +188,49 @@ class Causal(Mask):
 
 @dataclass(frozen=True)
 class SlidingWindow(Mask):
-    """Key j is visible to query i when ``p - left <= j <= p + right``, p = i + Nk - Nq."""
+    """Key j is visible to query i when ``j - p = dilation * t`` with ``-left <= t <= right``,
+    p = i + Nk - Nq. With ``dilation=1`` that is ``p - left <= j <= p + right``.
+
+    ``dilation`` is one int for every head, or a tuple of one int per query head (Longformer's
+    dilated window, Beltagy et al. 2020 section 3.1: heads with gaps of d - 1 keys see d times
+    farther with the same number of keys).
+    """
 
     left: int
     right: int
+    dilation: int | tuple[int, ...] = 1
+
+    def _dilations(self, device) -> Tensor:
+        """(Hm, 1, 1) long: one dilation per head (Hm = 1 when shared)."""
+        d = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,)
+        return torch.tensor(d, device=device).view(-1, 1, 1)
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        d = cols[None, :] - query_positions(rows, Nq, Nk)[:, None]  # (r, c) key minus query pos
-        return (d >= -self.left) & (d <= self.right)
+        delta = cols[None, :] - query_positions(rows, Nq, Nk)[:, None]  # (r, c) key minus query pos
+        if self.dilation == 1:
+            return (delta >= -self.left) & (delta <= self.right)
+        dil = self._dilations(rows.device)  # (Hm, 1, 1)
+        ok = (delta >= -self.left * dil) & (delta <= self.right * dil) & (delta % dil == 0)
+        return ok[None]  # (1, Hm, r, c)
 
     def _block_kinds(self, tiling, device):
         p_lo, p_hi, k_lo, k_hi = tiling.bounds(device)
-        full = (k_lo >= p_hi - self.left) & (k_hi <= p_lo + self.right)
-        empty = (k_hi < p_lo - self.left) | (k_lo > p_hi + self.right)
-        return _kinds(full, empty)
+        if self.dilation == 1:
+            full = (k_lo >= p_hi - self.left) & (k_hi <= p_lo + self.right)
+            empty = (k_hi < p_lo - self.left) | (k_lo > p_hi + self.right)
+            return _kinds(full, empty)
+        dil = self._dilations(device)  # (Hm, 1, 1); a dilated tile is never full (gaps)
+        empty = (k_hi < p_lo - self.left * dil) | (k_lo > p_hi + self.right * dil)
+        return _kinds(torch.zeros_like(empty), empty)[None]  # (1, Hm, nQ, nK)
+
+    def check(self, B, H, Nq, Nk):
+        if isinstance(self.dilation, tuple) and len(self.dilation) != H:
+            raise ValueError(f"sliding_window: {len(self.dilation)} per-head dilations for Hq={H} query "
+                             "heads; give one per query head, or one int for all")
 
     def __repr__(self) -> str:
-        return f"sliding_window({self.left}, {self.right})"
+        dil = "" if self.dilation == 1 else f", dilation={self.dilation}"
+        return f"sliding_window({self.left}, {self.right}{dil})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -451,8 +477,12 @@ def causal() -> Mask:
     return Causal()
 
 
-def sliding_window(left: int, right: int | None = None) -> Mask:
+def sliding_window(left: int, right: int | None = None, *, dilation: int | Sequence[int] = 1) -> Mask:
     """Local window: query at position p sees keys ``p - left .. p + right`` (``right=None``: = left).
+
+    ``dilation=d`` spreads the window (Longformer's dilated sliding window): the query sees keys
+    ``p + d*t`` for ``-left <= t <= right``, i.e. ``left`` and ``right`` count keys, not positions.
+    A sequence of ints gives one dilation per query head.
 
     Combine with ``causal()`` for a causal window (``causal() & sliding_window(w)``).
     """
@@ -463,7 +493,17 @@ def sliding_window(left: int, right: int | None = None) -> Mask:
         if w < 0:
             raise ValueError(f"sliding_window: {name}={w} is negative; windows are (left, right) "
                              "counts >= 0 (use causal() & sliding_window(w) for a one-sided window)")
-    return SlidingWindow(left, right)
+    return SlidingWindow(left, right, _parse_dilation(dilation))
+
+
+def _parse_dilation(dilation: int | Sequence[int]) -> int | tuple[int, ...]:
+    """An int >= 1 (every head), or a tuple of them (one per query head)."""
+    values = dilation.tolist() if isinstance(dilation, Tensor) else dilation
+    values = [values] if isinstance(values, int) else list(values) if isinstance(values, (list, tuple)) else None
+    if not values or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in values):
+        raise ValueError(f"sliding_window: dilation must be an int >= 1 or a sequence of them (one per "
+                         f"query head), got {dilation!r}")
+    return values[0] if isinstance(dilation, int) else tuple(values)
 
 
 def _counts_or_flags(name: str, what: str, x: Tensor | Sequence[int]) -> tuple[Tensor | None, Tensor | None]:

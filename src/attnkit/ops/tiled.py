@@ -27,11 +27,9 @@ from torch import Tensor
 
 from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
-from .merge import lse_for_recompute, lse_of_scores, mark_rows_without_keys, merge, probabilities
+from .merge import lse_for_recompute, merge
 from .precision import compute_dtype, expand_kv, reduce_kv_grad
-
-_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+from .tiles import fused_available, fused_tile, fused_tile_backward, math_tile, math_tile_backward
 
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
 # its span, so big query blocks are cheaper for dense work (benchmarks/results/tiled_blocks_*.md);
@@ -158,33 +156,6 @@ class Problem:
         return tile
 
 
-def _rows_with_no_key(tile: Tensor | None) -> Tensor | None:
-    """(Bm, Hm, r) True where every entry of an additive tile is -inf, or None if no such row."""
-    if tile is None:
-        return None
-    dead = torch.isneginf(tile).all(-1)
-    return dead if bool(dead.any()) else None
-
-
-# -- tile kernels: (q block, key span) -> partial (out, lse) ----------------------------------
-
-def _fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float,
-                is_causal: bool = False) -> tuple[Tensor, Tensor]:
-    """torch's CPU flash kernel on one span. q (B, H, r, D), k/v (B, H, c, D/Dv) expanded heads."""
-    out, lse = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
-    return mark_rows_without_keys(out.to(lse.dtype), lse, _rows_with_no_key(tile))
-
-
-def _math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """The same result with plain torch ops (any device); tile already sliced to this chunk."""
-    ct = compute_dtype(q.dtype)
-    s = q.to(ct) @ k.to(ct).transpose(-1, -2) * scale  # (B, H, r, c)
-    if tile is not None:
-        s = s + tile
-    lse = lse_of_scores(s)  # (B, H, r)
-    return probabilities(s, lse) @ v.to(ct), lse  # (B, H, r, Dv)
-
-
 def _chunks(span: Span, size: int):
     """Split a span into pieces of at most ``size`` keys."""
     for c0 in range(span.k0, span.k1, size):
@@ -213,10 +184,10 @@ def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> t
             for piece in _pieces(prob, q0, plan.block_q, span, fused, block_k):
                 args = (q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1])
                 if fused and prob.kernel_causal(q0, piece):
-                    part = _fused_tile(*args, None, prob.scale, is_causal=True)
+                    part = fused_tile(*args, None, prob.scale, is_causal=True)
                 else:
                     tile = prob.additive(q0, q1, piece, ct, q.device)
-                    part = (_fused_tile if fused else _math_tile)(*args, tile, prob.scale)
+                    part = (fused_tile if fused else math_tile)(*args, tile, prob.scale)
                 acc_out, acc_lse = merge(acc_out, acc_lse, *part)
         if acc_out is not None:
             out[:, :, q0:q1], lse[:, :, q0:q1] = acc_out, acc_lse
@@ -244,34 +215,13 @@ def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: b
                 args = (dout[:, :, q0:q1], q[:, :, q0:q1], k[:, :, a:b], v[:, :, a:b],
                         out[:, :, q0:q1], lse_bwd[:, :, q0:q1], delta[:, :, q0:q1], tile, prob.scale)
                 if fused:
-                    g_q, g_k, g_v = _fused_tile_backward(*args, is_causal=causal)
+                    g_q, g_k, g_v = fused_tile_backward(*args, is_causal=causal)
                 else:
-                    g_q, g_k, g_v = _math_tile_backward(*args)
+                    g_q, g_k, g_v = math_tile_backward(*args)
                 dq[:, :, q0:q1] += g_q
                 dk[:, :, a:b] += g_k
                 dv[:, :, a:b] += g_v
     return dq, dk, dv
-
-
-def _fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, is_causal=False):
-    """torch's CPU flash backward on one (q block, span), given the final out and lse.
-
-    The kernel recomputes delta = rowsum(dout * out) itself from the final out it is given.
-    """
-    return _cpu_flash_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, is_causal,
-                               attn_mask=tile, scale=scale)
-
-
-def _math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
-    """P = exp(S - lse); dV = P^T dO; dS = P (dO V^T - delta); dQ = dS K s; dK = dS^T Q s."""
-    ct = compute_dtype(q.dtype)
-    q, k, v, dout = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
-    s = q @ k.transpose(-1, -2) * scale  # (B, H, r, c)
-    if tile is not None:
-        s = s + tile
-    p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, r, c); 0 where masked or the row is empty
-    ds = p * (dout @ v.transpose(-1, -2) - delta.unsqueeze(-1))  # (B, H, r, c)
-    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ dout
 
 
 class _TiledFunction(torch.autograd.Function):
@@ -295,11 +245,6 @@ class _TiledFunction(torch.autograd.Function):
         dq, dk, dv = _backward(dout, dlse, q, ke, ve, out, lse, prob, plan, fused, block_k)
         dk, dv = reduce_kv_grad(dk, Hkv), reduce_kv_grad(dv, Hkv)  # heads sharing a kv head
         return dq.to(q.dtype), dk.to(ke.dtype), dv.to(ve.dtype), None, None, None, None
-
-
-def fused_available(q: Tensor, v: Tensor) -> bool:
-    """The fused tile kernel is torch's CPU flash attention: CPU tensors with Dv == D only."""
-    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,

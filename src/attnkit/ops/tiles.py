@@ -1,0 +1,73 @@
+"""Tile kernels shared by the tiled and banded backends: one (query block, key block) -> a partial.
+
+A *tile* here is q (..., r, D) against k/v (..., c, D/Dv) with an optional additive float tile
+(broadcastable to (..., r, c)) holding the bias and -inf where the mask forbids. Forward kernels
+return the partial ``(out, lse)`` that ``merge.merge`` combines; backward kernels take the
+*final* out and lse of the whole row (FlashAttention-2's recompute) and return this tile's share
+of dq, dk, dv.
+
+- ``fused``: torch's CPU flash-attention kernel, which returns its log-sum-exp (CPU, Dv == D);
+- ``math``: the same arithmetic with plain torch matmuls (any device, any Dv).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .merge import lse_of_scores, mark_rows_without_keys, probabilities
+from .precision import compute_dtype
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def rows_with_no_key(tile: Tensor | None) -> Tensor | None:
+    """(Bm, Hm, r) True where every entry of an additive tile is -inf, or None if no such row."""
+    if tile is None:
+        return None
+    dead = torch.isneginf(tile).all(-1)
+    return dead if bool(dead.any()) else None
+
+
+def fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float,
+               is_causal: bool = False) -> tuple[Tensor, Tensor]:
+    """torch's CPU flash kernel on one span. q (B, H, r, D), k/v (B, H, c, D/Dv) expanded heads."""
+    out, lse = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
+    return mark_rows_without_keys(out.to(lse.dtype), lse, rows_with_no_key(tile))
+
+
+def math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """The same result with plain torch ops (any device); tile already sliced to this chunk."""
+    ct = compute_dtype(q.dtype)
+    s = q.to(ct) @ k.to(ct).transpose(-1, -2) * scale  # (B, H, r, c)
+    if tile is not None:
+        s = s + tile
+    lse = lse_of_scores(s)  # (B, H, r)
+    return probabilities(s, lse) @ v.to(ct), lse  # (B, H, r, Dv)
+
+
+def fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, is_causal=False):
+    """torch's CPU flash backward on one (q block, span), given the final out and lse.
+
+    The kernel recomputes delta = rowsum(dout * out) itself from the final out it is given.
+    """
+    return _cpu_flash_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, is_causal,
+                               attn_mask=tile, scale=scale)
+
+
+def math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
+    """P = exp(S - lse); dV = P^T dO; dS = P (dO V^T - delta); dQ = dS K s; dK = dS^T Q s."""
+    ct = compute_dtype(q.dtype)
+    q, k, v, dout = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, r, c)
+    if tile is not None:
+        s = s + tile
+    p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, r, c); 0 where masked or the row is empty
+    ds = p * (dout @ v.transpose(-1, -2) - delta.unsqueeze(-1))  # (B, H, r, c)
+    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ dout
+
+
+def fused_available(q: Tensor, v: Tensor) -> bool:
+    """The fused tile kernel is torch's CPU flash attention: CPU tensors with Dv == D only."""
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
