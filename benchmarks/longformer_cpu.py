@@ -74,8 +74,6 @@ from attnkit.bench.process import peak_rss_mb, reset_peak_rss
 B, H, D, W, G = 1, 12, 64, 256, 16
 HIDDEN = H * D
 SCALE = D ** -0.5
-ATTENTION = ("banded", "tiled", "flex", "sdpa_dense_mask")  # take q, k, v
-MODULES = ("hf", "attnkit_module")  # take hidden states x
 CONTENDERS = ("banded", "tiled", "flex", "hf", "attnkit_module", "sdpa_dense_mask")
 ATTNKIT = ("banded", "tiled", "attnkit_module")
 MODES = ("fwd", "fwd+bwd")
@@ -269,8 +267,8 @@ class Context:
 def attention_step(fn: Callable[[Tensor, Tensor, Tensor], Tensor], p: Problem, mode: str) -> Callable[[], Tensor]:
     """One call of ``fn(q, k, v)``: a no_grad forward, or forward + backward of p.dout into q, k, v."""
     def fwd() -> Tensor:
-        with torch.no_grad():
-            return fn(p.q, p.k, p.v)
+        with torch.no_grad():  # detached too: FlexAttention refuses inputs that require grad on CPU
+            return fn(p.q.detach(), p.k.detach(), p.v.detach())
 
     def fwd_bwd() -> Tensor:
         p.q.grad = p.k.grad = p.v.grad = None
@@ -286,7 +284,7 @@ def module_step(module: torch.nn.Module, fn: Callable[[Tensor], Tensor], p: Prob
     """One call of ``fn(x)``: a no_grad forward, or forward + backward into x and the weights."""
     def fwd() -> Tensor:
         with torch.no_grad():
-            return fn(p.x)
+            return fn(p.x.detach())
 
     def fwd_bwd() -> Tensor:
         p.x.grad = None
@@ -335,6 +333,8 @@ def build_flex(p: Problem, mode: str, ctx: Context) -> Runner:
     try:
         step()
     except NotImplementedError as e:  # FlexAttention has no CPU backward (torch 2.13)
+        if mode != "fwd+bwd":
+            raise
         ctx.flex_no_bwd = f"FlexAttention has no CPU backward (tried at N={p.n}): {e}"[:300]
         raise Skip(ctx.flex_no_bwd) from None
     info["first_call_s"] = time.perf_counter() - t0
@@ -371,7 +371,7 @@ def hf_bwd_skip_reason(n: int, ctx: Context) -> str | None:
     if ctx.hf_bwd_ms:
         n0 = max(ctx.hf_bwd_ms)
         est = ctx.hf_bwd_ms[n0] * n / n0 / 1e3
-        reason += f"; linear from N={n0} it would take >= {est:.0f} s per call, 2+ calls"
+        reason += f"; linear from N={n0} it would take >= {est:.1f} s per call, 2+ calls"
     return reason
 
 
@@ -400,7 +400,11 @@ def build_attnkit_module(p: Problem, mode: str, ctx: Context) -> Runner:
         ctx.ak_module = LongformerSelfAttention.from_hf(hf_module(ctx), impl=ctx.args.module_impl).eval()
     m = ctx.ak_module
     fn = lambda x: m(x, global_indices=p.gidx)  # noqa: E731
-    return Runner(module_step(m, fn, p, mode), "module", {"impl": ctx.args.module_impl})
+    impl = ctx.args.module_impl
+    if impl == "auto":  # what auto picks for the local rows' call (shapes only; empty is never touched)
+        shape_only = torch.empty(B, H, p.n, D)
+        impl = f"auto ({ak.explain(shape_only, shape_only, shape_only, mask=attnkit_mask(p.gidx)).chosen})"
+    return Runner(module_step(m, fn, p, mode), "module", {"impl": impl})
 
 
 BUILDERS: dict[str, Callable[[Problem, str, Context], Runner]] = {
@@ -485,10 +489,10 @@ def run_case(name: str, p: Problem, mode: str, ctx: Context, refs: ReferenceRows
     return row
 
 
-def gemm_ceiling(reps: int = 5, n: int = 2048) -> dict:
-    """fp32 GEMM throughput: median of ``reps`` n^3 matmuls after one warm-up."""
+def gemm_ceiling(reps: int = 7, n: int = 2048) -> dict:
+    """fp32 GEMM throughput: median of ``reps`` n^3 matmuls after two warm-ups."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    a @ b, a @ b
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -621,9 +625,11 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {g['N']} | {g['mode']} | {x('banded_speedup_vs_flex')} | {x('banded_speedup_vs_hf')} | "
                      f"{x('banded_speedup_vs_tiled')} | {_fmt(g['banded_mem_over_sdpa_mem'])} | "
                      f"{_fmt(g['banded_fraction_of_gemm'], True)} | {x('attnkit_module_speedup_vs_hf')} |")
+    if rat["banded_growth"]:
+        lines.append("")
     for g in rat["banded_growth"]:
-        lines.append(f"\n- {g['mode']}: t_banded({g['N1']}) / t_banded({g['N0']}) = "
-                     f"{g['banded_time_ratio']:.2f} (N grows {g['n_ratio']:g}x)")
+        lines.append(f"- {g['mode']}: t_banded({g['N1']}) / t_banded({g['N0']}) = "
+                     f"{g['banded_time_ratio']:.2f} (N grows {g['n_ratio']:g}x; linear = {g['n_ratio']:g})")
     notes = [f"- N={r['N']} {r['mode']} {r['contender']}: {r['status']}: {r['reason']}"
              for r in rows if r["status"] != "ok"]
     return "\n".join(lines + (["", "## Not measured", ""] + notes if notes else [])) + "\n"

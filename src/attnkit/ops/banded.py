@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .merge import lse_for_recompute, merge
+from .merge import lse_for_recompute, merge_into
 from .pattern import Pattern, parse
 from .precision import compute_dtype, expand_kv, reduce_kv_grad
 from .tiles import fused_available, fused_tile, fused_tile_backward, math_tile, math_tile_backward
@@ -335,11 +335,12 @@ def _merge_globals(out, lse, q, k, v, parts: list[GlobalPart], scale: float, fus
     """In place: merge the global columns into the band result, then replace the global rows."""
     for p in parts:
         qb, kb, vb = q[p.b], k[p.b], v[p.b]  # (H, N, D)
+        tile_kernel = fused_tile if fused else math_tile
         if p.cols.numel():
-            o, l = math_tile(qb, kb[:, p.cols], vb[:, p.cols], p.col_tile, scale)  # (H, Nq, Dv)
-            out[p.b], lse[p.b] = merge(out[p.b], lse[p.b], o, l)
+            o, l = tile_kernel(qb[None], kb[:, p.cols][None], vb[:, p.cols][None], p.col_tile[None], scale)
+            lse[p.b] = merge_into(out[p.b], lse[p.b], o[0], l[0])  # o (1, H, Nq, Dv)
         if p.rows.numel():
-            o, l = (fused_tile if fused else math_tile)(qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
+            o, l = tile_kernel(qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
             out[p.b][:, p.rows], lse[p.b][:, p.rows] = o[0], l[0]
 
 
@@ -348,16 +349,18 @@ def _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, 
     """In place: add the global columns' and rows' shares to dq, dk, dv."""
     for p in parts:
         qb, kb, vb = q[p.b], k[p.b], v[p.b]
+        tile_backward = fused_tile_backward if fused else math_tile_backward
         if p.cols.numel():
-            g_q, g_k, g_v = math_tile_backward(dout_loc[p.b], qb, kb[:, p.cols], vb[:, p.cols], out[p.b],
-                                               lse_bwd[p.b], delta_loc[p.b], p.col_tile, scale)
-            dq[p.b] += g_q
-            dk[p.b][:, p.cols] += g_k
-            dv[p.b][:, p.cols] += g_v
+            at_b = lambda x: x[p.b][None]  # noqa: E731  (1, H, Nq, ...)
+            g_q, g_k, g_v = tile_backward(at_b(dout_loc), qb[None], kb[:, p.cols][None], vb[:, p.cols][None],
+                                          at_b(out), at_b(lse_bwd), at_b(delta_loc), p.col_tile[None], scale)
+            dq[p.b] += g_q[0]
+            dk[p.b][:, p.cols] += g_k[0]
+            dv[p.b][:, p.cols] += g_v[0]
         if p.rows.numel():
             r = p.rows
             sel = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, R, ...)
-            g_q, g_k, g_v = (fused_tile_backward if fused else math_tile_backward)(
+            g_q, g_k, g_v = tile_backward(
                 sel(dout), sel(q), kb[None], vb[None], sel(out), sel(lse_bwd), sel(delta), p.row_tile, scale)
             dq[p.b][:, r] += g_q[0]
             dk[p.b] += g_k[0]

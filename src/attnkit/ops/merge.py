@@ -37,6 +37,15 @@ def merge(out_a: Tensor | None, lse_a: Tensor | None, out_b: Tensor, lse_b: Tens
     return w_a * out_a + w_b * out_b, lse
 
 
+def merge_into(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """``merge`` writing the merged out into ``out_a`` (no new (..., N, Dv) tensors: on a long
+    sequence the allocations cost more than the arithmetic). Returns the merged lse."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    ref = finite_or_zero(lse)
+    out_a.mul_(torch.exp(lse_a - ref).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - ref).unsqueeze(-1))
+    return lse
+
+
 def lse_of_scores(scores: Tensor) -> Tensor:
     """Row log-sum-exp of masked scores (..., Nk) -> (...), -inf for rows that are all -inf.
 
