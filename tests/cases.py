@@ -63,6 +63,13 @@ def _float_bias(c: Case):
     return torch.randn(c.B, c.Hq, c.Nq, c.Nk, generator=g, dtype=torch.float64)
 
 
+def _per_sample_global(c: Case):
+    flags = torch.zeros(c.B, c.Nk, dtype=torch.bool)
+    flags[0, [1, 30, 69]] = True  # three global tokens in sample 0, one in sample 1
+    flags[-1, 50] = True
+    return ak.sliding_window(5) | ak.global_tokens(flags)
+
+
 CASES = [
     Case("dense-tiny", 1, 1, 1, 1, 1, 16),
     Case("dense-odd", 2, 2, 2, 17, 17, 16),
@@ -95,6 +102,27 @@ CASES = [
     Case("window-global-doc", 1, 2, 2, 113, 113, 16,
          mask=lambda c: (ak.sliding_window(9) | ak.global_tokens([100])) & _docs(c)),
     Case("d128", 1, 2, 2, 33, 33, 128, mask=lambda c: ak.causal()),
+    # the Longformer family (impl="banded" runs all of these and the window cases above)
+    Case("lf-odd-n-gqa", 2, 4, 2, 301, 301, 32,
+         mask=lambda c: (ak.sliding_window(17) | ak.global_tokens([0, 150, 300])) & ak.key_padding([301, 201]),
+         tags=("big",)),
+    Case("lf-window>n", 1, 2, 2, 45, 45, 16, mask=lambda c: ak.sliding_window(100, 60) | ak.global_tokens([7])),
+    Case("lf-global-in-padding", 2, 2, 2, 97, 97, 16,
+         mask=lambda c: (ak.sliding_window(6) | ak.global_tokens([2, 90])) & ak.key_padding([97, 60])),
+    Case("lf-per-sample-global", 2, 2, 2, 70, 70, 16, mask=_per_sample_global),
+    Case("lf-causal-window-global", 1, 2, 1, 113, 113, 16,
+         mask=lambda c: (ak.causal() & ak.sliding_window(12)) | ak.global_tokens([40])),
+    Case("lf-dilated", 2, 4, 2, 130, 130, 16,
+         mask=lambda c: (ak.sliding_window(3, dilation=(1, 2, 3, 4)) | ak.global_tokens([10]))
+         & ak.key_padding([130, 77])),
+    Case("lf-dilated-causal", 1, 4, 1, 90, 90, 16, mask=lambda c: ak.causal() & ak.sliding_window(5, dilation=2)),
+    Case("lf-nq<nk", 1, 2, 2, 40, 130, 16, mask=lambda c: ak.sliding_window(10, 3) | ak.global_tokens([0, 129])),
+    Case("lf-nq>nk", 1, 2, 2, 80, 50, 16, mask=lambda c: ak.sliding_window(6), dead_rows=True),
+    Case("lf-all-padding", 2, 2, 2, 33, 33, 16,
+         mask=lambda c: (ak.sliding_window(4) | ak.global_tokens([5])) & ak.key_padding([0, 33]), dead_rows=True),
 ]
+
+LONGFORMER = ["window", "window-asym", "causal-window-gqa", "window-global", "longformer-mix"] + [
+    c.name for c in CASES if c.name.startswith("lf-")]
 
 BY_NAME = {c.name: c for c in CASES}

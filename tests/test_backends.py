@@ -10,10 +10,11 @@ import torch
 import attnkit as ak
 from attnkit import _dispatch
 from attnkit._validate import validate
+from attnkit.ops.banded import banded_attention
 from attnkit.ops.tiled import tiled_attention
 
 from _numerics import check_backend
-from cases import CASES, BY_NAME
+from cases import BY_NAME, CASES, LONGFORMER
 
 
 def _public(impl, return_lse=True):
@@ -40,6 +41,16 @@ def _tiled(kernel, block_q, block_k):
     return make
 
 
+def _banded(kernel):
+    def make(case):
+        mask = case.make_mask()
+
+        def run(q, k, v):
+            return banded_attention(q, k, v, mask=mask, scale=case.D ** -0.5, kernel=kernel)
+        return run, mask, case.make_bias()
+    return make
+
+
 RUNNERS = {
     "sdpa": _public("sdpa", return_lse=False),  # torch's F.scaled_dot_product_attention, with autograd
     "sdpa-lse": _public("sdpa"),  # torch's CPU kernel that returns the lse (forward only: no lse grad)
@@ -47,15 +58,24 @@ RUNNERS = {
     "tiled-fused-small": _tiled("auto", 16, 8),
     "tiled-math-small": _tiled("math", 16, 8),
     "tiled-fused-odd": _tiled("auto", 23, 13),
+    "banded": _public("banded"),  # torch's CPU flash kernel on the block windows
+    "banded-math": _banded("math"),  # plain torch matmuls (the path CUDA and Dv != D take)
 }
 
 
 def _supported(runner: str, case, dtype) -> str | None:
-    if not runner.startswith("sdpa"):
+    backend = "sdpa" if runner.startswith("sdpa") else "banded" if runner.startswith("banded") else None
+    if backend is None:
         return None
     q, k, v = case.inputs(dtype=dtype)
     call = validate(q, k, v, mask=case.make_mask(), bias=case.make_bias(), need_lse=runner == "sdpa-lse")
-    return _dispatch.BACKENDS["sdpa"].why_not(call)
+    return _dispatch.BACKENDS[backend].why_not(call)
+
+
+def test_banded_runs_every_longformer_case():
+    """The Longformer cases must not be skipped for banded by accident."""
+    for name in LONGFORMER:
+        assert _supported("banded", BY_NAME[name], torch.float32) is None, name
 
 
 def _seed(case) -> int:
@@ -74,11 +94,11 @@ def test_fp32_forward_backward(runner, case):
 
 
 HALF_CASES = ["dense-odd", "gqa-dense", "causal-nq>nk", "window-global", "padding-empty", "alibi-window-gqa",
-              "documents-causal", "dense-bool", "float-bias"]
+              "documents-causal", "dense-bool", "float-bias", "lf-odd-n-gqa", "lf-dilated", "lf-all-padding"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("runner", ["sdpa", "tiled", "tiled-fused-small", "tiled-math-small"])
+@pytest.mark.parametrize("runner", ["sdpa", "tiled", "tiled-fused-small", "tiled-math-small", "banded", "banded-math"])
 @pytest.mark.parametrize("name", HALF_CASES)
 def test_half_forward_backward(name, runner, dtype):
     case = BY_NAME[name]
@@ -89,8 +109,10 @@ def test_half_forward_backward(name, runner, dtype):
     check_backend(run, *case.inputs(seed=3), mask, bias, case.D ** -0.5, dtype)
 
 
-@pytest.mark.parametrize("runner", ["sdpa", "sdpa-lse", "tiled-fused-small", "tiled-math-small"])
-@pytest.mark.parametrize("name", ["causal-nq>nk", "longformer-mix", "alibi-causal", "dense-dv", "float-bias"])
+@pytest.mark.parametrize("runner", ["sdpa", "sdpa-lse", "tiled-fused-small", "tiled-math-small", "banded",
+                                    "banded-math"])
+@pytest.mark.parametrize("name", ["causal-nq>nk", "longformer-mix", "alibi-causal", "dense-dv", "float-bias",
+                                  "lf-dilated", "lf-nq<nk"])
 def test_fp64(name, runner):
     case = BY_NAME[name]
     why = _supported(runner, case, torch.float64)
@@ -111,6 +133,17 @@ def test_tiled_mask_expression_equals_materialized(case):
     ref = ak.attention(q.double(), k.double(), v.double(), mask=dense,
                        bias=None if bias_t is None else bias_t.double(), impl="reference")
     got = ak.attention(q, k, v, mask=mask, bias=bias, impl="tiled")
+    assert (got.double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("case", [BY_NAME[n] for n in LONGFORMER], ids=lambda c: c.name)
+def test_banded_mask_expression_equals_materialized(case):
+    """banded with the structured mask == reference with the same mask materialized densely."""
+    q, k, v = case.inputs(seed=9, dtype=torch.float32)
+    mask = case.make_mask()
+    ref = ak.attention(q.double(), k.double(), v.double(), mask=mask.materialize(case.Nq, case.Nk),
+                       impl="reference")
+    got = ak.attention(q, k, v, mask=mask, impl="banded")
     assert (got.double() - ref).abs().max().item() < 1e-5
 
 

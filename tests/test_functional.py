@@ -27,17 +27,21 @@ def test_explain_names_the_choice_and_every_reason():
     assert "auto picks: tiled" in text and "why not: bias alibi" in text
     assert ak.explain(q, q, q, dropout_p=0.1).chosen == "sdpa"
     assert ak.explain(q, q, q, dropout_p=0.1, mask=ak.causal(), bias=ak.alibi(2)).chosen == "reference"
-    assert list(ak.backends()) == ["sdpa", "tiled", "reference"]
+    assert list(ak.backends()) == ["sdpa", "banded", "tiled", "reference"]
 
 
 def test_auto_prefers_tiled_when_the_mask_rules_out_most_tiles():
     q = torch.randn(1, 2, 4096, 16)
-    assert ak.explain(q, q, q, mask=ak.sliding_window(256)).chosen == "tiled"
+    assert ak.explain(q, q, q, mask=ak.sliding_window(256)).chosen == "banded"
+    assert ak.explain(q, q, q, mask=ak.sliding_window(256) | ak.global_tokens([5])).chosen == "banded"
+    assert ak.explain(q, q, q, mask=ak.sliding_window(2048)).chosen == "sdpa"  # window too wide for banded
     assert ak.explain(q, q, q, mask=ak.document(torch.arange(4096) // 1000)).chosen == "tiled"
     assert ak.explain(q, q, q, mask=ak.key_padding([4000])).chosen == "sdpa"  # nearly dense
     assert ak.explain(q, q, q, mask=ak.causal()).chosen == "sdpa"  # torch's own is_causal
-    small = torch.randn(1, 2, 1024, 16)
-    assert ak.explain(small, small, small, mask=ak.sliding_window(256)).chosen == "sdpa"
+    small = torch.randn(1, 2, 512, 16)
+    assert ak.explain(small, small, small, mask=ak.sliding_window(64)).chosen == "sdpa"
+    mid = torch.randn(1, 2, 1024, 16)
+    assert ak.explain(mid, mid, mid, mask=ak.sliding_window(64)).chosen == "banded"
     b = torch.zeros(1, 2, 64, 64, requires_grad=True)
     x = torch.randn(1, 2, 64, 16)
     assert ak.explain(x, x, x, bias=b, return_lse=True).chosen == "reference"

@@ -28,7 +28,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
             (``ak.alibi(slopes)``) that fast paths compute per tile.
         scale: score scale, default 1/sqrt(D).
         dropout_p: dropout on the attention probabilities (training), in [0, 1).
-        impl: "auto", "reference", "sdpa" or "tiled". Explicit choices never fall back.
+        impl: "auto", "reference", "sdpa", "banded" or "tiled". Explicit choices never fall back.
         return_lse: also return the log-sum-exp of the scores (natural log).
 
     Returns:

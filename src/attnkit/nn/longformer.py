@@ -178,7 +178,9 @@ class LongformerSelfAttention(nn.Module):
         attention_window: the total two-sided window, even (HF's ``config.attention_window[layer_id]``);
             each token attends to ``attention_window // 2`` tokens on each side, plus itself.
         dropout: dropout on the attention probabilities, used in training mode only.
-        impl: the attnkit backend for both attention calls (local rows and global rows).
+        impl: the attnkit backend of the windowed attention (``"banded"`` is the O(N·W) one). The
+            global rows (G queries over every key, no window) use the same backend, except that
+            ``"banded"``, which runs windowed masks only, leaves them to ``"auto"``.
 
     Parameters carry HF's names (``query``, ``key``, ``value``, ``query_global``, ``key_global``,
     ``value_global``), so HF state dicts load as they are. Unlike HF, any N works.
@@ -257,7 +259,8 @@ class LongformerSelfAttention(nn.Module):
         q_g = self._heads(self.query_global(x_g))  # (B, H, G, D)
         k_g, v_g = self._heads(self.key_global(x)), self._heads(self.value_global(x))  # (B, H, N, D)
         mask = None if roles.valid is None else key_padding_mask(roles.valid)
-        out_g = attention(q_g, k_g, v_g, mask=mask, dropout_p=dropout_p, impl=self.impl)  # (B, H, G, D)
+        impl = "auto" if self.impl == "banded" else self.impl  # no window here: nothing for banded
+        out_g = attention(q_g, k_g, v_g, mask=mask, dropout_p=dropout_p, impl=impl)  # (B, H, G, D)
         idx4 = idx[:, None, :, None].expand(B, self.num_heads, G, self.head_dim)  # (B, H, G, D)
         keep = out.gather(2, idx4)  # filler slots write back what was there
         return out.scatter(2, idx4, torch.where(real[:, None, :, None], out_g, keep))  # (B, H, N, D)
