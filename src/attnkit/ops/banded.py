@@ -61,11 +61,7 @@ def block_size(lo: int, hi: int) -> int:
 
 @dataclass(frozen=True)
 class BandGeometry:
-    """Where each query block's key window sits. Row coordinates: row i sees keys i+lo .. i+hi.
-
-    Keys are padded in front by ``pad_front`` so that window b starts at padded index
-    ``s0 + b*c`` with s0 a multiple of c (for the overlap-add in ``_fold``).
-    """
+    """Row i sees keys i+lo .. i+hi; block b (rows b*c ..) reads the key window [b*c+lo, b*c+lo+S)."""
 
     nq: int
     nk: int
@@ -81,38 +77,27 @@ class BandGeometry:
     def S(self) -> int:
         return -(-(self.hi - self.lo + self.c) // self.c) * self.c
 
-    @property
-    def pad_front(self) -> int:
-        return -self.lo if self.lo <= 0 else (-self.lo) % self.c
+    def window_range(self, b0: int, b1: int) -> tuple[int, int]:
+        """Keys [a, e) the windows of blocks b0..b1-1 cover (may reach outside [0, nk))."""
+        return b0 * self.c + self.lo, (b1 - 1) * self.c + self.lo + self.S
 
-    @property
-    def s0(self) -> int:
-        return self.pad_front + self.lo
+    def pad_rows(self, x: Tensor, value: float = 0.0) -> Tensor:
+        """(..., nq, ...) rows -> nb*c rows, padded at the end (their results are dropped); no copy
+        when nq is a multiple of c. ``x`` is (B, h, nq, D) or (B, h, nq)."""
+        extra = self.nb * self.c - self.nq
+        if extra == 0:
+            return x
+        return F.pad(x, (0, 0, 0, extra) if x.dim() == 4 else (0, extra), value=value)
 
-    @property
-    def n_padded(self) -> int:
-        return max(self.s0 + (self.nb - 1) * self.c + self.S, self.pad_front + self.nk)
-
-    def pad_rows(self, x: Tensor) -> Tensor:
-        """(..., nq, D) -> (..., nb*c, D), zero rows at the end (their results are dropped)."""
-        return F.pad(x, (0, 0, 0, self.nb * self.c - self.nq))
-
-    def pad_keys(self, x: Tensor) -> Tensor:
-        """(..., nk, D) -> (..., n_padded, D) contiguous, zeros around (masked as invalid)."""
-        n_back = self.n_padded - self.pad_front - self.nk
-        return F.pad(x, (0, 0, self.pad_front, n_back)).contiguous()
-
-    def key_ok(self, valid: Tensor | None, Bv: int, device) -> Tensor:
-        """(Bv, n_padded) bool: a real key (inside the sequence and not padding)."""
-        ok = torch.zeros(Bv, self.n_padded, dtype=torch.bool, device=device)
-        ok[:, self.pad_front:self.pad_front + self.nk] = True if valid is None else valid
-        return ok
-
-    def regular_blocks(self, ok: Tensor) -> Tensor:
-        """(nb,) bool: every key of the block's window is real, for (1, n_padded) ``ok``."""
-        cum = F.pad(ok.to(torch.int32).cumsum(-1), (1, 0))[0]  # (n_padded + 1,)
-        start = self.s0 + torch.arange(self.nb, device=ok.device) * self.c
-        return (cum[start + self.S] - cum[start]) == self.S
+    def regular_blocks(self, valid_b: Tensor | None, device) -> Tensor:
+        """(nb,) bool: the block's whole window is inside the sequence and holds no padding."""
+        start = torch.arange(self.nb, device=device) * self.c + self.lo
+        end = start + self.S
+        inside = (start >= 0) & (end <= self.nk)
+        if valid_b is None:
+            return inside
+        cum = F.pad(valid_b.to(torch.int32).cumsum(0), (1, 0))  # (nk + 1,)
+        return inside & ((cum[end.clamp(0, self.nk)] - cum[start.clamp(0, self.nk)]) == self.S)
 
     def band_tile(self, dtype, device) -> Tensor:
         """(1, 1, c, S) additive tile: 0 where row a may see window slot t (a <= t <= a+hi-lo)."""
@@ -120,12 +105,6 @@ class BandGeometry:
         t = torch.arange(self.S, device=device)[None, :]
         allowed = (t >= a) & (t <= a + (self.hi - self.lo))
         return torch.where(allowed, 0.0, float("-inf")).to(dtype)[None, None]
-
-    def windows(self, x: Tensor, b0: int, b1: int) -> Tensor:
-        """Overlapping strided view (h, b1-b0, S, D) of padded keys x (h, n_padded, D): no copy."""
-        h, _, D = x.shape
-        return x.as_strided((h, b1 - b0, self.S, D), (x.stride(0), self.c * D, D, 1),
-                            x.storage_offset() + (self.s0 + b0 * self.c) * D)
 
     def runs(self, regular: Tensor, heads: int, max_elements: int):
         """Consecutive blocks of equal regularity, cut so that heads*n*c*S <= max_elements:
@@ -141,78 +120,105 @@ class BandGeometry:
             b0 = b1
 
 
-def _piece_tile(geo: BandGeometry, band: Tensor, ok_b: Tensor, b0: int, b1: int, regular: bool) -> Tensor:
-    """The additive tile of blocks b0..b1: the shared band tile, plus -inf at unreal keys for
-    irregular blocks -> (1, 1 or n, c, S)."""
+def _padded_range(x: Tensor, a: int, e: int, nk: int, value=0) -> Tensor:
+    """Rows [a, e) of x (h, nk, ...) or (nk,), zero (``value``) outside [0, nk): a new tensor."""
+    lo_k, hi_k = min(max(a, 0), nk), min(max(e, 0), nk)
+    front, back = lo_k - a, e - a - (lo_k - a) - (hi_k - lo_k)
+    if x.dim() == 1:
+        return F.pad(x[lo_k:hi_k], (front, back), value=value)
+    return F.pad(x[:, lo_k:hi_k], (0, 0, front, back)).contiguous()
+
+
+def _windows(x: Tensor, geo: BandGeometry, b0: int, b1: int) -> Tensor:
+    """Key windows (h, b1-b0, S, D) of blocks b0..b1 from keys x (h, nk, D) with rows contiguous:
+    an overlapping strided view of x itself when the windows lie inside the sequence, else of a
+    zero-padded copy of just their range."""
+    a, e = geo.window_range(b0, b1)
+    if a < 0 or e > geo.nk:
+        x, a = _padded_range(x, a, e, geo.nk), 0
+    h, _, D = x.shape
+    return x.as_strided((h, b1 - b0, geo.S, D), (x.stride(0), geo.c * D, D, 1), x.storage_offset() + a * D)
+
+
+def _piece_tile(geo: BandGeometry, band: Tensor, valid_b: Tensor | None, b0: int, b1: int,
+                regular: bool) -> Tensor:
+    """The additive tile of blocks b0..b1: the shared band tile, plus -inf at keys outside the
+    sequence or padding for irregular blocks -> (1, 1 or n, c, S)."""
     if regular:
         return band
-    ok_win = ok_b.as_strided((b1 - b0, geo.S), (geo.c, 1), ok_b.storage_offset() + geo.s0 + b0 * geo.c)
+    a, e = geo.window_range(b0, b1)
+    real = torch.ones(geo.nk, dtype=torch.bool, device=band.device) if valid_b is None else valid_b
+    ok = _padded_range(real, a, e, geo.nk, value=False)  # (e - a,)
+    ok_win = ok.as_strided((b1 - b0, geo.S), (geo.c, 1))  # (n, S)
     return band + torch.where(ok_win, 0.0, float("-inf")).to(band.dtype)[None, :, None, :]  # (1, n, c, S)
 
 
-def _band_forward(q, k, v, valid, geo: BandGeometry, scale: float, fused: bool) -> tuple[Tensor, Tensor]:
-    """out (B, h, nq, Dv), lse (B, h, nq) in the compute dtype for q (B, h, nq, D), k/v (B, h, nk, .)."""
-    ct = compute_dtype(q.dtype)
-    B, h = q.shape[:2]
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """(B, h, n, D) with each row's D values adjacent and rows D apart (what _windows views)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+def _valid_at(valid: Tensor | None, b: int) -> Tensor | None:
+    return None if valid is None else valid[b if valid.shape[0] > 1 else 0]
+
+
+def _band_forward(q, k, v, valid, geo: BandGeometry, scale: float, fused: bool, out: Tensor, lse: Tensor) -> None:
+    """Write the band partial of q (B, h, nq, D), k/v (B, h, nk, D/Dv) into out (B, h, nq, Dv) and
+    lse (B, h, nq) (which may be views of bigger tensors)."""
+    B, h, _, D = q.shape
     c, Dv = geo.c, v.shape[-1]
-    qp, kp, vp = geo.pad_rows(q), geo.pad_keys(k), geo.pad_keys(v)
-    ok = geo.key_ok(valid, valid.shape[0] if valid is not None else 1, q.device)
-    band = geo.band_tile(ct, q.device)
-    out = q.new_zeros(B, h, geo.nb * c, Dv, dtype=ct)
-    lse = q.new_full((B, h, geo.nb * c), float("-inf"), dtype=ct)
+    qp, k, v = geo.pad_rows(q), _rows_contiguous(k), _rows_contiguous(v)
+    band = geo.band_tile(lse.dtype, q.device)
     for b in range(B):
-        ok_b = ok[b if ok.shape[0] > 1 else 0]
-        q_blocks = qp[b].view(h, geo.nb, c, -1)  # (h, nb, c, D)
-        for b0, b1, regular in geo.runs(geo.regular_blocks(ok_b[None]), h, PIECE_ELEMENTS):
-            tile = _piece_tile(geo, band, ok_b, b0, b1, regular)
-            args = (q_blocks[:, b0:b1], geo.windows(kp[b], b0, b1), geo.windows(vp[b], b0, b1))
+        valid_b = _valid_at(valid, b)
+        q_blocks = qp[b].reshape(h, geo.nb, c, D)
+        for b0, b1, regular in geo.runs(geo.regular_blocks(valid_b, q.device), h, PIECE_ELEMENTS):
+            tile = _piece_tile(geo, band, valid_b, b0, b1, regular)
+            args = (q_blocks[:, b0:b1], _windows(k[b], geo, b0, b1), _windows(v[b], geo, b0, b1))
             o, l = (fused_tile if fused else math_tile)(*args, tile, scale)  # (h, n, c, Dv), (h, n, c)
-            out[b, :, b0 * c:b1 * c] = o.reshape(h, -1, Dv)
-            lse[b, :, b0 * c:b1 * c] = l.reshape(h, -1)
-    return out[:, :, :geo.nq], lse[:, :, :geo.nq]
+            r0, r1 = b0 * c, min(b1 * c, geo.nq)
+            out[b, :, r0:r1] = o.reshape(h, -1, Dv)[:, :r1 - r0]
+            lse[b, :, r0:r1] = l.reshape(h, -1)[:, :r1 - r0]
 
 
-def _fold(acc: Tensor, win: Tensor, geo: BandGeometry, b0: int) -> None:
-    """Overlap-add window gradients win (h, n, S, D) into padded keys acc (h, n_padded, D)."""
+def _fold(acc: Tensor, win: Tensor, geo: BandGeometry, b0: int, b1: int) -> None:
+    """Overlap-add window gradients win (h, n, S, D) of blocks b0..b1 into keys acc (h, nk, D)."""
     h, n, S, D = win.shape
     m, c = S // geo.c, geo.c
-    blocks = acc.view(h, -1, c, D)  # (h, n_padded / c, c, D)
-    first = geo.s0 // c + b0
+    a, e = geo.window_range(b0, b1)
+    local = acc.new_zeros(h, n - 1 + m, c, D)  # keys [a, e) in blocks of c
     win = win.view(h, n, m, c, D)
-    for tau in range(m):
-        blocks[:, first + tau:first + tau + n] += win[:, :, tau]
+    for tau in range(m):  # window slot block tau of block b is key block b + tau
+        local[:, tau:tau + n] += win[:, :, tau]
+    lo_k, hi_k = min(max(a, 0), geo.nk), min(max(e, 0), geo.nk)
+    acc[:, lo_k:hi_k] += local.view(h, -1, D)[:, lo_k - a:hi_k - a]
 
 
 def _band_backward(dout, q, k, v, out, lse_bwd, delta, valid, geo: BandGeometry, scale: float,
-                   fused: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dq (B, h, nq, D), dk (B, h, nk, D), dv (B, h, nk, Dv) of the band, in the compute dtype."""
-    ct = compute_dtype(q.dtype)
-    B, h = q.shape[:2]
-    c, D, Dv = geo.c, q.shape[-1], v.shape[-1]
-    qp, kp, vp = geo.pad_rows(q), geo.pad_keys(k), geo.pad_keys(v)
-    dop, op = geo.pad_rows(dout), geo.pad_rows(out)
-    lsep = F.pad(lse_bwd, (0, geo.nb * c - geo.nq), value=float("inf"))  # padded rows: P = 0
-    deltap = F.pad(delta, (0, geo.nb * c - geo.nq))
-    ok = geo.key_ok(valid, valid.shape[0] if valid is not None else 1, q.device)
-    band = geo.band_tile(ct, q.device)
-    dq = torch.zeros(B, h, geo.nb * c, D, dtype=ct, device=q.device)
-    dk = torch.zeros(B, h, geo.n_padded, D, dtype=ct, device=q.device)
-    dv = torch.zeros(B, h, geo.n_padded, Dv, dtype=ct, device=q.device)
+                   fused: bool, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """Add the band's share of the gradients into dq (B, h, nq, D), dk (B, h, nk, D) and
+    dv (B, h, nk, Dv) (views allowed), given the final out and lse (FlashAttention-2 backward)."""
+    B, h, _, D = q.shape
+    c = geo.c
+    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    dop, qp, op = geo.pad_rows(dout), geo.pad_rows(q), geo.pad_rows(out)
+    lsep = geo.pad_rows(lse_bwd, value=float("inf"))  # padded rows: P = exp(s - inf) = 0
+    deltap = geo.pad_rows(delta)
+    band = geo.band_tile(dq.dtype, q.device)
     for b in range(B):
-        ok_b = ok[b if ok.shape[0] > 1 else 0]
-        blocks = lambda x: x[b].view(h, geo.nb, c, *x.shape[3:])  # noqa: E731  (h, nb, c, ...)
-        for b0, b1, regular in geo.runs(geo.regular_blocks(ok_b[None]), h, PIECE_ELEMENTS):
-            tile = _piece_tile(geo, band, ok_b, b0, b1, regular)
+        valid_b = _valid_at(valid, b)
+        blocks = lambda x: x[b].reshape(h, geo.nb, c, *x.shape[3:])  # noqa: E731  (h, nb, c, ...)
+        for b0, b1, regular in geo.runs(geo.regular_blocks(valid_b, q.device), h, PIECE_ELEMENTS):
+            tile = _piece_tile(geo, band, valid_b, b0, b1, regular)
             sl = slice(b0, b1)
-            args = (blocks(dop)[:, sl], blocks(qp)[:, sl], geo.windows(kp[b], b0, b1),
-                    geo.windows(vp[b], b0, b1), blocks(op)[:, sl], lsep[b].view(h, geo.nb, c)[:, sl],
-                    deltap[b].view(h, geo.nb, c)[:, sl], tile, scale)
+            args = (blocks(dop)[:, sl], blocks(qp)[:, sl], _windows(k[b], geo, b0, b1),
+                    _windows(v[b], geo, b0, b1), blocks(op)[:, sl], blocks(lsep)[:, sl],
+                    blocks(deltap)[:, sl], tile, scale)
             g_q, g_k, g_v = (fused_tile_backward if fused else math_tile_backward)(*args)
-            dq[b, :, b0 * c:b1 * c] = g_q.reshape(h, -1, D)
-            _fold(dk[b], g_k.to(ct), geo, b0)
-            _fold(dv[b], g_v.to(ct), geo, b0)
-    keys = slice(geo.pad_front, geo.pad_front + geo.nk)
-    return dq[:, :, :geo.nq], dk[:, :, keys], dv[:, :, keys]
+            r0, r1 = b0 * c, min(b1 * c, geo.nq)
+            dq[b, :, r0:r1] += g_q.reshape(h, -1, D)[:, :r1 - r0]
+            _fold(dk[b], g_k, geo, b0, b1)
+            _fold(dv[b], g_v, geo, b0, b1)
 
 
 # -- dilation: residue classes and head groups -------------------------------------------------
@@ -273,9 +279,13 @@ def _band_all(q, k, v, valid, pattern: Pattern, scale: float, fused: bool) -> tu
     lse = q.new_full((B, H, Nq), float("-inf"), dtype=ct)
     for heads, r, geo in _subproblems(pattern, Nq, k.shape[2], H):
         sub_valid = None if valid is None else valid[:, r.keys]
-        o, l = _band_forward(q[:, heads, r.rows], k[:, heads, r.keys], v[:, heads, r.keys], sub_valid,
-                             geo, scale, fused)
-        out[:, heads, r.rows], lse[:, heads, r.rows] = o, l
+        args = (q[:, heads, r.rows], k[:, heads, r.keys], v[:, heads, r.keys], sub_valid, geo, scale, fused)
+        if isinstance(heads, slice):  # out[:, heads, r.rows] is a view: write in place
+            _band_forward(*args, out[:, heads, r.rows], lse[:, heads, r.rows])
+        else:
+            o, l = out[:, heads, r.rows], lse[:, heads, r.rows]  # copies, filled, written back
+            _band_forward(*args, o, l)
+            out[:, heads, r.rows], lse[:, heads, r.rows] = o, l
     return out, lse
 
 
@@ -290,11 +300,14 @@ def _band_all_backward(dout, q, k, v, out, lse_bwd, delta, valid, pattern: Patte
         rows = lambda x: x[:, heads, r.rows]  # noqa: E731
         keys = lambda x: x[:, heads, r.keys]  # noqa: E731
         sub_valid = None if valid is None else valid[:, r.keys]
-        g_q, g_k, g_v = _band_backward(rows(dout), rows(q), keys(k), keys(v), rows(out), rows(lse_bwd),
-                                       rows(delta), sub_valid, geo, scale, fused)
-        dq[:, heads, r.rows] += g_q
-        dk[:, heads, r.keys] += g_k
-        dv[:, heads, r.keys] += g_v
+        args = (rows(dout), rows(q), keys(k), keys(v), rows(out), rows(lse_bwd), rows(delta), sub_valid,
+                geo, scale, fused)
+        if isinstance(heads, slice):  # views: accumulate in place
+            _band_backward(*args, rows(dq), keys(dk), keys(dv))
+        else:
+            g_q, g_k, g_v = rows(dq), keys(dk), keys(dv)  # copies, accumulated, written back
+            _band_backward(*args, g_q, g_k, g_v)
+            dq[:, heads, r.rows], dk[:, heads, r.keys], dv[:, heads, r.keys] = g_q, g_k, g_v
     return dq, dk, dv
 
 
@@ -331,14 +344,25 @@ def _global_parts(pattern: Pattern, valid: Tensor | None, B: int, Nq: int, Nk: i
     return parts
 
 
+ROW_CHUNK_ELEMENTS = 1 << 22  # H x rows x Dv of one global-columns call (16 MB in fp32)
+
+
+def _row_chunks(H: int, Nq: int, Dv: int):
+    """Slices of query rows for the global-columns pass, so its partial stays small."""
+    step = max(1, ROW_CHUNK_ELEMENTS // (H * Dv))
+    return [slice(r0, min(r0 + step, Nq)) for r0 in range(0, Nq, step)]
+
+
 def _merge_globals(out, lse, q, k, v, parts: list[GlobalPart], scale: float, fused: bool) -> None:
     """In place: merge the global columns into the band result, then replace the global rows."""
     for p in parts:
         qb, kb, vb = q[p.b], k[p.b], v[p.b]  # (H, N, D)
         tile_kernel = fused_tile if fused else math_tile
         if p.cols.numel():
-            o, l = tile_kernel(qb[None], kb[:, p.cols][None], vb[:, p.cols][None], p.col_tile[None], scale)
-            lse[p.b] = merge_into(out[p.b], lse[p.b], o[0], l[0])  # o (1, H, Nq, Dv)
+            kc, vc = kb[:, p.cols][None], vb[:, p.cols][None]  # (1, H, G, D)
+            for r in _row_chunks(*out.shape[1:]):
+                o, l = tile_kernel(qb[:, r][None], kc, vc, p.col_tile[:, r][None], scale)  # (1, H, rows, Dv)
+                lse[p.b][:, r] = merge_into(out[p.b][:, r], lse[p.b][:, r], o[0], l[0])
         if p.rows.numel():
             o, l = tile_kernel(qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
             out[p.b][:, p.rows], lse[p.b][:, p.rows] = o[0], l[0]
@@ -351,12 +375,14 @@ def _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, 
         qb, kb, vb = q[p.b], k[p.b], v[p.b]
         tile_backward = fused_tile_backward if fused else math_tile_backward
         if p.cols.numel():
-            at_b = lambda x: x[p.b][None]  # noqa: E731  (1, H, Nq, ...)
-            g_q, g_k, g_v = tile_backward(at_b(dout_loc), qb[None], kb[:, p.cols][None], vb[:, p.cols][None],
-                                          at_b(out), at_b(lse_bwd), at_b(delta_loc), p.col_tile[None], scale)
-            dq[p.b] += g_q[0]
-            dk[p.b][:, p.cols] += g_k[0]
-            dv[p.b][:, p.cols] += g_v[0]
+            kc, vc = kb[:, p.cols][None], vb[:, p.cols][None]  # (1, H, G, D)
+            for r in _row_chunks(*out.shape[1:]):
+                at = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, rows, ...)
+                g_q, g_k, g_v = tile_backward(at(dout_loc), at(q), kc, vc, at(out), at(lse_bwd), at(delta_loc),
+                                              p.col_tile[:, r][None], scale)
+                dq[p.b][:, r] += g_q[0]
+                dk[p.b][:, p.cols] += g_k[0]
+                dv[p.b][:, p.cols] += g_v[0]
         if p.rows.numel():
             r = p.rows
             sel = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, R, ...)
