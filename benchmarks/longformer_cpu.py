@@ -6,8 +6,9 @@
 
 Problem (one process, the same inputs for every contender). fp32, B=1, H=12, D=64, the Longformer
 pattern: a one-sided window W=256 (query i sees key j when |i - j| <= W, 2W+1 keys) plus G=16
-global tokens at ``round(linspace(0, N-1, G))`` (position 0, the last position and 14 evenly
-spaced between): a global query sees every key and every query sees the global keys.
+global tokens, by default at the first G positions as the anchors have them (``--globals spread``:
+``round(linspace(0, N-1, G))``, where FlexAttention's block mask turns every query block's 16 global
+key blocks into partial blocks): a global query sees every key and every query sees the global keys.
 
 Contenders.
   banded           ``ak.attention(q, k, v, mask=sliding_window(W) | global_tokens(idx), impl="banded")``
@@ -95,8 +96,17 @@ class Skip(Exception):
 # The pattern, the shared inputs and the float64 reference rows
 # ---------------------------------------------------------------------------------------------
 
+GLOBAL_LAYOUTS = {
+    "prefix": "the first G positions (as ../shared/anchors measured FlexAttention and HF)",
+    "spread": "round(linspace(0, N-1, G)): position 0, the last and 14 evenly spaced between",
+}
+GLOBALS = "prefix"  # set from --globals
+
+
 def global_positions(n: int) -> Tensor:
-    """G global positions spread over the sequence: round(linspace(0, N-1, G)), 0 included."""
+    """G global positions: the first G (``prefix``) or spread over the sequence (``spread``)."""
+    if GLOBALS == "prefix":
+        return torch.arange(G)
     return torch.linspace(0, n - 1, G).round().long()
 
 
@@ -595,7 +605,7 @@ def markdown(doc: dict) -> str:
     lines = [f"# Longformer pattern on the CPU, {m['date']}", "",
              f"{m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}; torch {m['torch']} "
              f"({m['torch_threads']} threads), transformers {m['transformers']}, attnkit {m['attnkit']}.",
-             f"fp32, B={B}, H={H}, D={D}, W={W} (one-sided), G={G} globals at round(linspace(0, N-1, G)). "
+             f"fp32, B={B}, H={H}, D={D}, W={W} (one-sided), G={G} globals at {s['global_positions']}. "
              f"{s['flop_formula']}. fp32 GEMM 2048^3 ceiling: {_fmt(ceiling)} GFLOP/s. Memory: {s['memory_method']}. "
              f"Time: median of the timed calls after one checked warm-up. Error: max |out - float64 reference| "
              f"over {SAMPLED_ROWS} sampled rows (dq too for attention fwd+bwd)."]
@@ -680,14 +690,15 @@ def default_as_limit_gb() -> float:
 def run(args: argparse.Namespace) -> dict:
     """Measure every (mode, N, contender), writing the results after each; the final document."""
     start = time.perf_counter()
-    stem = Path(args.out_dir) / f"longformer_cpu_{_dt.datetime.now():%Y-%m-%dT%H%M}"
+    layout = "" if GLOBALS == "prefix" else f"{GLOBALS}_"
+    stem = Path(args.out_dir) / f"longformer_cpu_{layout}{_dt.datetime.now():%Y-%m-%dT%H%M}"
     ctx = Context(args)
     BUILDERS["banded"] = build_attnkit(args.banded_impl)
     gemm = [gemm_ceiling()]
     print(f"fp32 GEMM 2048^3: {gemm[0]['gflops']:.1f} GFLOP/s", flush=True)
     doc = {"machine": machine(), "settings": {
         "dtype": "float32", "device": "cpu", "B": B, "H": H, "D": D, "W": W, "G": G, "hidden": HIDDEN,
-        "global_positions": "round(linspace(0, N-1, G))", "ns": list(args.ns), "attnkit_only_ns": list(args.attnkit_only_ns),
+        "global_positions": GLOBAL_LAYOUTS[GLOBALS], "ns": list(args.ns), "attnkit_only_ns": list(args.attnkit_only_ns),
         "modes": list(args.modes), "contenders": list(args.contenders), "reps": args.reps,
         "case_budget_s": args.case_budget_s, "banded_impl": args.banded_impl, "module_impl": args.module_impl,
         "flop_formula": FLOP_FORMULA, "memory_method": MEMORY_METHOD, "sampled_rows": SAMPLED_ROWS,
@@ -736,7 +747,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--banded-impl", default="banded", help="impl of the 'banded' rows (testing aid; recorded)")
     p.add_argument("--as-limit-gb", type=float, default=default_as_limit_gb(),
                    help="address-space limit of this process, so running out of memory is a row (0: none)")
+    p.add_argument("--globals", choices=list(GLOBAL_LAYOUTS), default="prefix",
+                   help="where the G global tokens sit: " + "; ".join(f"{k}: {v}" for k, v in GLOBAL_LAYOUTS.items()))
     args = p.parse_args(argv)
+    global GLOBALS
+    GLOBALS = args.globals
     for name, got, allowed in (("contender", args.contenders, CONTENDERS), ("mode", args.modes, MODES)):
         if bad := [x for x in got if x not in allowed]:
             p.error(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
