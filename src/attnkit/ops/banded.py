@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .merge import lse_for_recompute, merge_into
+from .merge import attend_merged_into, lse_for_recompute
 from .pattern import Pattern, parse
 from .precision import compute_dtype, expand_kv, reduce_kv_grad
 from .tiles import fused_available, fused_tile, fused_tile_backward, math_tile, math_tile_backward
@@ -344,7 +344,7 @@ def _global_parts(pattern: Pattern, valid: Tensor | None, B: int, Nq: int, Nk: i
     return parts
 
 
-ROW_CHUNK_ELEMENTS = 1 << 22  # H x rows x Dv of one global-columns call (16 MB in fp32)
+ROW_CHUNK_ELEMENTS = 1 << 20  # H x rows x Dv of one global-columns call (4 MB in fp32, near cache)
 
 
 def _row_chunks(H: int, Nq: int, Dv: int):
@@ -359,10 +359,9 @@ def _merge_globals(out, lse, q, k, v, parts: list[GlobalPart], scale: float, fus
         qb, kb, vb = q[p.b], k[p.b], v[p.b]  # (H, N, D)
         tile_kernel = fused_tile if fused else math_tile
         if p.cols.numel():
-            kc, vc = kb[:, p.cols][None], vb[:, p.cols][None]  # (1, H, G, D)
+            kc, vc = kb[:, p.cols], vb[:, p.cols]  # (H, G, D)
             for r in _row_chunks(*out.shape[1:]):
-                o, l = tile_kernel(qb[:, r][None], kc, vc, p.col_tile[:, r][None], scale)  # (1, H, rows, Dv)
-                lse[p.b][:, r] = merge_into(out[p.b][:, r], lse[p.b][:, r], o[0], l[0])
+                attend_merged_into(out[p.b][:, r], lse[p.b][:, r], qb[:, r], kc, vc, p.col_tile[:, r], scale)
         if p.rows.numel():
             o, l = tile_kernel(qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
             out[p.b][:, p.rows], lse[p.b][:, p.rows] = o[0], l[0]
