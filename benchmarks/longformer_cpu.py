@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnkit as ak
+from attnkit.bench.cpu import cpu_model
 from attnkit.bench.process import peak_rss_mb, reset_peak_rss
 
 B, H, D, W, G = 1, 12, 64, 256, 16
@@ -549,17 +550,6 @@ def ratios(rows: Sequence[dict], ceiling: float | None) -> dict:
             growth.append({"mode": mode, "N0": n0, "N1": n1, "n_ratio": n1 / n0,
                            "banded_time_ratio": t(n1, mode, "banded") / t(n0, mode, "banded")})
     return {"per_n": per_n, "banded_growth": growth}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

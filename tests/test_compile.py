@@ -1,4 +1,4 @@
-"""torch.compile of ak.attention runs (tiled and sdpa) and gives the eager result."""
+"""torch.compile of ak.attention runs (sdpa, tiled, banded) and gives the eager result."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import attnkit as ak
 
 
 @pytest.mark.parametrize("impl,mask", [("sdpa", None), ("sdpa", "causal"), ("tiled", "causal"),
-                                       ("tiled", "window")])
+                                       ("tiled", "window"), ("banded", "window"), ("banded", "longformer")])
 def test_compiled_attention_matches_eager(impl, mask):
     torch._dynamo.reset()
-    m = {None: None, "causal": ak.causal(), "window": ak.causal() & ak.sliding_window(8)}[mask]
+    m = {None: None, "causal": ak.causal(), "window": ak.causal() & ak.sliding_window(8),
+         "longformer": (ak.sliding_window(5) | ak.global_tokens([3, 30])) & ak.key_padding([37])}[mask]
 
     def f(q, k, v):
         return ak.attention(q, k, v, mask=m, impl=impl) * 2.0

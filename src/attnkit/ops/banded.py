@@ -41,7 +41,7 @@ from torch import Tensor
 from .merge import attend_merged_into, lse_for_recompute
 from .pattern import Pattern, parse
 from .precision import compute_dtype, expand_kv, reduce_kv_grad
-from .tiles import fused_available, fused_tile, fused_tile_backward, math_tile, math_tile_backward
+from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, use_fused
 
 PIECE_ELEMENTS = 1 << 24  # bound on heads x blocks x c x S per kernel call (scores, window grads)
 
@@ -459,10 +459,5 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float,
     pattern = parse(mask)
     if isinstance(pattern, str):
         raise ValueError(f"banded cannot run mask {mask!r}: {pattern}")
-    if kernel not in ("auto", "fused", "math"):
-        raise ValueError(f"banded kernel={kernel!r}: choose 'auto', 'fused' or 'math'")
-    fused = fused_available(q, v) if kernel == "auto" else kernel == "fused"
-    if fused and not fused_available(q, v):
-        raise ValueError(f"banded kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
-                         f"D={q.shape[-1]}, Dv={v.shape[-1]}; use kernel='math'")
+    fused = use_fused("banded", kernel, q, v)
     return _BandedFunction.apply(q, k, v, pattern, scale, fused)

@@ -29,7 +29,7 @@ from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
 from .merge import lse_for_recompute, merge
 from .precision import compute_dtype, expand_kv, reduce_kv_grad
-from .tiles import fused_available, fused_tile, fused_tile_backward, math_tile, math_tile_backward
+from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, use_fused
 
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
 # its span, so big query blocks are cheaper for dense work (benchmarks/results/tiled_blocks_*.md);
@@ -257,12 +257,7 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias:
     ``block_q=None`` picks the query block from the mask's structure (``choose_plan``).
     """
     Nq, Nk = q.shape[2], k.shape[2]
-    if kernel not in ("auto", "fused", "math"):
-        raise ValueError(f"tiled kernel={kernel!r}: choose 'auto', 'fused' or 'math'")
-    fused = fused_available(q, v) if kernel == "auto" else kernel == "fused"
-    if fused and not fused_available(q, v):
-        raise ValueError(f"tiled kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
-                         f"D={q.shape[-1]}, Dv={v.shape[-1]}; use kernel='math'")
+    fused = use_fused("tiled", kernel, q, v)
     plan = (choose_plan(mask, bias, Nq, Nk, block_k, q.device) if block_q is None
             else make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device))
     prob = Problem(mask, bias, scale, Nq, Nk)

@@ -71,3 +71,13 @@ def math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
 def fused_available(q: Tensor, v: Tensor) -> bool:
     """The fused tile kernel is torch's CPU flash attention: CPU tensors with Dv == D only."""
     return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+
+
+def use_fused(backend: str, kernel: str, q: Tensor, v: Tensor) -> bool:
+    """Resolve a backend's ``kernel`` argument ("auto", "fused" or "math") for these inputs."""
+    if kernel not in ("auto", "fused", "math"):
+        raise ValueError(f"{backend} kernel={kernel!r}: choose 'auto', 'fused' or 'math'")
+    if kernel == "fused" and not fused_available(q, v):
+        raise ValueError(f"{backend} kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
+                         f"D={q.shape[-1]}, Dv={v.shape[-1]}; use kernel='math'")
+    return fused_available(q, v) if kernel == "auto" else kernel == "fused"
