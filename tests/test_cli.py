@@ -20,10 +20,12 @@ def test_demo_runs_and_backends_agree(capsys):
     assert main(["demo", "--long-n", "2048"]) == 0
     text = capsys.readouterr().out
     errors = [float(x) for x in re.findall(r"max \|out - float64 reference\| = ([0-9.e+-]+)", text)]
-    assert len(errors) == 4 and max(errors) < 1e-5
+    assert len(errors) == 5 and max(errors) < 1e-5  # reference, sdpa, banded, tiled, auto
     assert "███··\n████·\n█████" in text  # causal, Nq=3 Nk=5, bottom-right
     m = re.search(r"tiled uses (\d+)x less memory .* max \|difference\| ([0-9.e+-]+)", text)
     assert m and float(m.group(2)) < 1e-5
+    lf = re.search(r"Longformer, banded .* max \|error\| vs float64 reference rows ([0-9.e+-]+)", text)
+    assert lf and float(lf.group(1)) < 1e-5
 
 
 def test_bench_writes_json_and_markdown(tmp_path):

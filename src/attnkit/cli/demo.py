@@ -63,7 +63,7 @@ def step_backends() -> None:
     mask = ak.causal() & ak.sliding_window(48) | ak.global_tokens([0, 150])
     oracle = ak.attention(q.double(), k.double(), v.double(), mask=mask, impl="reference")
     print(ak.explain(q, k, v, mask=mask))
-    for impl in ("reference", "sdpa", "tiled", "auto"):
+    for impl in ("reference", "sdpa", "banded", "tiled", "auto"):
         t0 = time.perf_counter()
         out = ak.attention(q, k, v, mask=mask, impl=impl)
         ms = (time.perf_counter() - t0) * 1e3
