@@ -52,7 +52,8 @@ def block_size(lo: int, hi: int) -> int:
 
     Smaller blocks waste fewer keys (each block reads c - 1 keys beyond any one row's window);
     bigger ones feed the kernel larger matrices. 64 measured best for a 513-key window on the
-    2-core CPU (2026-11-23: 416 ms vs 437 (c=32) / 433 (c=128) at N=16384, H=12).
+    2-core CPU (2026-11-23, torch's CPU flash kernel alone, N=16384, H=12: 379 ms against 404
+    for c=32, 490 for 128, 487 for 256).
     """
     c = 16
     while c < 64 and c * 8 < hi - lo + 1:
