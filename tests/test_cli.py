@@ -10,7 +10,7 @@ from attnkit.cli.main import main
 def test_info_lists_every_backend_with_reasons(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
-    for name in ("reference", "sdpa", "tiled"):
+    for name in ("reference", "sdpa", "banded", "tiled"):
         assert re.search(rf"^\s+{name}\s", text, re.M)
     assert "auto picks: tiled" in text  # the long structured-mask probe
     assert "why not: bias alibi" in text

@@ -62,11 +62,11 @@ def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None, work_fraction: Callabl
     n = q.shape[0] * q.shape[2] * k.shape[2]
     if n > AUTO_MATERIALIZE_LIMIT:
         return (f"mask {mask!r} would be materialized as {n:,} bools (B*Nq*Nk) for torch SDPA; "
-                "auto prefers tiled, which skips its empty tiles")
+                "auto prefers a backend that skips the masked-out pairs (banded, tiled)")
     fraction = work_fraction()
     if fraction < AUTO_DENSITY_LIMIT:
         return (f"mask {mask!r} leaves {fraction:.0%} of the tiles to compute; torch SDPA would "
-                "compute all of them, so auto prefers tiled")
+                "compute all of them, so auto prefers banded or tiled")
     return None
 
 
