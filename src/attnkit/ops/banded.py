@@ -373,7 +373,7 @@ def _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, 
                       parts: list[GlobalPart], scale: float, fused: bool) -> None:
     """In place: add the global columns' and rows' shares to dq, dk, dv."""
     for p in parts:
-        qb, kb, vb = q[p.b], k[p.b], v[p.b]
+        kb, vb = k[p.b], v[p.b]  # (H, Nk, D)
         tile_backward = fused_tile_backward if fused else math_tile_backward
         if p.cols.numel():
             kc, vc = kb[:, p.cols][None], vb[:, p.cols][None]  # (1, H, G, D)
