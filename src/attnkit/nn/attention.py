@@ -1,0 +1,236 @@
+"""Multi-head attention (Vaswani et al. 2017) as a module over ``attnkit.attention``, and its KV cache.
+
+    q = x W_q, k = m W_k, v = m W_v          per head h: (B, N, E) -> (B, H, N, D)
+    head_h = softmax(q_h k_h^T / sqrt(D) + bias) v_h      (attnkit.attention, any mask / impl)
+    out = concat(head_1 .. head_H) W_o       (B, N, H*D) -> (B, N, E)
+
+m is x for self-attention and the encoder's output ("memory") for cross-attention. Keys and values
+may have fewer heads than queries (``num_kv_heads``: GQA, MQA). This module holds parameters,
+projections and the cache; the attention math is ``attnkit.attention``'s.
+
+Legend: B batch, N new tokens, M memory tokens, E model width, Hq / Hkv query / kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..bias import Bias, DenseBias
+from ..functional import attention
+from ..masks import Mask
+from .positional import AttentionPositional
+
+
+class KVCache:
+    """Keys and values of the tokens a self-attention layer has already seen, for decoding.
+
+    ``update(k_new, v_new)`` appends the new tokens' keys/values (B, Hkv, n, D) and returns all the
+    keys/values the new queries may look at. ``position`` counts every token seen, so positional
+    modules place new tokens at ``position + arange(n)`` even when old keys were dropped.
+
+    ``window``: keep only the last ``window`` keys (sliding-window decoding, memory O(window)).
+    The layer's mask must then never reach further back than ``window`` keys (for example
+    ``causal() & sliding_window(window, 0)``); ``MultiHeadAttention`` checks this.
+    """
+
+    def __init__(self, window: int | None = None):
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"KVCache: window must be None or an int >= 1, got {window!r}")
+        self.window = window
+        self.k: Tensor | None = None  # (B, Hkv, L, D)
+        self.v: Tensor | None = None  # (B, Hkv, L, Dv)
+        self.position = 0
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def dropped(self) -> int:
+        """How many of the tokens seen are no longer stored (only with ``window``)."""
+        return self.position - len(self)
+
+    def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (B, Hkv, n, D) keys and values; return (B, Hkv, L + n, D) to attend to."""
+        if self.k is not None and (k_new.shape[:2] != self.k.shape[:2] or k_new.shape[3] != self.k.shape[3]):
+            raise ValueError(f"KVCache: new keys {tuple(k_new.shape)} do not continue the cached "
+                             f"{tuple(self.k.shape)} (same B, Hkv, D expected); call reset() for a new sequence")
+        k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)  # (B, Hkv, L + n, D)
+        v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
+        keep = k.shape[2] if self.window is None else min(self.window, k.shape[2])
+        self.k, self.v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+        self.position += k_new.shape[2]
+        return k, v
+
+    def reset(self) -> None:
+        self.k = self.v = None
+        self.position = 0
+
+    def __repr__(self) -> str:
+        return f"KVCache(stored={len(self)}, position={self.position}, window={self.window})"
+
+
+class MemoryKVCache:
+    """Cross-attention's cache: the memory's keys and values, projected once and reused per step."""
+
+    def __init__(self):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def reset(self) -> None:
+        self.k = self.v = None
+
+
+def _check_window_reach(mask: Mask | None, n: int, Nk: int, dropped: int) -> None:
+    """With a bounded cache, refuse a mask that would look at a key the cache already dropped."""
+    if not dropped:
+        return
+    if not isinstance(mask, Mask):
+        raise ValueError(f"the KV cache dropped {dropped} old keys (window={Nk - n}), so the layer needs a "
+                         f"structured mask that never reaches them, e.g. ak.causal() & ak.sliding_window(W, 0) "
+                         f"with W <= the cache window; got mask={mask!r}")
+    rows = torch.arange(n)
+    reach = mask.evaluate(rows, torch.zeros(1, dtype=torch.long), n, Nk + 1)  # the key just before the cache
+    if bool(reach.any()):
+        raise ValueError(f"mask {mask!r} lets a query see a key the sliding-window KV cache has dropped "
+                         f"(cache keeps {Nk - n} keys); use a KVCache window >= the mask's left window")
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention with optional GQA, positional module and KV cache.
+
+    Args:
+        embed_dim: E, width of the input and output.
+        num_heads: Hq query heads.
+        num_kv_heads: Hkv key/value heads (default Hq); Hq % Hkv == 0. 1 is MQA.
+        head_dim: D (default E // Hq).
+        kdim, vdim: width of the memory for keys / values (default E), as in torch.
+        bias: biases on the q/k/v projections; ``out_bias`` on W_o (default: ``bias``).
+        dropout: dropout on the attention probabilities while training.
+        impl: the ``attnkit.attention`` backend ("auto" picks).
+        positional: RoPE or ALiBi (``AttentionPositional``), or None.
+        scale: score scale (default 1/sqrt(D)).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, kdim: int | None = None, vdim: int | None = None,
+                 bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0, impl: str = "auto",
+                 positional: AttentionPositional | None = None, scale: float | None = None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+                                 "pass head_dim= explicitly")
+            head_dim = embed_dim // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads} (GQA)")
+        if positional is not None and not isinstance(positional, AttentionPositional):
+            raise TypeError(f"positional must be an AttentionPositional (RotaryEmbedding, ALiBi) or None, got "
+                            f"{type(positional).__name__}; absolute encodings are added to the embeddings instead")
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.dropout, self.impl, self.scale, self.positional = dropout, impl, scale, positional
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(kdim or embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(vdim or embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias if out_bias is None else out_bias)
+
+    def _heads(self, x: Tensor, H: int) -> Tensor:
+        B, N, _ = x.shape
+        return x.view(B, N, H, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def _bias(self, bias: Bias | Tensor | None, Nq: int, Nk: int) -> Bias | Tensor | None:
+        pos_bias = self.positional.bias() if self.positional is not None else None
+        if pos_bias is None or bias is None:
+            return bias if pos_bias is None else pos_bias
+        user = bias.materialize(Nq, Nk) if isinstance(bias, Bias) else DenseBias(bias).evaluate(
+            torch.arange(Nq), torch.arange(Nk), Nq, Nk)
+        return user.to(pos_bias.slopes.device) + pos_bias.materialize(Nq, Nk)  # (B?, H, Nq, Nk), dense
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, mask: Mask | Tensor | None = None,
+                bias: Bias | Tensor | None = None, cache: KVCache | MemoryKVCache | None = None) -> Tensor:
+        """x (B, N, E); memory (B, M, kdim) for cross-attention -> (B, N, E).
+
+        ``mask`` / ``bias`` are ``attnkit.attention``'s, over (N, keys): keys are the cached ones
+        followed by the new ones (self-attention), or the memory (cross-attention).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"MultiHeadAttention: expected x of shape (B, N, E={self.embed_dim}), got "
+                             f"{tuple(x.shape)}; inputs are batch-first")
+        q = self._heads(self.q_proj(x), self.num_heads)  # (B, Hq, N, D)
+        if memory is None:
+            q, k, v, dropped = self._self_qkv(q, x, cache)
+        else:
+            k, v = self._memory_kv(memory, cache)
+            dropped = 0
+        Nq, Nk = q.shape[2], k.shape[2]
+        _check_window_reach(mask, Nq, Nk, dropped)
+        bias = self._bias(bias, Nq, Nk) if memory is None else bias
+        out = attention(q, k, v, mask=mask, bias=bias, scale=self.scale,
+                        dropout_p=self.dropout if self.training else 0.0, impl=self.impl)  # (B, Hq, N, D)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
+
+    def _self_qkv(self, q: Tensor, x: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Project x to k, v, place q and k at their positions, join the cache.
+
+        Returns q (B, Hq, N, D), k / v (B, Hkv, L + N, D) and how many old keys the cache dropped.
+        """
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"self-attention takes a KVCache, got {type(cache).__name__}")
+        k = self._heads(self.k_proj(x), self.num_kv_heads)  # (B, Hkv, N, D)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if self.positional is not None:  # new keys are rotated once, before they enter the cache
+            start = 0 if cache is None else cache.position
+            positions = torch.arange(start, start + x.shape[1], device=x.device)  # (N,)
+            q, k = self.positional.rotate(q, k, positions, positions)
+        if cache is None:
+            return q, k, v, 0
+        dropped = cache.dropped
+        k, v = cache.update(k, v)  # (B, Hkv, L + N, D)
+        return q, k, v, dropped
+
+    def _memory_kv(self, memory: Tensor, cache: MemoryKVCache | None) -> tuple[Tensor, Tensor]:
+        if cache is not None and not isinstance(cache, MemoryKVCache):
+            raise TypeError(f"cross-attention takes a MemoryKVCache, got {type(cache).__name__}")
+        if cache is not None and cache.k is not None:
+            return cache.k, cache.v
+        if memory.dim() != 3 or memory.shape[0] == 0:
+            raise ValueError(f"memory must be (B, M, kdim), got {tuple(memory.shape)}")
+        k = self._heads(self.k_proj(memory), self.num_kv_heads)  # (B, Hkv, M, D)
+        v = self._heads(self.v_proj(memory), self.num_kv_heads)
+        if cache is not None:
+            cache.k, cache.v = k, v
+        return k, v
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, **kwargs) -> "MultiHeadAttention":
+        """An attnkit copy of ``torch.nn.MultiheadAttention`` with its weights (same outputs).
+
+        attnkit modules are batch-first: for a torch module with ``batch_first=False`` feed
+        ``x.transpose(0, 1)``. ``kwargs`` go to the constructor (``impl=``, ``positional=``, ...).
+        """
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("from_torch: add_bias_kv=True / add_zero_attn=True append extra key positions; "
+                             "attnkit does not model them. Build the module without them")
+        E, H = mha.embed_dim, mha.num_heads
+        has_bias = mha.in_proj_bias is not None
+        new = cls(E, H, kdim=mha.kdim, vdim=mha.vdim, bias=has_bias, out_bias=mha.out_proj.bias is not None,
+                  dropout=mha.dropout, **kwargs)
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                wq, wk, wv = mha.in_proj_weight.chunk(3)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            for proj, w in zip((new.q_proj, new.k_proj, new.v_proj), (wq, wk, wv)):
+                proj.weight.copy_(w)
+            if has_bias:
+                for proj, b in zip((new.q_proj, new.k_proj, new.v_proj), mha.in_proj_bias.chunk(3)):
+                    proj.bias.copy_(b)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, impl={self.impl!r}")

@@ -1,0 +1,195 @@
+"""Models composed from blocks: a BERT-style encoder, a decoder-only LM, an encoder-decoder.
+
+Each model takes its parts as constructor arguments (embeddings, a list of blocks, a final norm,
+a head), so BERT, GPT-2- and Llama-style models are the same classes with different parts; the
+builders in ``attnkit.pretrained`` assemble them from checkpoints.
+
+Legend: B batch, N tokens, T generated tokens, S source tokens, E width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..masks import Mask, causal, key_padding
+from .attention import KVCache
+from .block import BlockCache, Context
+
+
+class TokenEmbeddings(nn.Module):
+    """ids (B, N) -> (B, N, E): token embedding, optional absolute position encoding and
+    token-type (segment) embedding, optional norm and dropout (BERT's embedding layer)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, *, positional: nn.Module | None = None,
+                 num_token_types: int = 0, norm: nn.Module | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, embed_dim)
+        self.positional = positional
+        self.token_types = nn.Embedding(num_token_types, embed_dim) if num_token_types else None
+        self.norm = norm
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, offset: int = 0) -> Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected input_ids of shape (B, N) and an integer dtype, got "
+                             f"{tuple(input_ids.shape)} {input_ids.dtype}")
+        V = self.tokens.num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            raise ValueError(f"input_ids hold {int(input_ids.min())}..{int(input_ids.max())}; the vocabulary "
+                             f"has ids 0..{V - 1}")
+        x = self.tokens(input_ids)  # (B, N, E)
+        if self.positional is not None:
+            x = self.positional(x, offset)
+        if self.token_types is not None:
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_types(types)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+def _padding_mask(attention_mask: Tensor | None, shape: tuple[int, int]) -> Mask | None:
+    """HF-style (B, N) 1 = token / 0 = padding -> ak.key_padding, or None."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, N) = {shape}, "
+                         "1 for real tokens and 0 for padding")
+    return key_padding(attention_mask.bool())
+
+
+class Encoder(nn.Module):
+    """Bidirectional encoder (BERT): embeddings, blocks, optional final norm. -> (B, N, E)."""
+
+    def __init__(self, embeddings: nn.Module, blocks: Sequence[nn.Module], norm: nn.Module | None = None):
+        super().__init__()
+        self.embeddings, self.blocks, self.norm = embeddings, nn.ModuleList(blocks), norm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                token_type_ids: Tensor | None = None, return_all: bool = False) -> Tensor | list[Tensor]:
+        """``attention_mask`` (B, N): 1 = token, 0 = padding (HF's convention). ``return_all``
+        returns [embeddings, after block 1, ..., after the last block (normed)], like HF's
+        ``hidden_states``."""
+        x = self.embeddings(input_ids, token_type_ids)  # (B, N, E)
+        ctx = Context(mask=_padding_mask(attention_mask, tuple(input_ids.shape)))
+        states = [x]
+        for block in self.blocks:
+            x = block(x, ctx)
+            states.append(x)
+        if self.norm is not None:
+            states[-1] = x = self.norm(x)
+        return states if return_all else x
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only language model: embeddings, causal blocks, final norm, LM head. -> logits (B, N, V).
+
+    ``mask`` is every block's self-attention mask (default ``causal()``; Mistral-style models use
+    ``causal() & sliding_window(W, 0)`` and ``cache_window=W`` so the KV cache stays O(W)). Blocks
+    with cross-attention make it the decoder of an ``EncoderDecoder``.
+    """
+
+    def __init__(self, embeddings: TokenEmbeddings, blocks: Sequence[nn.Module], norm: nn.Module | None,
+                 lm_head: nn.Linear, *, mask: Mask = causal(), cache_window: int | None = None):
+        super().__init__()
+        self.embeddings, self.blocks, self.norm, self.lm_head = embeddings, nn.ModuleList(blocks), norm, lm_head
+        self.mask, self.cache_window = mask, cache_window
+
+    def new_cache(self) -> list[BlockCache]:
+        """Empty decoding state, one per block."""
+        return [BlockCache(self_attn=KVCache(self.cache_window)) for _ in self.blocks]
+
+    def forward(self, input_ids: Tensor, *, cache: list[BlockCache] | None = None, memory: Tensor | None = None,
+                memory_mask: Mask | Tensor | None = None) -> Tensor:
+        """input_ids (B, N) -> logits (B, N, V). With ``cache``, input_ids are the next tokens after
+        those already cached. ``memory`` (B, S, E): the encoder's output, for cross-attention."""
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} entries for {len(self.blocks)} blocks; use model.new_cache()")
+        offset = 0 if cache is None else cache[0].self_attn.position
+        x = self.embeddings(input_ids, offset=offset)  # (B, N, E)
+        ctx = Context(mask=self.mask, memory=memory, memory_mask=memory_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx, None if cache is None else cache[i])
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.lm_head(x)  # (B, N, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True, eos_token_id: int | None = None) -> Tensor:
+        """Continue (B, N) prompts by ``max_new_tokens`` -> (B, N + T).
+
+        ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature), over the
+        ``top_k`` most likely tokens if given. ``use_cache=False`` recomputes the whole sequence at
+        every step (the slow oracle the cache is tested against).
+        """
+        return generate_tokens(lambda ids, cache: self(ids, cache=cache), self.new_cache, input_ids,
+                               max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                               use_cache=use_cache, eos_token_id=eos_token_id)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder + decoder with cross-attention (Vaswani et al.): logits (B, N, V) for target ids."""
+
+    def __init__(self, encoder: Encoder, decoder: DecoderLM):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, source_ids: Tensor, target_ids: Tensor, source_mask: Tensor | None = None, *,
+                cache: list[BlockCache] | None = None, memory: Tensor | None = None) -> Tensor:
+        """``source_mask`` (B, S): 1 = token, 0 = padding. Pass ``memory`` to reuse an encoding."""
+        if memory is None:
+            memory = self.encoder(source_ids, source_mask)  # (B, S, E)
+        return self.decoder(target_ids, cache=cache, memory=memory,
+                            memory_mask=_padding_mask(source_mask, tuple(source_ids.shape)))
+
+    @torch.no_grad()
+    def generate(self, source_ids: Tensor, start_ids: Tensor, max_new_tokens: int, *,
+                 source_mask: Tensor | None = None, use_cache: bool = True, **sampling) -> Tensor:
+        """Decode from ``start_ids`` (B, N) (e.g. a BOS column); the source is encoded once."""
+        memory = self.encoder(source_ids, source_mask)  # (B, S, E)
+        step = lambda ids, cache: self(source_ids, ids, source_mask, cache=cache, memory=memory)  # noqa: E731
+        return generate_tokens(step, self.decoder.new_cache, start_ids, max_new_tokens, use_cache=use_cache,
+                               **sampling)
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next ids (B,): argmax at temperature 0, else a top-k softmax sample."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def generate_tokens(step: Callable[[Tensor, list | None], Tensor], new_cache: Callable[[], list],
+                    input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                    generator: torch.Generator | None = None, use_cache: bool = True,
+                    eos_token_id: int | None = None) -> Tensor:
+    """The decoding loop shared by the models. ``step(ids, cache) -> logits (B, n, V)``."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"expected prompt ids of shape (B, N) with N >= 1, got {tuple(input_ids.shape)}")
+    ids, cache = input_ids, new_cache() if use_cache else None
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    fresh = ids
+    for _ in range(max_new_tokens):
+        logits = step(fresh, cache) if use_cache else step(ids, None)  # (B, n, V)
+        nxt = sample_next(logits[:, -1], temperature, top_k, generator)  # (B,)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        fresh = nxt[:, None]
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return ids
