@@ -111,7 +111,8 @@ class RotaryEmbedding(AttentionPositional):
     - ``interleaved=True`` (GPT-J, the RoFormer paper): feature 2i pairs with 2i + 1.
 
     ``rotary_dim`` < D rotates only the first rotary_dim features (GPT-J, NeoX partial rotary).
-    Angles are computed in float32 (float64 for float64 inputs) and the rotation in the input dtype.
+    Angles are computed in float32 as Llama/HF do (float64 for float64 inputs), the rotation in the
+    input dtype.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, *, interleaved: bool = False,
@@ -127,8 +128,12 @@ class RotaryEmbedding(AttentionPositional):
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(N,) positions -> cos, sin of shape (N, rotary_dim), laid out for this pairing."""
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        angles = positions.to(work)[:, None] * self.inv_freq.to(work)[None, :]  # (N, rotary_dim/2)
+        if dtype == torch.float64:  # exact frequencies; float32 ones are what checkpoints were trained with
+            steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=positions.device)
+            inv_freq = 1.0 / self.base ** (steps / self.rotary_dim)
+        else:
+            inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (N, rotary_dim/2)
         angles = angles.repeat_interleave(2, -1) if self.interleaved else torch.cat([angles, angles], -1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -1,0 +1,179 @@
+"""Models built from attnkit.nn: KV-cache decoding equals full recomputation, generation, encoder-decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attnkit as ak
+from attnkit import nn as aknn
+
+E, H, V = 32, 4, 50
+
+
+def close(got, want, tol=1e-5):
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * max(1.0, want.double().abs().max().item()), f"max error {err:.3g}"
+
+
+def decoder(pos: str = "rope", window: int | None = None, impl: str = "auto", cross: bool = False,
+            layers: int = 2) -> aknn.DecoderLM:
+    torch.manual_seed(0)
+    absolute = {"learned": aknn.LearnedPositionalEmbedding(128, E),
+                "sinusoidal": aknn.SinusoidalPositionalEncoding(E)}.get(pos)
+
+    def attn_pos():
+        return {"rope": aknn.RotaryEmbedding(E // H), "alibi": aknn.ALiBi(H)}.get(pos)
+
+    blocks = [aknn.PreNormBlock(aknn.MultiHeadAttention(E, H, num_kv_heads=2, positional=attn_pos(), impl=impl),
+                                aknn.SwiGLU(E, 64), aknn.RMSNorm(E), aknn.RMSNorm(E),
+                                cross_attn=aknn.MultiHeadAttention(E, H, impl=impl) if cross else None,
+                                norm_cross=aknn.RMSNorm(E) if cross else None) for _ in range(layers)]
+    mask = ak.causal() if window is None else ak.causal() & ak.sliding_window(window, 0)
+    return aknn.DecoderLM(aknn.TokenEmbeddings(V, E, positional=absolute), blocks, aknn.RMSNorm(E),
+                          nn.Linear(E, V, bias=False), mask=mask, cache_window=window).eval()
+
+
+def stepwise(model, ids, first: int, cache=None, **kw):
+    cache = model.new_cache() if cache is None else cache
+    outs = [model(ids[:, :first], cache=cache, **kw)]
+    for t in range(first, ids.shape[1]):
+        outs.append(model(ids[:, t:t + 1], cache=cache, **kw))
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned", "sinusoidal"])
+@pytest.mark.parametrize("impl", ["reference", "sdpa", "tiled", "auto"])
+def test_kv_cache_equals_full_recomputation(pos, impl):
+    if impl == "sdpa" and pos == "alibi":
+        with pytest.raises(ValueError, match="structured"):  # explicit impls refuse, never fall back
+            decoder(pos, impl=impl)(torch.zeros(1, 3, dtype=torch.long))
+        return
+    model = decoder(pos, impl=impl)
+    ids = torch.randint(0, V, (2, 23))
+    with torch.no_grad():
+        full = model(ids)
+        inc, cache = stepwise(model, ids, first=7)
+    close(inc, full)
+    assert len(cache[0].self_attn) == 23 and cache[0].self_attn.position == 23
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@pytest.mark.parametrize("first", [1, 3, 12])  # prompt chunks shorter and longer than the window
+def test_sliding_window_cache_is_bounded_and_exact(pos, first):
+    W = 5
+    model = decoder(pos, window=W)
+    ids = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        full = model(ids)  # mask causal & sliding_window(W, 0) over the whole sequence
+        inc, cache = stepwise(model, ids, first=first)
+    close(inc, full)
+    assert len(cache[0].self_attn) == W and cache[0].self_attn.position == 30
+    assert cache[0].self_attn.dropped == 30 - W
+
+
+def test_bounded_cache_refuses_a_mask_that_reaches_dropped_keys():
+    model = decoder("rope")
+    model.cache_window = 4  # causal() alone needs every earlier key
+    ids = torch.randint(0, V, (1, 10))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids[:, :6], cache=cache)
+        with pytest.raises(ValueError, match="dropped"):
+            model(ids[:, 6:7], cache=cache)
+
+
+def test_cache_refuses_a_different_batch():
+    cache = aknn.KVCache()
+    cache.update(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
+    with pytest.raises(ValueError, match="reset"):
+        cache.update(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+    cache.reset()
+    assert len(cache) == 0 and cache.position == 0
+    with pytest.raises(ValueError, match="window"):
+        aknn.KVCache(window=0)
+
+
+@pytest.mark.parametrize("pos,window", [("rope", None), ("alibi", None), ("learned", None), ("rope", 6)])
+def test_greedy_generate_with_and_without_cache(pos, window):
+    model = decoder(pos, window=window)
+    prompt = torch.randint(0, V, (3, 5))
+    with_cache = model.generate(prompt, 15)
+    without = model.generate(prompt, 15, use_cache=False)
+    assert with_cache.shape == (3, 20) and torch.equal(with_cache[:, :5], prompt)
+    assert torch.equal(with_cache, without)
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = decoder("rope")
+    prompt = torch.randint(0, V, (2, 4))
+    a = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(model.generate(prompt, 10, temperature=0.7, top_k=1), model.generate(prompt, 10))
+    with torch.no_grad():
+        logits = model(a[:, :-1])[:, 3:]  # (B, 10, V): the logits each sampled token was drawn from
+    top5 = logits.topk(5, dim=-1).indices
+    assert (top5 == a[:, 4:, None]).any(-1).all(), "a sampled token lies outside the top 5"
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, 2, temperature=-1.0)
+
+
+def test_eos_stops_and_pads():
+    model = decoder("rope")
+    prompt = torch.randint(0, V, (2, 4))
+    greedy = model.generate(prompt, 8)
+    eos = int(greedy[0, 5])  # the second token sample 0 generates
+    out = model.generate(prompt, 8, eos_token_id=eos)
+    first = int((greedy[0, 4:] == eos).nonzero()[0])
+    assert torch.equal(out[0, : 4 + first + 1], greedy[0, : 4 + first + 1])
+    assert (out[0, 4 + first:] == eos).all()
+
+
+def encoder_decoder(impl="auto") -> aknn.EncoderDecoder:
+    torch.manual_seed(1)
+    enc_blocks = [aknn.PostNormBlock(aknn.MultiHeadAttention(E, H, impl=impl), aknn.FeedForward(E, 64),
+                                     nn.LayerNorm(E), nn.LayerNorm(E)) for _ in range(2)]
+    encoder = aknn.Encoder(aknn.TokenEmbeddings(V, E, positional=aknn.SinusoidalPositionalEncoding(E)), enc_blocks)
+    return aknn.EncoderDecoder(encoder, decoder("rope", impl=impl, cross=True)).eval()
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled", "auto"])
+def test_encoder_decoder_cache_and_padding(impl):
+    model = encoder_decoder(impl)
+    src = torch.randint(1, V, (2, 9))
+    src_mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    tgt = torch.randint(0, V, (2, 8))
+    with torch.no_grad():
+        full = model(src, tgt, src_mask)
+        memory = model.encoder(src, src_mask)
+        inc, cache = stepwise(model.decoder, tgt, first=2, memory=memory,
+                              memory_mask=ak.key_padding(src_mask.bool()))
+        # padding in the source must not matter: change the padded tokens
+        src2 = src.clone()
+        src2[1, 6:] = (src2[1, 6:] + 7) % V
+        full2 = model(src2, tgt, src_mask)
+    close(inc, full)
+    close(full2[1], full[1])
+    assert cache[0].cross_attn.k.shape == (2, H, 9, E // H)  # the memory was projected once and kept
+
+
+def test_encoder_decoder_generate_with_and_without_cache():
+    model = encoder_decoder()
+    src = torch.randint(1, V, (2, 7))
+    start = torch.zeros(2, 1, dtype=torch.long)
+    a = model.generate(src, start, 10)
+    b = model.generate(src, start, 10, use_cache=False)
+    assert a.shape == (2, 11) and torch.equal(a, b)
+
+
+def test_encoder_return_all_and_padding_mask_errors():
+    model = encoder_decoder().encoder
+    ids = torch.randint(0, V, (2, 6))
+    states = model(ids, return_all=True)
+    assert len(states) == 3 and torch.equal(states[-1], model(ids))
+    with pytest.raises(ValueError, match=r"expected \(B, N\)"):
+        model(ids, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="vocabulary"):
+        model(torch.full((1, 3), V))
