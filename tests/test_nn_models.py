@@ -177,3 +177,23 @@ def test_encoder_return_all_and_padding_mask_errors():
         model(ids, torch.ones(2, 5))
     with pytest.raises(ValueError, match="vocabulary"):
         model(torch.full((1, 3), V))
+
+
+def test_cache_with_gradients_backpropagates_through_steps():
+    """Training through a cache (keys that need grad) must not trip autograd's in-place checks."""
+    model = decoder("rope").train()
+    ids = torch.randint(0, V, (2, 9))
+    inc, _ = stepwise(model, ids, first=4)
+    inc.sum().backward()
+    grad = model.embeddings.tokens.weight.grad
+    model.zero_grad()
+    model(ids).sum().backward()
+    close(grad, model.embeddings.tokens.weight.grad)
+
+
+def test_unbounded_cache_grows_in_place():
+    cache = aknn.KVCache()
+    for step in range(40):
+        k, v = cache.update(torch.full((1, 2, 1, 4), float(step)), torch.full((1, 2, 1, 4), -float(step)))
+    assert len(cache) == 40 and torch.equal(k[0, 0, :, 0], torch.arange(40.0)) and torch.equal(v, -k)
+    assert cache._k_buf.shape[2] >= 40

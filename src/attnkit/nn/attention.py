@@ -29,6 +29,8 @@ class KVCache:
     keys/values the new queries may look at. ``position`` counts every token seen, so positional
     modules place new tokens at ``position + arange(n)`` even when old keys were dropped.
 
+    Without a window the cache writes into a buffer that doubles when full (O(1) amortized per
+    token); keys that require grad are joined with torch.cat instead, so autograd stays valid.
     ``window``: keep only the last ``window`` keys (sliding-window decoding, memory O(window)).
     The layer's mask must then never reach further back than ``window`` keys (for example
     ``causal() & sliding_window(window, 0)``); ``MultiHeadAttention`` checks this.
@@ -40,6 +42,8 @@ class KVCache:
         self.window = window
         self.k: Tensor | None = None  # (B, Hkv, L, D)
         self.v: Tensor | None = None  # (B, Hkv, L, Dv)
+        self._k_buf: Tensor | None = None  # without a window: preallocated (B, Hkv, capacity, D)
+        self._v_buf: Tensor | None = None
         self.position = 0
 
     def __len__(self) -> int:
@@ -55,15 +59,32 @@ class KVCache:
         if self.k is not None and (k_new.shape[:2] != self.k.shape[:2] or k_new.shape[3] != self.k.shape[3]):
             raise ValueError(f"KVCache: new keys {tuple(k_new.shape)} do not continue the cached "
                              f"{tuple(self.k.shape)} (same B, Hkv, D expected); call reset() for a new sequence")
-        k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)  # (B, Hkv, L + n, D)
-        v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
-        keep = k.shape[2] if self.window is None else min(self.window, k.shape[2])
-        self.k, self.v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
         self.position += k_new.shape[2]
-        return k, v
+        if self.window is not None or k_new.requires_grad:  # join (autograd-safe), keep the last W
+            k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)  # (B, Hkv, L + n, D)
+            v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
+            keep = k.shape[2] if self.window is None else min(self.window, k.shape[2])
+            self.k, self.v = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+            self._k_buf = self._v_buf = None
+            return k, v
+        L, n = len(self), k_new.shape[2]
+        if self._k_buf is None or L + n > self._k_buf.shape[2]:  # grow by doubling: O(1) amortized
+            self._k_buf, self._v_buf = self._grown(self.k, k_new, L, n), self._grown(self.v, v_new, L, n)
+        self._k_buf[:, :, L:L + n] = k_new
+        self._v_buf[:, :, L:L + n] = v_new
+        self.k, self.v = self._k_buf[:, :, :L + n], self._v_buf[:, :, :L + n]  # views, (B, Hkv, L + n, D)
+        return self.k, self.v
+
+    @staticmethod
+    def _grown(old: Tensor | None, new: Tensor, L: int, n: int) -> Tensor:
+        cap = max(2 * (L + n), 16)
+        grown = new.new_empty(*new.shape[:2], cap, new.shape[3])  # (B, Hkv, cap, D)
+        if old is not None:
+            grown[:, :, :L] = old
+        return grown
 
     def reset(self) -> None:
-        self.k = self.v = None
+        self.k = self.v = self._k_buf = self._v_buf = None
         self.position = 0
 
     def __repr__(self) -> str:
