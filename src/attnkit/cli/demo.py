@@ -102,6 +102,53 @@ def step_longformer(n: int) -> None:
           f"than dense; its cost grows linearly in N, dense attention's quadratically")
 
 
+BANK_SENTENCES = [
+    "The boat drifted to the bank of the river.",
+    "We sat on the bank and watched the water.",
+    "She deposited the money at the bank.",
+    "The bank raised its interest rates on money.",
+]
+
+
+def _bank_attention(bundle, sentences: list[str], top: int = 5) -> list[list[tuple[str, float]]]:
+    """For each sentence, the tokens "bank" attends to most in the last layer (mean over heads)."""
+    ids, valid = bundle.encode(sentences)  # (B, N), (B, N)
+    with torch.no_grad():
+        x = bundle.model(ids, valid, return_all=True)[-2]  # (B, N, E): the input of the last block
+        attn = bundle.model.blocks[-1].attn
+        B, N, H = ids.shape[0], ids.shape[1], attn.num_heads
+        heads = lambda t: t.view(B, N, H, attn.head_dim).transpose(1, 2)  # noqa: E731  -> (B, H, N, D)
+        q, k = heads(attn.q_proj(x)), heads(attn.k_proj(x))
+        weights = ak.attention_weights(q, k, mask=ak.key_padding(valid.bool())).mean(1)  # (B, N, N)
+    rows = []
+    for b, sentence in enumerate(sentences):
+        tokens = bundle.tokens(sentence)
+        row = weights[b, tokens.index("bank"), :len(tokens)]  # (N_b,) over the real keys
+        best = row.topk(top)
+        rows.append([(tokens[j], p) for p, j in zip(best.values.tolist(), best.indices.tolist())])
+    return rows
+
+
+def step_pretrained() -> None:
+    _title("6. Real weights: all-MiniLM-L6-v2 (BERT, 6 layers, H=12) as an attnkit Encoder")
+    try:
+        from ..pretrained import load_bert, minilm_path
+        bundle = load_bert(minilm_path())
+    except ImportError as e:
+        print(f"skipped: {e}")
+        return
+    emb = bundle.embed(BANK_SENTENCES)  # (B, E), mean-pooled and L2-normalized
+    sim = emb @ emb.T  # (B, B) cosine similarities
+    print("cosine similarity of the sentence embeddings (mean pooling, as sentence-transformers):")
+    print(f"  {'':<50}" + "".join(f"{f'[{i}]':>6}" for i in range(len(BANK_SENTENCES))))
+    for i, (sentence, row) in enumerate(zip(BANK_SENTENCES, sim.tolist())):
+        print(f"  [{i}] {sentence:<46}" + "".join(f"{x:6.2f}" for x in row))
+    print('what "bank" attends to in the last layer (attention weights, mean over the 12 heads):')
+    for i, row in zip((0, 2), _bank_attention(bundle, [BANK_SENTENCES[0], BANK_SENTENCES[2]])):
+        print(f"  [{i}] " + "  ".join(f"{tok} {p:.2f}" for tok, p in row))
+    print("  ([CLS] soaks up much of it, as in most BERTs; the rest goes to the words that say which bank)")
+
+
 def run_demo(long_n: int = 16384) -> int:
     t0 = time.perf_counter()
     print(f"attnkit {ak.__version__} demo, torch {torch.__version__}, CPU ({torch.get_num_threads()} threads)")
@@ -110,5 +157,6 @@ def run_demo(long_n: int = 16384) -> int:
     step_backends()
     step_long(long_n)
     step_longformer(long_n)
+    step_pretrained()
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Next: `attnkit info`, `attnkit bench`, docs/.")
     return 0

@@ -58,7 +58,8 @@ def _padding_mask(attention_mask: Tensor | None, shape: tuple[int, int]) -> Mask
     if tuple(attention_mask.shape) != shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, N) = {shape}, "
                          "1 for real tokens and 0 for padding")
-    return key_padding(attention_mask.bool())
+    valid = attention_mask.bool()
+    return None if bool(valid.all()) else key_padding(valid)  # no padding: keep the mask-free fast paths
 
 
 class Encoder(nn.Module):
