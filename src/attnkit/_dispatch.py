@@ -67,8 +67,8 @@ def _banded_auto_why_not(c: Call) -> str | None:
     N=4096 W=1024 banded 431 ms vs sdpa 852; N=2048 W=1024 banded 251 ms vs sdpa 201)."""
     span = band_span(parse(c.mask))
     if span + 64 > BANDED_SPAN_LIMIT * c.k.shape[2]:
-        return (f"the window spans {span} of Nk={c.k.shape[2]} keys; auto prefers the dense paths "
-                f"past {BANDED_SPAN_LIMIT:.0%} of the keys")
+        return (f"the window spans {span} keys plus one 64-row block = {span + 64} of Nk={c.k.shape[2]} keys; "
+                f"auto prefers the dense paths past {BANDED_SPAN_LIMIT:.0%} of the keys")
     return None
 
 

@@ -168,9 +168,13 @@ class MultiHeadAttention(nn.Module):
             torch.arange(Nq), torch.arange(Nk), Nq, Nk)
         return user.to(pos_bias.slopes.device) + pos_bias.materialize(Nq, Nk)  # (B?, H, Nq, Nk), dense
 
-    def forward(self, x: Tensor, memory: Tensor | None = None, *, mask: Mask | Tensor | None = None,
+    def forward(self, x: Tensor, memory: Tensor | None = None, value: Tensor | None = None, *,
+                mask: Mask | Tensor | None = None,
                 bias: Bias | Tensor | None = None, cache: KVCache | MemoryKVCache | None = None) -> Tensor:
         """x (B, N, E); memory (B, M, kdim) for cross-attention -> (B, N, E).
+
+        ``value`` (B, M, vdim): a separate value input (torch's ``mha(query, key, value)``);
+        default: the memory.
 
         ``mask`` / ``bias`` are ``attnkit.attention``'s, over (N, keys): keys are the cached ones
         followed by the new ones (self-attention), or the memory (cross-attention).
@@ -180,9 +184,11 @@ class MultiHeadAttention(nn.Module):
                              f"{tuple(x.shape)}; inputs are batch-first")
         q = self._heads(self.q_proj(x), self.num_heads)  # (B, Hq, N, D)
         if memory is None:
+            if value is not None:
+                raise ValueError("value= needs memory= (cross-attention); self-attention projects x")
             q, k, v, dropped = self._self_qkv(q, x, cache)
         else:
-            k, v = self._memory_kv(memory, cache)
+            k, v = self._memory_kv(memory, memory if value is None else value, cache)
             dropped = 0
         Nq, Nk = q.shape[2], k.shape[2]
         _check_window_reach(mask, Nq, Nk, dropped)
@@ -210,15 +216,17 @@ class MultiHeadAttention(nn.Module):
         k, v = cache.update(k, v)  # (B, Hkv, L + N, D)
         return q, k, v, dropped
 
-    def _memory_kv(self, memory: Tensor, cache: MemoryKVCache | None) -> tuple[Tensor, Tensor]:
+    def _memory_kv(self, memory: Tensor, value: Tensor, cache: MemoryKVCache | None) -> tuple[Tensor, Tensor]:
+        """memory (B, M, kdim), value (B, M, vdim) -> k (B, Hkv, M, D), v (B, Hkv, M, D); cached once."""
         if cache is not None and not isinstance(cache, MemoryKVCache):
             raise TypeError(f"cross-attention takes a MemoryKVCache, got {type(cache).__name__}")
         if cache is not None and cache.k is not None:
             return cache.k, cache.v
-        if memory.dim() != 3 or memory.shape[0] == 0:
-            raise ValueError(f"memory must be (B, M, kdim), got {tuple(memory.shape)}")
+        if memory.dim() != 3 or value.dim() != 3 or memory.shape[:2] != value.shape[:2]:
+            raise ValueError(f"expected memory (B, M, kdim) and value (B, M, vdim) with the same B, M; got "
+                             f"{tuple(memory.shape)} and {tuple(value.shape)}")
         k = self._heads(self.k_proj(memory), self.num_kv_heads)  # (B, Hkv, M, D)
-        v = self._heads(self.v_proj(memory), self.num_kv_heads)
+        v = self._heads(self.v_proj(value), self.num_kv_heads)
         if cache is not None:
             cache.k, cache.v = k, v
         return k, v

@@ -26,16 +26,14 @@ from .attention import KVCache, MemoryKVCache, MultiHeadAttention
 class FeedForward(nn.Module):
     """``fc2(activation(fc1(x)))``: (B, N, E) -> (B, N, F) -> (B, N, E). BERT: nn.GELU() (exact)."""
 
-    def __init__(self, embed_dim: int, hidden_dim: int, activation: nn.Module | None = None, *,
-                 bias: bool = True, dropout: float = 0.0):
+    def __init__(self, embed_dim: int, hidden_dim: int, activation: nn.Module | None = None, *, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, hidden_dim, bias=bias)
         self.activation = nn.GELU() if activation is None else activation
         self.fc2 = nn.Linear(hidden_dim, embed_dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(self.activation(self.fc1(x))))
+    def forward(self, x: Tensor) -> Tensor:  # dropout on the output is the block's (one per sublayer)
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
