@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: ``demo``, ``info``, ``bench``."""
+"""The ``attnkit`` command: ``demo``, ``info``, ``bench``, ``train``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="walk through the seed pipeline on the CPU (about a minute)")
     demo.add_argument("--long-n", type=int, default=16384, help="sequence length of the long exact step")
     sub.add_parser("info", help="versions, devices and every backend with its availability")
+    from .train import add_arguments as add_train_arguments  # argparse only; torch work happens in run_train
+    add_train_arguments(sub.add_parser("train", help="train a small decoder on a task that needs attention "
+                                       "(CPU, about 20 s) and compare it with no-position and mean-mixing variants"))
     sub.add_parser("bench", help="CPU benchmark: tiled vs sdpa vs reference; options as in "
                    "python -m attnkit.bench.cpu --help", add_help=False)
     return p
@@ -27,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(long_n=args.long_n)
+    if args.command == "train":
+        from .train import run_train
+        return run_train(args, " ".join(["attnkit", *argv]))
     if args.command == "info":
         from .info import run_info
         return run_info()
