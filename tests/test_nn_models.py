@@ -197,3 +197,36 @@ def test_unbounded_cache_grows_in_place():
         k, v = cache.update(torch.full((1, 2, 1, 4), float(step)), torch.full((1, 2, 1, 4), -float(step)))
     assert len(cache) == 40 and torch.equal(k[0, 0, :, 0], torch.arange(40.0)) and torch.equal(v, -k)
     assert cache._k_buf.shape[2] >= 40
+
+
+def _left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):], mask[b, P - len(p):] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("pos,window", [("rope", None), ("alibi", None), ("learned", None), ("sinusoidal", None),
+                                        ("rope", 4)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_generates_like_each_prompt_alone(pos, window, use_cache):
+    model = decoder(pos, window=window)
+    torch.manual_seed(11)
+    prompts = [torch.randint(1, V, (n,)) for n in (7, 3, 5)]
+    ids, mask = _left_pad(prompts)
+    batched = model.generate(ids, 9, attention_mask=mask, use_cache=use_cache)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], 9)
+        assert torch.equal(batched[b, ids.shape[1]:], alone[0, len(p):]), f"sample {b} differs"
+
+
+def test_left_padded_logits_equal_unpadded_logits():
+    model = decoder("rope")
+    p = torch.randint(1, V, (1, 6))
+    ids, mask = _left_pad([p[0], torch.randint(1, V, (9,))])
+    with torch.no_grad():
+        close(model(ids, mask)[0, 3:], model(p)[0])
+    with pytest.raises(ValueError, match=r"expected \(B, L \+ N\)"):
+        model(ids, mask[:, 1:])

@@ -117,7 +117,9 @@ class MeanMixing(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor, memory: Tensor | None = None, *, mask: ak.Mask | Tensor | None = None,
-                bias: ak.Bias | Tensor | None = None, cache: object | None = None) -> Tensor:
+                bias: ak.Bias | Tensor | None = None, cache: object | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        # positions is accepted and ignored: a running mean has no notion of where tokens sit
         if memory is not None or bias is not None or cache is not None:
             raise ValueError("MeanMixing is causal self-mixing only: expected memory=None, bias=None, cache=None; "
                              "use MultiHeadAttention for cross-attention, biases or KV caches")

@@ -169,12 +169,13 @@ class MultiHeadAttention(nn.Module):
         return user.to(pos_bias.slopes.device) + pos_bias.materialize(Nq, Nk)  # (B?, H, Nq, Nk), dense
 
     def forward(self, x: Tensor, memory: Tensor | None = None, value: Tensor | None = None, *,
-                mask: Mask | Tensor | None = None,
-                bias: Bias | Tensor | None = None, cache: KVCache | MemoryKVCache | None = None) -> Tensor:
+                mask: Mask | Tensor | None = None, bias: Bias | Tensor | None = None,
+                cache: KVCache | MemoryKVCache | None = None, positions: Tensor | None = None) -> Tensor:
         """x (B, N, E); memory (B, M, kdim) for cross-attention -> (B, N, E).
 
         ``value`` (B, M, vdim): a separate value input (torch's ``mha(query, key, value)``);
-        default: the memory.
+        default: the memory. ``positions`` (N,) or (B, N): where the new tokens sit, for the
+        positional module (default: after the cached ones, ``cache.position + arange(N)``).
 
         ``mask`` / ``bias`` are ``attnkit.attention``'s, over (N, keys): keys are the cached ones
         followed by the new ones (self-attention), or the memory (cross-attention).
@@ -186,7 +187,7 @@ class MultiHeadAttention(nn.Module):
         if memory is None:
             if value is not None:
                 raise ValueError("value= needs memory= (cross-attention); self-attention projects x")
-            q, k, v, dropped = self._self_qkv(q, x, cache)
+            q, k, v, dropped = self._self_qkv(q, x, cache, positions)
         else:
             k, v = self._memory_kv(memory, memory if value is None else value, cache)
             dropped = 0
@@ -197,7 +198,8 @@ class MultiHeadAttention(nn.Module):
                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)  # (B, Hq, N, D)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
 
-    def _self_qkv(self, q: Tensor, x: Tensor, cache: KVCache | None) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _self_qkv(self, q: Tensor, x: Tensor, cache: KVCache | None,
+                  positions: Tensor | None) -> tuple[Tensor, Tensor, Tensor, int]:
         """Project x to k, v, place q and k at their positions, join the cache.
 
         Returns q (B, Hq, N, D), k / v (B, Hkv, L + N, D) and how many old keys the cache dropped.
@@ -207,8 +209,9 @@ class MultiHeadAttention(nn.Module):
         k = self._heads(self.k_proj(x), self.num_kv_heads)  # (B, Hkv, N, D)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if self.positional is not None:  # new keys are rotated once, before they enter the cache
-            start = 0 if cache is None else cache.position
-            positions = torch.arange(start, start + x.shape[1], device=x.device)  # (N,)
+            if positions is None:
+                start = 0 if cache is None else cache.position
+                positions = torch.arange(start, start + x.shape[1], device=x.device)  # (N,)
             q, k = self.positional.rotate(q, k, positions, positions)
         if cache is None:
             return q, k, v, 0

@@ -85,6 +85,7 @@ class Context:
     bias: Bias | Tensor | None = None
     memory: Tensor | None = None  # (B, M, E)
     memory_mask: Mask | Tensor | None = None  # over (N, M), e.g. ak.key_padding(source lengths)
+    positions: Tensor | None = None  # (N,) or (B, N) positions of the new tokens (left padding)
 
 
 class _Block(nn.Module):
@@ -99,7 +100,8 @@ class _Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def _self(self, x: Tensor, ctx: Context, cache: BlockCache | None) -> Tensor:
-        return self.dropout(self.attn(x, mask=ctx.mask, bias=ctx.bias, cache=cache and cache.self_attn))
+        return self.dropout(self.attn(x, mask=ctx.mask, bias=ctx.bias, cache=cache and cache.self_attn,
+                                      positions=ctx.positions))
 
     def _cross(self, x: Tensor, ctx: Context, cache: BlockCache | None) -> Tensor:
         if ctx.memory is None:

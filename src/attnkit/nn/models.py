@@ -103,34 +103,69 @@ class DecoderLM(nn.Module):
         """Empty decoding state, one per block."""
         return [BlockCache(self_attn=KVCache(self.cache_window)) for _ in self.blocks]
 
-    def forward(self, input_ids: Tensor, *, cache: list[BlockCache] | None = None, memory: Tensor | None = None,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                cache: list[BlockCache] | None = None, memory: Tensor | None = None,
                 memory_mask: Mask | Tensor | None = None) -> Tensor:
-        """input_ids (B, N) -> logits (B, N, V). With ``cache``, input_ids are the next tokens after
-        those already cached. ``memory`` (B, S, E): the encoder's output, for cross-attention."""
+        """input_ids (B, N) -> logits (B, N, V).
+
+        ``attention_mask`` (B, L + N): 1 = token, 0 = padding, over every token so far (the L
+        cached ones and these N), HF's convention. Left-padded prompts of different lengths then
+        batch exactly: padding keys are masked and each sample's positions count its real tokens
+        only. With ``cache``, input_ids are the tokens after the cached ones. ``memory`` (B, S, E):
+        the encoder's output, for cross-attention.
+        """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} entries for {len(self.blocks)} blocks; use model.new_cache()")
         offset = 0 if cache is None else cache[0].self_attn.position
-        x = self.embeddings(input_ids, offset=offset)  # (B, N, E)
-        ctx = Context(mask=self.mask, memory=memory, memory_mask=memory_mask)
+        stored = 0 if cache is None else len(cache[0].self_attn)
+        positions, mask = self._left_padding(attention_mask, input_ids.shape, offset, stored)
+        x = self.embeddings(input_ids, offset=offset if positions is None else positions)  # (B, N, E)
+        ctx = Context(mask=mask, memory=memory, memory_mask=memory_mask, positions=positions)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, None if cache is None else cache[i])
         if self.norm is not None:
             x = self.norm(x)
         return self.lm_head(x)  # (B, N, V)
 
+    def _left_padding(self, attention_mask: Tensor | None, shape: torch.Size, offset: int,
+                      stored: int) -> tuple[Tensor | None, Mask]:
+        """Per-sample positions (B, N) and the self-attention mask for a padded batch."""
+        B, N = shape
+        if attention_mask is None:
+            return None, self.mask
+        if tuple(attention_mask.shape) != (B, offset + N):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L + N) = "
+                             f"({B}, {offset + N}): one entry per token so far, cached ({offset}) and new ({N})")
+        valid = attention_mask.to(device=self.lm_head.weight.device).bool()  # (B, L + N)
+        if bool(valid.all()):
+            return None, self.mask
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, -N:]  # (B, N): real tokens before, from 0
+        # A bounded cache holds only the last `stored` keys; with left padding the dropped ones are
+        # the oldest, so the window check in MultiHeadAttention sees the structure of self.mask.
+        return positions, self.mask & key_padding(valid[:, valid.shape[1] - stored - N:])
+
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True, eos_token_id: int | None = None) -> Tensor:
         """Continue (B, N) prompts by ``max_new_tokens`` -> (B, N + T).
 
-        ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature), over the
-        ``top_k`` most likely tokens if given. ``use_cache=False`` recomputes the whole sequence at
-        every step (the slow oracle the cache is tested against).
+        ``attention_mask`` (B, N): 1 = token, 0 = padding, for prompts of different lengths padded
+        on the left. ``temperature=0`` is greedy; otherwise sample from softmax(logits /
+        temperature), over the ``top_k`` most likely tokens if given. ``use_cache=False``
+        recomputes the whole sequence at every step (the slow oracle the cache is tested against).
         """
-        return generate_tokens(lambda ids, cache: self(ids, cache=cache), self.new_cache, input_ids,
-                               max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                               use_cache=use_cache, eos_token_id=eos_token_id)
+        P = input_ids.shape[1]
+
+        def step(ids: Tensor, cache: list[BlockCache] | None) -> Tensor:
+            if attention_mask is None:
+                return self(ids, cache=cache)
+            total = ids.shape[1] + (0 if cache is None else cache[0].self_attn.position)
+            grown = attention_mask.new_ones(attention_mask.shape[0], total - P)  # generated tokens are real
+            return self(ids, torch.cat([attention_mask, grown], dim=1), cache=cache)
+
+        return generate_tokens(step, self.new_cache, input_ids, max_new_tokens, temperature=temperature,
+                               top_k=top_k, generator=generator, use_cache=use_cache, eos_token_id=eos_token_id)
 
 
 class EncoderDecoder(nn.Module):

@@ -4,7 +4,8 @@ Two kinds, by where they act:
 
 - **absolute** encodings add a vector per position to the token embeddings (B, N, E) before the
   first block: ``SinusoidalPositionalEncoding`` (Vaswani et al. 2017, fixed) and
-  ``LearnedPositionalEmbedding`` (BERT/GPT-2, a trained table). Call ``enc(x, offset)``.
+  ``LearnedPositionalEmbedding`` (BERT/GPT-2, a trained table). Call ``enc(x, offset)`` with the
+  first token's position, or with per-token positions (N,) / (B, N) (left-padded batches).
 - **attention-side** encodings act inside each attention layer and depend only on the distance
   between a query and a key: ``RotaryEmbedding`` (Su et al. 2021, rotates q and k) and ``ALiBi``
   (Press et al. 2022, a per-head linear distance bias, passed to ``attnkit.attention`` as the
@@ -22,9 +23,18 @@ from torch import Tensor, nn
 from ..bias import Bias, alibi, alibi_slopes
 
 
-def _positions(offset: int, n: int, device: torch.device) -> Tensor:
+def _positions(offset: int | Tensor, B: int, n: int, device: torch.device) -> Tensor:
+    """``offset`` int (position of the first token) or integer positions (N,) / (B, N) -> (B?, N)."""
+    if isinstance(offset, Tensor):
+        if offset.is_floating_point() or offset.shape not in ((n,), (B, n), (1, n)):
+            raise ValueError(f"positions must be integers of shape (N,) or (B, N) = ({B}, {n}), got "
+                             f"{offset.dtype} {tuple(offset.shape)}")
+        if offset.numel() and int(offset.min()) < 0:
+            raise ValueError(f"positions must be >= 0, got a minimum of {int(offset.min())}")
+        return offset.to(device)
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-        raise ValueError(f"offset must be an int >= 0 (the position of the first token), got {offset!r}")
+        raise ValueError(f"offset must be an int >= 0 (the position of the first token) or a tensor of positions, "
+                         f"got {offset!r}")
     return torch.arange(offset, offset + n, device=device)
 
 
@@ -49,14 +59,14 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.embed_dim, self.base = embed_dim, float(base)
 
     def encoding(self, positions: Tensor) -> Tensor:
-        """(N,) integer positions -> (N, E) float32 encodings."""
+        """(..., N) integer positions -> (..., N, E) float32 encodings."""
         i = torch.arange(0, self.embed_dim, 2, device=positions.device, dtype=torch.float64)
-        angles = positions.to(torch.float64)[:, None] / self.base ** (i / self.embed_dim)  # (N, E/2)
-        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()  # (N, E) sin, cos interleaved
+        angles = positions.to(torch.float64)[..., None] / self.base ** (i / self.embed_dim)  # (..., N, E/2)
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()  # sin, cos interleaved
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         _check_tokens("SinusoidalPositionalEncoding", x, self.embed_dim)
-        return x + self.encoding(_positions(offset, x.shape[1], x.device)).to(x.dtype)
+        return x + self.encoding(_positions(offset, x.shape[0], x.shape[1], x.device)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, base={self.base:g}"
@@ -71,13 +81,14 @@ class LearnedPositionalEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(max_positions, embed_dim))
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         _check_tokens("LearnedPositionalEmbedding", x, self.embed_dim)
-        N = x.shape[1]
-        if offset + N > self.max_positions:
-            raise ValueError(f"LearnedPositionalEmbedding: positions {offset}..{offset + N - 1} but the table has "
-                             f"{self.max_positions} rows; shorten the input or use a relative encoding (RoPE, ALiBi)")
-        return x + self.weight[offset: offset + N].to(x.dtype)
+        positions = _positions(offset, x.shape[0], x.shape[1], x.device)  # (B?, N)
+        if positions.numel() and int(positions.max()) >= self.max_positions:
+            raise ValueError(f"LearnedPositionalEmbedding: positions {int(positions.min())}..{int(positions.max())} "
+                             f"but the table has {self.max_positions} rows; shorten the input or use a relative "
+                             "encoding (RoPE, ALiBi)")
+        return x + self.weight[positions].to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"max_positions={self.max_positions}, embed_dim={self.embed_dim}"
@@ -88,8 +99,9 @@ class LearnedPositionalEmbedding(nn.Module):
 class AttentionPositional(nn.Module):
     """What ``MultiHeadAttention`` asks of a positional module: rotate q and k, and/or a bias.
 
-    ``q_positions`` / ``k_positions`` are the absolute positions (N,) of the rows, so a KV cache
-    hands in ``offset + arange(n)`` for new tokens. The defaults do nothing.
+    ``q_positions`` / ``k_positions`` are the absolute positions of the rows, (N,) or per sample
+    (B, N) (left-padded batches), so a KV cache hands in ``offset + arange(n)`` for new tokens.
+    The defaults do nothing.
     """
 
     def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,13 +139,13 @@ class RotaryEmbedding(AttentionPositional):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (rotary_dim/2,)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(N,) positions -> cos, sin of shape (N, rotary_dim), laid out for this pairing."""
+        """(..., N) positions -> cos, sin of shape (..., N, rotary_dim), laid out for this pairing."""
         if dtype == torch.float64:  # exact frequencies; float32 ones are what checkpoints were trained with
             steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=positions.device)
             inv_freq = 1.0 / self.base ** (steps / self.rotary_dim)
         else:
             inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (N, rotary_dim/2)
+        angles = positions.to(inv_freq.dtype)[..., None] * inv_freq  # (..., N, rotary_dim/2)
         angles = angles.repeat_interleave(2, -1) if self.interleaved else torch.cat([angles, angles], -1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -146,11 +158,14 @@ class RotaryEmbedding(AttentionPositional):
         return torch.cat([-x2, x1], dim=-1)
 
     def apply(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (B, H, N, D), positions (N,) -> x with its first rotary_dim features rotated."""
-        if x.shape[-1] != self.head_dim or positions.shape != (x.shape[-2],):
-            raise ValueError(f"RotaryEmbedding: expected x (B, H, N, {self.head_dim}) and positions (N,), got "
-                             f"x {tuple(x.shape)} and positions {tuple(positions.shape)}")
-        cos, sin = self.cos_sin(positions.to(x.device), x.dtype)  # (N, rotary_dim) each
+        """x (B, H, N, D), positions (N,) or (B, N) -> x with its first rotary_dim features rotated."""
+        B, N = x.shape[0], x.shape[-2]
+        if x.shape[-1] != self.head_dim or positions.shape not in ((N,), (B, N), (1, N)):
+            raise ValueError(f"RotaryEmbedding: expected x (B, H, N, {self.head_dim}) and positions (N,) or (B, N), "
+                             f"got x {tuple(x.shape)} and positions {tuple(positions.shape)}")
+        cos, sin = self.cos_sin(positions.to(x.device), x.dtype)  # (B?, N, rotary_dim) each
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, N, rotary_dim): broadcast over heads
         rot, keep = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
         rot = rot * cos + self._partner(rot) * sin
         return torch.cat([rot, keep], dim=-1) if keep.shape[-1] else rot
