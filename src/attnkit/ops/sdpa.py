@@ -45,11 +45,18 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
 
 AUTO_MATERIALIZE_LIMIT = 1 << 24  # elements of a materialized mask auto accepts (16 MiB of bool)
 AUTO_DENSITY_LIMIT = 0.5  # below this share of tiles to compute, auto prefers tiled
+AUTO_SMALL_MASK = 1 << 14  # B*Nq*Nk up to this: sdpa with a materialized mask, no tile analysis
 
 
 def needs_materializing(q: Tensor, k: Tensor, mask: Mask | None) -> bool:
     """True if torch SDPA can take this mask only as a materialized (.., Nq, Nk) tensor."""
-    return not (mask is None or isinstance(mask, Dense) or (isinstance(mask, Causal) and q.shape[2] == k.shape[2]))
+    return not (mask is None or isinstance(mask, Dense) or _causal_without_mask(q, k, mask))
+
+
+def _causal_without_mask(q: Tensor, k: Tensor, mask: Mask | None) -> bool:
+    """Causal calls torch expresses without a mask tensor: Nq == Nk (``is_causal``), or one query
+    (a decoding step: bottom-right aligned, it sees every key)."""
+    return isinstance(mask, Causal) and (q.shape[2] == k.shape[2] or (q.shape[2] == 1 and k.shape[2] >= 1))
 
 
 def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None, work_fraction: Callable[[], float]) -> str | None:
@@ -60,6 +67,8 @@ def auto_why_not(q: Tensor, k: Tensor, mask: Mask | None, work_fraction: Callabl
     if not needs_materializing(q, k, mask):
         return None
     n = q.shape[0] * q.shape[2] * k.shape[2]
+    if n <= AUTO_SMALL_MASK:  # decoding steps, short sequences: tiling cannot pay for itself
+        return None
     if n > AUTO_MATERIALIZE_LIMIT:
         return (f"mask {mask!r} would be materialized as {n:,} bools (B*Nq*Nk) for torch SDPA; "
                 "auto prefers a backend that skips the masked-out pairs (banded, tiled)")
@@ -76,6 +85,8 @@ def _attn_mask(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None) -> tu
     Nq, Nk = q.shape[2], k.shape[2]
     if isinstance(mask, Causal) and Nq == Nk and bias is None:
         return None, True
+    if isinstance(mask, Causal) and Nq == 1 and Nk >= 1:  # a decoding step: the one query sees every key
+        mask = None
     allowed = None if mask is None else mask.materialize(Nq, Nk, q.device)  # (Bm, Hm, Nq, Nk)
     if bias is None:
         return allowed, False
