@@ -14,8 +14,9 @@ Contenders, greedy decoding of ``--new`` tokens after a ``--prompt``-token promp
 and the prefill alone (one forward over a 2048-token prompt, B=1) for attnkit and HF.
 
 Method: the tokens of every contender are compared with attnkit_cache's before timing (a mismatch
-is recorded, not timed); then one warm-up and ``--reps`` timed runs, median reported, as generated
-tokens per second (B * new / seconds). Outputs: ``<out-dir>/decode_cpu_<YYYY-MM-DDTHHMM>.{json,md}``.
+is recorded, not timed; this run is also the warm-up); then ``--reps`` timed runs per contender,
+alternating between contenders so that the machine's drift hits all alike; medians reported, as
+generated tokens per second (B * new / seconds). Outputs: ``<out-dir>/decode_cpu_<YYYY-MM-DDTHHMM>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
+def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Time each function ``reps`` times, alternating between them so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name] += timed(fn, 1)
+    return times
+
+
 def run(args) -> dict:
     hf, ak_model = build_models()
     rows = []
@@ -77,24 +87,21 @@ def run(args) -> dict:
             runs.pop("attnkit_nocache")
         with torch.no_grad():
             want = runs["attnkit_cache"](prompt)
-        for name, fn in runs.items():
-            with torch.no_grad():
-                got = fn(prompt)  # the warm-up is the checked run
-            same = torch.equal(got, want)
-            times = timed(lambda: fn(prompt), args.reps) if same else []
-            med = statistics.median(times) if times else None
-            rows.append({"kind": "generate", "B": B, "contender": name, "tokens_equal": same, "times_s": times,
-                         "median_s": med, "tokens_per_s": B * args.new / med if med else None})
+            same = {name: torch.equal(fn(prompt), want) for name, fn in runs.items()}  # also the warm-up
+        times = interleaved({name: (lambda fn=fn: fn(prompt)) for name, fn in runs.items() if same[name]}, args.reps)
+        for name in runs:
+            med = statistics.median(times[name]) if same[name] else None
+            rows.append({"kind": "generate", "B": B, "contender": name, "tokens_equal": same[name],
+                         "times_s": times.get(name, []), "median_s": med,
+                         "tokens_per_s": B * args.new / med if med else None})
             print(rows[-1], flush=True)
     long = torch.randint(0, CONFIG["vocab_size"], (1, 2048), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        err = (ak_model(long) - hf(long).logits).abs().max().item()
-    for name, fn in {"attnkit": lambda: ak_model(long), "hf": lambda: hf(long)}.items():
-        with torch.no_grad():
-            fn()
-        times = timed(fn, args.reps)
-        rows.append({"kind": "prefill_2048", "B": 1, "contender": name, "times_s": times,
-                     "median_s": statistics.median(times), "max_abs_logit_diff": err})
+        err = (ak_model(long) - hf(long).logits).abs().max().item()  # also the warm-up
+    times = interleaved({"attnkit": lambda: ak_model(long), "hf": lambda: hf(long)}, args.reps)
+    for name, ts in times.items():
+        rows.append({"kind": "prefill_2048", "B": 1, "contender": name, "times_s": ts,
+                     "median_s": statistics.median(ts), "max_abs_logit_diff": err})
         print(rows[-1], flush=True)
     head = {k: v for k, v in header().items() if k != "settings"}  # settings describe the attention suite
     return {"header": head, "config": CONFIG, "prompt": args.prompt, "new": args.new, "rows": rows}
@@ -124,7 +131,7 @@ def main() -> None:
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args()
     result = run(args)
