@@ -102,6 +102,16 @@ def test_padding_does_not_change_an_embedding(minilm, minilm_embeddings):
     assert float((alone - minilm_embeddings[2:3]).abs().max()) <= 1e-5  # there padded to the longest
 
 
+def test_demo_bank_claims_hold_for_the_real_model(minilm):
+    """What demo step 6 prints: the "bank" vector is closer across same-sense contexts than across
+    senses, and "bank" attends to "river" / "money" among its top tokens."""
+    from attnkit.cli.demo import BANK_SENTENCES, _bank_attention, _bank_vectors
+    sim = _bank_vectors(minilm, BANK_SENTENCES)  # (4, 4): sentences 0, 1 river; 2, 3 money
+    assert min(sim[0, 1], sim[2, 3]) > sim[:2, 2:].max()
+    river, money = _bank_attention(minilm, [BANK_SENTENCES[0], BANK_SENTENCES[2]])
+    assert "river" in [t for t, _ in river] and "money" in [t for t, _ in money]
+
+
 def test_tokens_and_encode(minilm):
     assert minilm.tokens("The bank.") == ["[CLS]", "the", "bank", ".", "[SEP]"]
     ids, mask = minilm.encode(["The bank.", "Hi"])

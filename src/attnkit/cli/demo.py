@@ -129,6 +129,16 @@ def _bank_attention(bundle, sentences: list[str], top: int = 5) -> list[list[tup
     return rows
 
 
+def _bank_vectors(bundle, sentences: list[str]):
+    """Cosine similarities (B, B) of the last layer's vector for the token "bank" in each sentence."""
+    ids, valid = bundle.encode(sentences)  # (B, N), (B, N)
+    with torch.no_grad():
+        hidden = bundle.model(ids, valid)  # (B, N, E)
+    rows = [hidden[b, bundle.tokens(s).index("bank")] for b, s in enumerate(sentences)]
+    vecs = torch.nn.functional.normalize(torch.stack(rows), dim=-1)  # (B, E)
+    return vecs @ vecs.T
+
+
 def step_pretrained() -> None:
     _title("6. Real weights: all-MiniLM-L6-v2 (BERT, 6 layers, H=12) as an attnkit Encoder")
     try:
@@ -143,6 +153,15 @@ def step_pretrained() -> None:
     print(f"  {'':<50}" + "".join(f"{f'[{i}]':>6}" for i in range(len(BANK_SENTENCES))))
     for i, (sentence, row) in enumerate(zip(BANK_SENTENCES, sim.tolist())):
         print(f"  [{i}] {sentence:<46}" + "".join(f"{x:6.2f}" for x in row))
+    senses = _bank_vectors(bundle, BANK_SENTENCES)  # (B, B) cosine of the "bank" token vectors
+    print('the token "bank" itself after 6 layers of attention (cosine of its vectors: one word piece, '
+          'four contexts):')
+    for i, row in enumerate(senses.tolist()):
+        print(f"  [{i}] " + "".join(f"{x:6.2f}" for x in row))
+    same = [senses[0, 1].item(), senses[2, 3].item()]
+    cross = senses[:2, 2:].flatten().tolist()
+    print(f"  same sense (river/river, money/money): {same[0]:.2f}, {same[1]:.2f}; across senses: "
+          f"{min(cross):.2f}..{max(cross):.2f}: attention moved each 'bank' toward its context")
     print('what "bank" attends to in the last layer (attention weights, mean over the 12 heads):')
     for i, row in zip((0, 2), _bank_attention(bundle, [BANK_SENTENCES[0], BANK_SENTENCES[2]])):
         print(f"  [{i}] " + "  ".join(f"{tok} {p:.2f}" for tok, p in row))
