@@ -112,6 +112,20 @@ def test_demo_bank_claims_hold_for_the_real_model(minilm):
     assert "river" in [t for t, _ in river] and "money" in [t for t, _ in money]
 
 
+def test_loading_never_unpickles(monkeypatch):
+    """load_bert on the real MiniLM folder with every unpickling entry point booby-trapped."""
+    import pickle
+
+    def trap(*args, **kwargs):
+        raise AssertionError("a loader tried to unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, trap)
+    monkeypatch.setattr(torch, "load", trap)
+    bundle = load_bert(minilm_path())
+    assert bundle.embed(["a bank"]).shape == (1, 384)
+
+
 def test_tokens_and_encode(minilm):
     assert minilm.tokens("The bank.") == ["[CLS]", "the", "bank", ".", "[SEP]"]
     ids, mask = minilm.encode(["The bank.", "Hi"])

@@ -192,7 +192,9 @@ def test_sampling_is_reproducible_and_respects_top_k():
 # -- files -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["base", "tied"])
-def test_safetensors_round_trip(variant, tmp_path):
+def test_safetensors_round_trip(variant, tmp_path, monkeypatch):
+    import pickle
+
     from safetensors.torch import save_file
 
     hf, config = make_hf(variant)
@@ -202,8 +204,17 @@ def test_safetensors_round_trip(variant, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     ids = prompt()
+
+    def trap(*args, **kwargs):
+        raise AssertionError("load_llama tried to unpickle")
+
+    with monkeypatch.context() as trapped:  # reading the file must not unpickle anything
+        for name in ("load", "loads", "Unpickler"):
+            trapped.setattr(pickle, name, trap)
+        trapped.setattr(torch, "load", trap)
+        from_file = load_llama(path, config)
     with torch.no_grad():
-        assert torch.equal(load_llama(path, config)(ids), load_llama(hf.state_dict(), config)(ids))
+        assert torch.equal(from_file(ids), load_llama(hf.state_dict(), config)(ids))
         assert rel_err(load_llama(str(path), config)(ids), hf(ids).logits) <= RTOL
 
 
