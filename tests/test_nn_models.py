@@ -193,8 +193,9 @@ def test_cache_with_gradients_backpropagates_through_steps():
 
 def test_unbounded_cache_grows_in_place():
     cache = aknn.KVCache()
-    for step in range(40):
-        k, v = cache.update(torch.full((1, 2, 1, 4), float(step)), torch.full((1, 2, 1, 4), -float(step)))
+    with torch.no_grad():  # inference: the preallocated buffer (with autograd on, torch.cat)
+        for step in range(40):
+            k, v = cache.update(torch.full((1, 2, 1, 4), float(step)), torch.full((1, 2, 1, 4), -float(step)))
     assert len(cache) == 40 and torch.equal(k[0, 0, :, 0], torch.arange(40.0)) and torch.equal(v, -k)
     assert cache._k_buf.shape[2] >= 40
 
@@ -230,3 +231,44 @@ def test_left_padded_logits_equal_unpadded_logits():
         close(model(ids, mask)[0, 3:], model(p)[0])
     with pytest.raises(ValueError, match=r"expected \(B, L \+ N\)"):
         model(ids, mask[:, 1:])
+
+
+def test_memory_cache_refuses_another_memory():
+    mha = aknn.MultiHeadAttention(E, H).eval()
+    x, m1, m2 = torch.randn(1, 2, E), torch.randn(1, 5, E), torch.randn(1, 5, E)
+    cache = aknn.MemoryKVCache()
+    with torch.no_grad():
+        first = mha(x, m1, cache=cache)
+        close(mha(x, m1, cache=cache), first)
+        with pytest.raises(ValueError, match="another memory"):
+            mha(x, m2, cache=cache)
+        cache.reset()
+        close(mha(x, m2, cache=cache), mha(x, m2))
+
+
+def test_bounded_cache_with_a_document_mask_and_refused_global_tokens():
+    """Data-dependent parts narrow a window (allowed); global tokens reach every key (refused)."""
+    mha = aknn.MultiHeadAttention(E, H, positional=aknn.RotaryEmbedding(E // H)).eval()
+    x = torch.randn(1, 8, E)
+    doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    window = ak.causal() & ak.sliding_window(2, 0)
+    with torch.no_grad():
+        full = mha(x, mask=window & ak.document(doc))
+        cache = aknn.KVCache(window=3)
+        outs = [mha(x[:, :6], mask=window & ak.document(doc[:6]), cache=cache)]
+        for t in range(6, 8):  # the cache holds the last 3 keys, the document ids follow them
+            outs.append(mha(x[:, t:t + 1], mask=window & ak.document(doc[t - 3:t + 1]), cache=cache))
+        close(torch.cat(outs, 1), full)
+        with pytest.raises(ValueError, match="no such limit"):
+            mha(x[:, :1], mask=window | ak.global_tokens([0]), cache=cache)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="num_kv_heads must be an int >= 1"):
+        aknn.MultiHeadAttention(32, 4, num_kv_heads=0)
+    with pytest.raises(ValueError, match="dropout"):
+        aknn.MultiHeadAttention(32, 4, dropout=1.0)
+    with pytest.raises(ValueError, match="head_dim=16"):
+        aknn.MultiHeadAttention(32, 4, positional=aknn.RotaryEmbedding(16))
+    with pytest.raises(ValueError, match="num_heads=8"):
+        aknn.MultiHeadAttention(32, 4, positional=aknn.ALiBi(8))

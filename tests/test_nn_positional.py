@@ -128,3 +128,28 @@ def test_permutation(name):
         out, out_perm = model(ids), model(ids[:, perm])
     permutes = torch.allclose(out[:, perm], out_perm, atol=1e-5)
     assert permutes == (name == "none"), f"{name}: output {'permutes' if permutes else 'does not permute'}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_angles_stay_float32_in_half_precision_models(dtype):
+    """A bf16/fp16 model must not round positions or frequencies: bf16 holds integers exactly only
+    up to 256, so angles computed in it are off by radians at position 300."""
+    torch.manual_seed(5)
+    rope = aknn.RotaryEmbedding(64).to(dtype)  # model.to(dtype) must not change the rotation
+    x = torch.randn(1, 2, 4096, 64)
+    pos = torch.arange(4096)
+    got = rope.apply(x.to(dtype), pos)
+    want = _rope_complex(x.to(dtype).double(), pos, 10000.0, False)
+    assert (got.double() - want).abs().max().item() < 0.05  # rounding of the data only
+
+
+def test_alibi_plus_user_bias_stays_structured():
+    torch.manual_seed(6)
+    mha = aknn.MultiHeadAttention(E, H, positional=aknn.ALiBi(H), impl="tiled").eval()
+    user = torch.randn(1, H, 9, 9)
+    assert isinstance(mha._bias(user), ak.bias.SumBias)  # never summed into an N x N tensor here
+    x = torch.randn(2, 9, E)
+    q, k, v = (mha._heads(p(x), H) for p in (mha.q_proj, mha.k_proj, mha.v_proj))
+    dense = user + ak.alibi(H).materialize(9, 9)
+    want = mha.out_proj(ak.attention(q, k, v, bias=dense, impl="reference").transpose(1, 2).flatten(2))
+    close(mha(x, bias=user), want)

@@ -323,3 +323,17 @@ def test_tokenizer_larger_than_the_vocabulary(tmp_path):
     config = {**TINY, "vocab_size": 1000}
     with pytest.raises(CheckpointError, match=r"tokenizer\.json has 30522 tokens but config vocab_size is 1000"):
         load_bert(_write_folder(tmp_path / "m", config, _tiny_state(config)))
+
+
+def test_corrupt_safetensors_file_is_a_checkpoint_error(tmp_path):
+    folder = _write_folder(tmp_path / "bad", TINY, None)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a valid safetensors file .*re-download"):
+        load_bert(folder)
+
+
+def test_integer_values_for_a_float_weight_are_refused(tmp_path):
+    state = _tiny_state(TINY)
+    state["embeddings.LayerNorm.weight"] = torch.ones(TINY["hidden_size"], dtype=torch.int64)
+    with pytest.raises(CheckpointError, match=r"'embeddings.LayerNorm.weight' holds torch.int64 values"):
+        load_bert(_write_folder(tmp_path / "ints", TINY, state))

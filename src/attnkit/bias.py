@@ -89,6 +89,29 @@ class DenseBias(Bias):
         return f"bias(<{tuple(self.tensor.shape)}>)"
 
 
+@dataclass(frozen=True, eq=False)
+class SumBias(Bias):
+    """Several biases added, e.g. ALiBi plus a user's tensor; evaluated tile by tile like its parts."""
+
+    parts: tuple[Bias, ...]
+
+    def evaluate(self, rows, cols, Nq, Nk):
+        total = self.parts[0].evaluate(rows, cols, Nq, Nk)  # (Bm, Hm, r, c), broadcast over the parts
+        for part in self.parts[1:]:
+            total = total + part.evaluate(rows, cols, Nq, Nk)
+        return total
+
+    def requires_grad(self) -> bool:
+        return any(part.requires_grad() for part in self.parts)
+
+    def check(self, B, H, Nq, Nk):
+        for part in self.parts:
+            part.check(B, H, Nq, Nk)
+
+    def __repr__(self) -> str:
+        return " + ".join(repr(part) for part in self.parts)
+
+
 def alibi_slopes(num_heads: int) -> Tensor:
     """The ALiBi paper's head slopes: a geometric sequence starting at 2^(-8/n), n the closest
     power of two <= num_heads, with the interleaved extension for other head counts."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..bias import Bias, DenseBias
+from ..bias import Bias, DenseBias, SumBias
 from ..functional import attention
-from ..masks import Mask
+from ..masks import And, Causal, Mask, Or, SlidingWindow
 from .positional import AttentionPositional
 
 
@@ -29,8 +29,9 @@ class KVCache:
     keys/values the new queries may look at. ``position`` counts every token seen, so positional
     modules place new tokens at ``position + arange(n)`` even when old keys were dropped.
 
-    Without a window the cache writes into a buffer that doubles when full (O(1) amortized per
-    token); keys that require grad are joined with torch.cat instead, so autograd stays valid.
+    Without a window, under ``torch.no_grad()`` (inference, ``generate``), the cache writes into a
+    buffer that doubles when full (O(1) amortized per token); with autograd on it joins with
+    torch.cat instead, so no tensor autograd saved is ever written in place.
     ``window``: keep only the last ``window`` keys (sliding-window decoding, memory O(window)).
     The layer's mask must then never reach further back than ``window`` keys (for example
     ``causal() & sliding_window(window, 0)``); ``MultiHeadAttention`` checks this.
@@ -60,7 +61,7 @@ class KVCache:
             raise ValueError(f"KVCache: new keys {tuple(k_new.shape)} do not continue the cached "
                              f"{tuple(self.k.shape)} (same B, Hkv, D expected); call reset() for a new sequence")
         self.position += k_new.shape[2]
-        if self.window is not None or k_new.requires_grad:  # join (autograd-safe), keep the last W
+        if self.window is not None or torch.is_grad_enabled():  # join (autograd-safe), keep the last W
             k = k_new if self.k is None else torch.cat([self.k, k_new], dim=2)  # (B, Hkv, L + n, D)
             v = v_new if self.v is None else torch.cat([self.v, v_new], dim=2)
             keep = k.shape[2] if self.window is None else min(self.window, k.shape[2])
@@ -92,29 +93,73 @@ class KVCache:
 
 
 class MemoryKVCache:
-    """Cross-attention's cache: the memory's keys and values, projected once and reused per step."""
+    """Cross-attention's cache: the memory's keys and values, projected once and reused per step.
+
+    It remembers which memory tensor it was filled from and refuses another one (a new source
+    sequence needs ``reset()`` or a new cache), so stale keys are never used silently.
+    """
 
     def __init__(self):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.source: tuple[Tensor, Tensor] | None = None  # (memory, value) the keys were projected from
 
     def reset(self) -> None:
-        self.k = self.v = None
+        self.k = self.v = self.source = None
+
+    def holds(self, memory: Tensor, value: Tensor) -> bool:
+        """True if filled from exactly these tensors; raises if filled from others."""
+        if self.source is None:
+            return False
+        if self.source[0] is memory and self.source[1] is value:
+            return True
+        raise ValueError(f"this MemoryKVCache holds the keys of another memory (shape {tuple(self.source[0].shape)}), "
+                         f"got memory of shape {tuple(memory.shape)}; call cache.reset() or model.new_cache() "
+                         "for a new source")
 
 
-def _check_window_reach(mask: Mask | None, n: int, Nk: int, dropped: int) -> None:
-    """With a bounded cache, refuse a mask that would look at a key the cache already dropped."""
+def _positional_superset(mask: Mask) -> Mask | None:
+    """A mask built from causal / sliding_window only that allows at least what ``mask`` allows,
+    or None when no such bound follows from the structure (a data-dependent part under ``|`` or
+    ``~``, e.g. global tokens, which do reach every key)."""
+    if isinstance(mask, (Causal, SlidingWindow)):
+        return mask
+    if isinstance(mask, And):
+        a, b = _positional_superset(mask.a), _positional_superset(mask.b)
+        return a if b is None else b if a is None else a & b
+    if isinstance(mask, Or):
+        a, b = _positional_superset(mask.a), _positional_superset(mask.b)
+        return None if a is None or b is None else a | b
+    return None  # padding, documents, global tokens, dense masks, negations: no positional bound
+
+
+def _check_window_reach(mask: Mask | Tensor | None, n: int, Nk: int, dropped: int) -> None:
+    """With a bounded cache, refuse a mask that could look at a key the cache already dropped.
+
+    The check uses the mask's positional structure only (causal, sliding windows), evaluated on
+    one virtual key just before the cache; data-dependent parts (padding, documents) only narrow
+    what a query sees, so they cannot make a refused mask safe or a safe one unsafe.
+    """
     if not dropped:
         return
-    if not isinstance(mask, Mask):
-        raise ValueError(f"the KV cache dropped {dropped} old keys (window={Nk - n}), so the layer needs a "
-                         f"structured mask that never reaches them, e.g. ak.causal() & ak.sliding_window(W, 0) "
-                         f"with W <= the cache window; got mask={mask!r}")
+    bound = _positional_superset(mask) if isinstance(mask, Mask) else None
+    if bound is None:
+        raise ValueError(f"the KV cache dropped {dropped} old keys (it keeps {Nk - n}), so every query must be "
+                         f"limited to a window, e.g. ak.causal() & ak.sliding_window(W, 0) with W <= the cache "
+                         f"window; mask={mask!r} has no such limit. Use KVCache(window=None) for this mask")
     rows = torch.arange(n)
-    reach = mask.evaluate(rows, torch.zeros(1, dtype=torch.long), n, Nk + 1)  # the key just before the cache
+    reach = bound.evaluate(rows, torch.zeros(1, dtype=torch.long), n, Nk + 1)  # the key just before the cache
     if bool(reach.any()):
         raise ValueError(f"mask {mask!r} lets a query see a key the sliding-window KV cache has dropped "
                          f"(cache keeps {Nk - n} keys); use a KVCache window >= the mask's left window")
+
+
+def _check_positional_fits(positional: AttentionPositional | None, num_heads: int, head_dim: int) -> None:
+    rope_dim = getattr(positional, "head_dim", head_dim)
+    alibi_heads = getattr(positional, "num_heads", num_heads)
+    if rope_dim != head_dim or alibi_heads != num_heads:
+        raise ValueError(f"positional module {positional!r} is built for head_dim={rope_dim}, num_heads={alibi_heads}; "
+                         f"this attention has head_dim={head_dim}, num_heads={num_heads}")
 
 
 class MultiHeadAttention(nn.Module):
@@ -139,6 +184,11 @@ class MultiHeadAttention(nn.Module):
                  positional: AttentionPositional | None = None, scale: float | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MultiHeadAttention: {name} must be an int >= 1, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiHeadAttention: dropout must lie in [0, 1), got {dropout}")
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
@@ -149,6 +199,7 @@ class MultiHeadAttention(nn.Module):
         if positional is not None and not isinstance(positional, AttentionPositional):
             raise TypeError(f"positional must be an AttentionPositional (RotaryEmbedding, ALiBi) or None, got "
                             f"{type(positional).__name__}; absolute encodings are added to the embeddings instead")
+        _check_positional_fits(positional, num_heads, head_dim)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.dropout, self.impl, self.scale, self.positional = dropout, impl, scale, positional
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
@@ -160,13 +211,12 @@ class MultiHeadAttention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, H, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def _bias(self, bias: Bias | Tensor | None, Nq: int, Nk: int) -> Bias | Tensor | None:
+    def _bias(self, bias: Bias | Tensor | None) -> Bias | Tensor | None:
+        """The user's bias plus the positional module's (ALiBi), kept structured (never N x N)."""
         pos_bias = self.positional.bias() if self.positional is not None else None
         if pos_bias is None or bias is None:
             return bias if pos_bias is None else pos_bias
-        user = bias.materialize(Nq, Nk) if isinstance(bias, Bias) else DenseBias(bias).evaluate(
-            torch.arange(Nq), torch.arange(Nk), Nq, Nk)
-        return user.to(pos_bias.slopes.device) + pos_bias.materialize(Nq, Nk)  # (B?, H, Nq, Nk), dense
+        return SumBias((bias if isinstance(bias, Bias) else DenseBias(bias), pos_bias))
 
     def forward(self, x: Tensor, memory: Tensor | None = None, value: Tensor | None = None, *,
                 mask: Mask | Tensor | None = None, bias: Bias | Tensor | None = None,
@@ -193,7 +243,7 @@ class MultiHeadAttention(nn.Module):
             dropped = 0
         Nq, Nk = q.shape[2], k.shape[2]
         _check_window_reach(mask, Nq, Nk, dropped)
-        bias = self._bias(bias, Nq, Nk) if memory is None else bias
+        bias = self._bias(bias) if memory is None else bias
         out = attention(q, k, v, mask=mask, bias=bias, scale=self.scale,
                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)  # (B, Hq, N, D)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
@@ -223,7 +273,7 @@ class MultiHeadAttention(nn.Module):
         """memory (B, M, kdim), value (B, M, vdim) -> k (B, Hkv, M, D), v (B, Hkv, M, D); cached once."""
         if cache is not None and not isinstance(cache, MemoryKVCache):
             raise TypeError(f"cross-attention takes a MemoryKVCache, got {type(cache).__name__}")
-        if cache is not None and cache.k is not None:
+        if cache is not None and cache.holds(memory, value):
             return cache.k, cache.v
         if memory.dim() != 3 or value.dim() != 3 or memory.shape[:2] != value.shape[:2]:
             raise ValueError(f"expected memory (B, M, kdim) and value (B, M, vdim) with the same B, M; got "
@@ -231,7 +281,7 @@ class MultiHeadAttention(nn.Module):
         k = self._heads(self.k_proj(memory), self.num_kv_heads)  # (B, Hkv, M, D)
         v = self._heads(self.v_proj(value), self.num_kv_heads)
         if cache is not None:
-            cache.k, cache.v = k, v
+            cache.k, cache.v, cache.source = k, v, (memory, value)
         return k, v
 
     @classmethod

@@ -154,6 +154,7 @@ class DecoderLM(nn.Module):
         on the left. ``temperature=0`` is greedy; otherwise sample from softmax(logits /
         temperature), over the ``top_k`` most likely tokens if given. ``use_cache=False``
         recomputes the whole sequence at every step (the slow oracle the cache is tested against).
+        The module's mode is left as it is: call ``model.eval()`` first unless dropout is wanted.
         """
         P = input_ids.shape[1]
 

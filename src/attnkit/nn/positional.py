@@ -123,8 +123,8 @@ class RotaryEmbedding(AttentionPositional):
     - ``interleaved=True`` (GPT-J, the RoFormer paper): feature 2i pairs with 2i + 1.
 
     ``rotary_dim`` < D rotates only the first rotary_dim features (GPT-J, NeoX partial rotary).
-    Angles are computed in float32 as Llama/HF do (float64 for float64 inputs), the rotation in the
-    input dtype.
+    Angles are computed in float32 as Llama/HF do (float64 for float64 inputs), whatever the
+    module's or the input's dtype, and the rotation in the input dtype.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, *, interleaved: bool = False,
@@ -135,16 +135,17 @@ class RotaryEmbedding(AttentionPositional):
             raise ValueError(f"RotaryEmbedding: rotary_dim must be even and in (0, head_dim={head_dim}], "
                              f"got {rotary_dim}")
         self.head_dim, self.rotary_dim, self.base, self.interleaved = head_dim, rotary_dim, float(base), interleaved
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (rotary_dim/2,)
+
+    def inv_freq(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """theta_i = base^(-2i/rotary_dim), (rotary_dim/2,), computed as Llama/HF do in float32
+        (float64 for float64 inputs). Not a buffer: ``model.to(bfloat16)`` must not round it."""
+        steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).to(dtype)
+        return 1.0 / (self.base ** (steps / self.rotary_dim))
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(..., N) positions -> cos, sin of shape (..., N, rotary_dim), laid out for this pairing."""
-        if dtype == torch.float64:  # exact frequencies; float32 ones are what checkpoints were trained with
-            steps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64, device=positions.device)
-            inv_freq = 1.0 / self.base ** (steps / self.rotary_dim)
-        else:
-            inv_freq = self.inv_freq.to(positions.device)
+        work = torch.float64 if dtype == torch.float64 else torch.float32  # positions > 256 are not exact in bf16
+        inv_freq = self.inv_freq(work, positions.device)
         angles = positions.to(inv_freq.dtype)[..., None] * inv_freq  # (..., N, rotary_dim/2)
         angles = angles.repeat_interleave(2, -1) if self.interleaved else torch.cat([angles, angles], -1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -170,7 +171,7 @@ class RotaryEmbedding(AttentionPositional):
         rot = rot * cos + self._partner(rot) * sin
         return torch.cat([rot, keep], dim=-1) if keep.shape[-1] else rot
 
-    def rotate(self, q, k, q_positions, k_positions):
+    def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.apply(q, q_positions), self.apply(k, k_positions)
 
     def extra_repr(self) -> str:

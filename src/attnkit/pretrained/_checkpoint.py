@@ -39,7 +39,10 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("reading checkpoints needs the safetensors package: pip install safetensors") from e
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError) on a bad file
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e}); re-download or re-convert it") from e
 
 
 def config_value(config: Mapping, key: str, kind: type = int):
@@ -72,6 +75,9 @@ def load_checked(module: nn.Module, state: Mapping[str, Tensor], rename: Callabl
         if name not in targets:
             unknown.append(key)
             continue
+        if targets[name].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(f"checkpoint key {key!r} holds {tensor.dtype} values but {name!r} is a float "
+                                  f"parameter {tuple(targets[name].shape)}; the file is corrupt or not this model's")
         if tuple(tensor.shape) != tuple(targets[name].shape):
             raise CheckpointError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)} but the model built "
                                   f"from the config expects {tuple(targets[name].shape)} for {name!r}; "
