@@ -4,7 +4,7 @@
     out = ak.attention(q, k, v, mask=ak.causal() & ak.sliding_window(256))
 """
 
-from .bias import Alibi, Bias, DenseBias, alibi, alibi_slopes
+from .bias import Alibi, Bias, DenseBias, SumBias, alibi, alibi_slopes
 from .functional import Explanation, attention, attention_weights, backends, explain
 from .masks import (EMPTY, FULL, PARTIAL, Mask, causal, dense_mask, document, global_tokens,
                     key_padding, sliding_window)
@@ -15,5 +15,5 @@ __all__ = [
     "attention", "attention_weights", "explain", "Explanation", "backends",
     "Mask", "causal", "sliding_window", "global_tokens", "key_padding", "document", "dense_mask",
     "EMPTY", "PARTIAL", "FULL",
-    "Bias", "DenseBias", "Alibi", "alibi", "alibi_slopes",
+    "Bias", "DenseBias", "SumBias", "Alibi", "alibi", "alibi_slopes",
 ]
