@@ -280,3 +280,18 @@ def test_unknown_impl_is_refused():
     hf, config = make_hf("base")
     with pytest.raises(ValueError, match=r"impl='fastest'"):
         load_llama(hf.state_dict(), config, impl="fastest")
+
+
+def test_loaded_parameters_are_real_owned_and_tied_once():
+    """Built on the meta device and assigned: every tensor is real, a caller's state dict is copied
+    (training attnkit must not change the HF model), and a tied head is one parameter."""
+    hf, config = make_hf("tied")
+    model = load_llama(hf.state_dict(), config)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.lm_head.weight is model.embeddings.tokens.weight
+    assert len(list(model.parameters())) == len(list(hf.parameters()))
+    before = hf.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        model.embeddings.tokens.weight.add_(1.0)
+    assert torch.equal(hf.model.embed_tokens.weight, before)
+    assert all(p.requires_grad for p in model.parameters())

@@ -57,12 +57,17 @@ def config_value(config: Mapping, key: str, kind: type = int):
     return value
 
 
-def load_checked(module: nn.Module, state: Mapping[str, Tensor], rename: Callable[[str], str | None]) -> None:
+def load_checked(module: nn.Module, state: Mapping[str, Tensor], rename: Callable[[str], str | None], *,
+                 assign: bool = False, copy: bool = True) -> None:
     """Copy ``state`` into ``module``'s parameters and buffers after renaming each key.
 
     ``rename(key)`` gives the module's name for a checkpoint key, or None to skip it on purpose
     (e.g. a pooler the model does not use). Raises ``CheckpointError`` naming the keys and shapes
     if any target is missing, unknown, or has the wrong shape.
+
+    ``assign=True`` replaces the parameters by the checkpoint's tensors instead of copying into
+    them, for a module built on the meta device; ``copy=False`` then shares their storage (for
+    tensors the loader read itself, never for a caller's state dict).
     """
     targets = dict(module.named_parameters())
     targets.update({k: v for k, v in module.named_buffers() if k in module.state_dict()})
@@ -90,6 +95,31 @@ def load_checked(module: nn.Module, state: Mapping[str, Tensor], rename: Callabl
     if missing:
         raise CheckpointError(f"checkpoint is missing weights for {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                               f"({len(missing)} in all)")
+    if assign:
+        _assign(module, {name: tensor for name, (_, tensor) in mapped.items()}, copy)
+        return
     with torch.no_grad():
         for name, (_, tensor) in mapped.items():
             targets[name].copy_(tensor.to(targets[name].dtype))
+
+
+def _assign(module: nn.Module, values: dict[str, Tensor], copy: bool) -> None:
+    """Make the checkpoint's tensors the module's parameters (a module built on the meta device
+    gets real storage without a random init or a second copy); tied aliases share one."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for full, p in module.named_parameters(remove_duplicate=False):
+        owner, _, attr = full.rpartition(".")
+        owners.setdefault(id(p), []).append((module.get_submodule(owner), attr))
+    params = dict(module.named_parameters())
+    for name, tensor in values.items():
+        if name not in params:  # a persistent buffer
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = tensor.to(module.get_buffer(name).dtype, copy=copy)
+            continue
+        old = params[name]
+        new = nn.Parameter(tensor.to(old.dtype, copy=copy), requires_grad=old.requires_grad)
+        for owner_module, attr in owners[id(old)]:
+            owner_module._parameters[attr] = new
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal: no checkpoint tensor reached {left[:4]}; they are still on the meta device")

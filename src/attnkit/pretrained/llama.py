@@ -253,9 +253,14 @@ def load_llama(state_dict: Mapping[str, Tensor] | str | os.PathLike, config, *, 
 
     Raises ``CheckpointError`` naming the key and both shapes when the weights do not fit the config,
     and when the config asks for something load_llama does not compute (scaled RoPE, non-SiLU MLP).
-    Call ``.to(dtype/device)`` on the result for other precisions.
+    The model is float32 on the CPU, built without a random initialization; weights read from a
+    file become its parameters without a second copy, a caller's state dict is copied. Call
+    ``.to(dtype/device)`` on the result for other precisions.
     """
-    model = build_llama(llama_architecture(config), impl=impl)
+    arch = llama_architecture(config)
+    with torch.device("meta"):  # shapes only: no random init, no second copy of the weights
+        model = build_llama(arch, impl=impl)
+    from_file = not isinstance(state_dict, Mapping)
     state = _read_state(state_dict)
     names = hf_names(model)
     _check_present(model, state, names)
@@ -266,7 +271,7 @@ def load_llama(state_dict: Mapping[str, Tensor] | str | os.PathLike, config, *, 
             return None
         return names.get(key, f"<unmatched> {key}")  # load_checked reports it by its checkpoint key
 
-    load_checked(model, state, rename)
+    load_checked(model, state, rename, assign=True, copy=not from_file)  # a caller's tensors are copied
     return model.eval()
 
 
