@@ -1,0 +1,117 @@
+"""Numbers about attention maps: attention rollout and per-head statistics.
+
+All functions take attention probabilities as ``ak.attention_weights`` returns them, (B, H, Nq, Nk)
+with rows summing to 1 (or to 0 for rows that may attend nowhere), and are plain torch: no plotting
+library is needed.
+
+- ``attention_rollout`` (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers"):
+  how much each input token flows into each position through all layers, with the residual
+  connection modelled as ``0.5 * A + 0.5 * I`` per layer.
+- ``head_entropy``: how spread each head's attention is (nats; 0 = one key, log n = uniform).
+- ``mean_attention_distance``: how far each head looks, ``sum_j p_ij |pos_i - j|`` averaged.
+- ``special_token_attention``: the share of attention that goes to given tokens ([CLS], [SEP]).
+
+Legend: B batch, H heads, L layers, Nq / Nk query / key tokens (N for self-attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _check_probs(name: str, probs: Tensor) -> None:
+    if not isinstance(probs, Tensor) or probs.dim() != 4 or not probs.is_floating_point():
+        got = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
+        raise ValueError(f"{name}: expected attention probabilities of shape (B, H, Nq, Nk) "
+                         f"(ak.attention_weights), got {got}")
+
+
+def _row_weights(probs: Tensor, query_valid: Tensor | None) -> Tensor:
+    """(B, 1, Nq) weights of the rows that count: real queries that attend somewhere."""
+    alive = probs.sum(-1).amax(1, keepdim=True) > 0  # (B, 1, Nq)
+    if query_valid is not None:
+        if tuple(query_valid.shape) != (probs.shape[0], probs.shape[2]):
+            raise ValueError(f"query_valid must be (B, Nq) = ({probs.shape[0]}, {probs.shape[2]}), got "
+                             f"{tuple(query_valid.shape)}")
+        alive = alive & query_valid.bool().to(probs.device)[:, None, :]
+    return alive.to(probs.dtype)
+
+
+def _row_mean(per_row: Tensor, weights: Tensor) -> Tensor:
+    """(B, H, Nq) values averaged over the counted rows -> (B, H); 0 where no row counts."""
+    return (per_row * weights).sum(-1) / weights.sum(-1).clamp(min=1)
+
+
+def head_entropy(probs: Tensor, query_valid: Tensor | None = None) -> Tensor:
+    """Mean entropy (nats) of each head's attention rows -> (B, H).
+
+    ``query_valid`` (B, Nq): 1 = a real query (padding rows are left out of the mean).
+    """
+    _check_probs("head_entropy", probs)
+    p = probs.double()
+    plogp = torch.where(p > 0, p * p.clamp(min=1e-300).log(), torch.zeros_like(p))  # 0 log 0 = 0
+    return _row_mean(-plogp.sum(-1), _row_weights(p, query_valid)).to(probs.dtype)
+
+
+def mean_attention_distance(probs: Tensor, query_valid: Tensor | None = None) -> Tensor:
+    """Mean over rows of ``sum_j p_ij |pos_i - j|`` in tokens -> (B, H).
+
+    Query i sits at position ``i + Nk - Nq`` (attnkit's bottom-right alignment; i for Nq = Nk).
+    """
+    _check_probs("mean_attention_distance", probs)
+    Nq, Nk = probs.shape[-2:]
+    pos = torch.arange(Nq, device=probs.device) + (Nk - Nq)  # (Nq,)
+    dist = (torch.arange(Nk, device=probs.device)[None, :] - pos[:, None]).abs().double()  # (Nq, Nk)
+    per_row = (probs.double() * dist).sum(-1)  # (B, H, Nq)
+    return _row_mean(per_row, _row_weights(probs, query_valid)).to(probs.dtype)
+
+
+def special_token_attention(probs: Tensor, special: Tensor | Sequence[int],
+                            query_valid: Tensor | None = None) -> Tensor:
+    """Share of each head's attention that lands on the special keys -> (B, H), in [0, 1].
+
+    ``special``: key positions (shared by the batch), or a bool (B, Nk) with True at special keys.
+    """
+    _check_probs("special_token_attention", probs)
+    B, _, _, Nk = probs.shape
+    flags = torch.as_tensor(special, device=probs.device)
+    if flags.dtype != torch.bool:
+        if flags.dim() != 1 or (flags.numel() and (int(flags.min()) < 0 or int(flags.max()) >= Nk)):
+            raise ValueError(f"special: expected key positions in 0..{Nk - 1} or a bool (B, Nk) mask, got {special!r}")
+        flags = torch.zeros(Nk, dtype=torch.bool, device=probs.device).index_fill_(0, flags.long(), True)
+    flags = flags.reshape(-1, Nk).expand(B, Nk) if flags.dim() == 1 or flags.shape[0] == 1 else flags
+    if tuple(flags.shape) != (B, Nk):
+        raise ValueError(f"special: a bool mask must be (B, Nk) = ({B}, {Nk}), got {tuple(flags.shape)}")
+    per_row = (probs.double() * flags[:, None, None, :]).sum(-1)  # (B, H, Nq)
+    return _row_mean(per_row, _row_weights(probs, query_valid)).to(probs.dtype)
+
+
+def attention_rollout(layers: Sequence[Tensor], *, residual: float = 0.5, head_fusion: str = "mean") -> Tensor:
+    """Attention rollout over L layers of self-attention maps, each (B, H, N, N) -> (B, N, N).
+
+    Per layer: fuse heads (``mean``, ``max`` or ``min``), add the residual stream
+    ``A' = (1 - residual) * A + residual * I``, renormalize rows; then multiply the layers,
+    last layer on the left: ``R = A'_L ... A'_1``. Entry (i, j) is how much input token j
+    contributes to position i at the top. Rows of R sum to 1.
+    """
+    if not layers:
+        raise ValueError("attention_rollout: expected at least one layer's attention probabilities")
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"attention_rollout: residual must lie in [0, 1], got {residual}")
+    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
+    if head_fusion not in fuse:
+        raise ValueError(f"attention_rollout: head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+    rollout = None
+    for i, probs in enumerate(layers):
+        _check_probs(f"attention_rollout (layer {i})", probs)
+        if probs.shape[-1] != probs.shape[-2] or (rollout is not None and probs.shape[-1] != rollout.shape[-1]):
+            raise ValueError(f"attention_rollout: layer {i} has shape {tuple(probs.shape)}; every layer must be "
+                             "self-attention over the same N tokens (B, H, N, N)")
+        a = fuse[head_fusion](probs.double())  # (B, N, N)
+        a = (1 - residual) * a + residual * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(-1, keepdim=True).clamp(min=1e-300)
+        rollout = a if rollout is None else a @ rollout  # (B, N, N)
+    return rollout.to(layers[0].dtype)
