@@ -1,6 +1,15 @@
-"""attnkit.viz: looking at attention. So far the analysis functions (plain torch); the plotting
-and page views, which import matplotlib, are to come in their own modules of this package."""
+"""attnkit.viz: looking at attention.
+
+- ``capture(model)``: record each attnkit attention layer's q, k, mask and bias during a forward
+  pass; compute maps on demand (selected rows / heads, or block-pooled, tile by tile);
+- analysis: ``attention_rollout``, ``head_entropy``, ``mean_attention_distance``,
+  ``special_token_attention`` (plain torch).
+
+The plotting and page views, which import matplotlib, are to come in their own modules here.
+"""
 
 from .analysis import attention_rollout, head_entropy, mean_attention_distance, special_token_attention
+from .capture import AttentionRecord, Capture, capture
 
-__all__ = ["attention_rollout", "head_entropy", "mean_attention_distance", "special_token_attention"]
+__all__ = ["AttentionRecord", "Capture", "attention_rollout", "capture", "head_entropy",
+           "mean_attention_distance", "special_token_attention"]
