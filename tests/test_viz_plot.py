@@ -65,3 +65,24 @@ def test_bad_inputs_explain_themselves(tmp_path):
         plot_map(torch.rand(3, 3), ["a", "b"])
     with pytest.raises(ValueError, match="expected one of"):
         save(plot_map(torch.rand(3, 3)), tmp_path / "x.jpg")
+
+
+SENTENCE = "The boat drifted to the bank of the river."
+
+
+@pytest.mark.parametrize("options", [[], ["--layer", "5"], ["--layer", "5", "--head", "3"],
+                                     ["--layer", "5", "--token", "bank"], ["--token", "3"]])
+def test_cli_writes_a_picture(tmp_path, options, capsys):
+    from attnkit.cli.main import main
+    path = tmp_path / "out.png"
+    assert main(["viz", SENTENCE, "--png", str(path), *options]) == 0
+    not_blank(path)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("options,message", [(["--layer", "6"], "out of range"), (["--head", "1"], "needs --layer"),
+                                             (["--token", "money"], "not one of the word pieces")])
+def test_cli_bad_options_say_why(tmp_path, options, message, capsys):
+    from attnkit.cli.main import main
+    assert main(["viz", SENTENCE, "--png", str(tmp_path / "x.png"), *options]) == 2
+    assert message in capsys.readouterr().err

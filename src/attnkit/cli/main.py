@@ -1,4 +1,4 @@
-"""The ``attnkit`` command: ``demo``, ``info``, ``bench``, ``train``."""
+"""The ``attnkit`` command: ``demo``, ``info``, ``bench``, ``train``, ``viz``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
     from .train import add_arguments as add_train_arguments  # argparse only; torch work happens in run_train
     add_train_arguments(sub.add_parser("train", help="train a small decoder on a task that needs attention "
                                        "(CPU, about 20 s) and compare it with no-position and mean-mixing variants"))
+    from .viz import add_arguments as add_viz_arguments
+    add_viz_arguments(sub.add_parser("viz", help="the real MiniLM's attention on a sentence, as a picture"))
     sub.add_parser("bench", help="CPU benchmark: tiled vs sdpa vs reference; options as in "
                    "python -m attnkit.bench.cpu --help", add_help=False)
     return p
@@ -33,6 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         from .train import run_train
         return run_train(args, " ".join(["attnkit", *argv]))
+    if args.command == "viz":
+        from .viz import run_viz
+        try:
+            return run_viz(args)
+        except (ValueError, ImportError) as e:  # bad options or a missing package: say so, no traceback
+            print(f"attnkit viz: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "info":
         from .info import run_info
         return run_info()
