@@ -112,14 +112,13 @@ BANK_SENTENCES = [
 
 def _bank_attention(bundle, sentences: list[str], top: int = 5) -> list[list[tuple[str, float]]]:
     """For each sentence, the tokens "bank" attends to most in the last layer (mean over heads)."""
+    from ..viz import capture
+
     ids, valid = bundle.encode(sentences)  # (B, N), (B, N)
-    with torch.no_grad():
-        x = bundle.model(ids, valid, return_all=True)[-2]  # (B, N, E): the input of the last block
-        attn = bundle.model.blocks[-1].attn
-        B, N, H = ids.shape[0], ids.shape[1], attn.num_heads
-        heads = lambda t: t.view(B, N, H, attn.head_dim).transpose(1, 2)  # noqa: E731  -> (B, H, N, D)
-        q, k = heads(attn.q_proj(x)), heads(attn.k_proj(x))
-        weights = ak.attention_weights(q, k, mask=ak.key_padding(valid.bool())).mean(1)  # (B, N, N)
+    last = f"blocks.{len(bundle.model.blocks) - 1}.attn"
+    with torch.no_grad(), capture(bundle.model, layers=[last]) as cap:
+        bundle.model(ids, valid)
+    weights = cap[last].weights().mean(1)  # (B, N, N), mean over heads
     rows = []
     for b, sentence in enumerate(sentences):
         tokens = bundle.tokens(sentence)
