@@ -1,9 +1,14 @@
-"""``attnkit viz TEXT --png maps.png``: the real all-MiniLM-L6-v2's attention on TEXT, as a picture.
+"""``attnkit viz TEXT --out maps.html --png maps.png``: the real all-MiniLM-L6-v2's attention on TEXT.
 
+    attnkit viz "The boat drifted to the bank of the river." --out maps.html  # the interactive page
     attnkit viz "The boat drifted to the bank of the river." --png maps.png   # 6 layers x 12 heads
     attnkit viz "..." --layer 5 --png layer5.png                              # one layer's heads
     attnkit viz "..." --layer 5 --head 3 --png map.png                        # one matrix, labelled
     attnkit viz "..." --layer 5 --token bank --png bank.png                   # what "bank" attends to
+
+``--out`` writes the self-contained page (head view, model view, statistics, rollout; opens from
+disk with no network); ``--layer`` / ``--head`` keep those layers and heads in it, ``--token`` pins
+that token. With neither ``--out`` nor ``--png``, the picture goes to attention.png.
 
 The model runs through ``attnkit.pretrained.load_bert``; ``attnkit.viz.capture`` records each
 layer's q and k, and only the maps the picture needs are computed.
@@ -18,7 +23,9 @@ import torch
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the sentence to encode")
-    p.add_argument("--png", default="attention.png", help="output picture (.png, .svg or .pdf)")
+    p.add_argument("--out", help="write the interactive page here (.html)")
+    p.add_argument("--png", help="write a picture here (.png, .svg or .pdf; the default when --out is not given: "
+                                 "attention.png)")
     p.add_argument("--layer", type=int, help="only this layer (0-based)")
     p.add_argument("--head", type=int, help="only this head of --layer (0-based)")
     p.add_argument("--token", help="draw what this token (a word piece, or its index) attends to")
@@ -48,7 +55,6 @@ def _span(name: str, chosen: list[int], n: int) -> str:
 def run_viz(args: argparse.Namespace) -> int:
     from ..pretrained import load_bert, minilm_path
     from ..viz import capture
-    from ..viz.plot import plot_grid, plot_map, plot_token, save
 
     bundle = load_bert(minilm_path())
     ids, valid = bundle.encode([args.text])  # (1, N)
@@ -62,8 +68,34 @@ def run_viz(args: argparse.Namespace) -> int:
         raise ValueError("--head needs --layer (which layer's head)")
     layers = list(range(L)) if args.layer is None else [args.layer]
     heads = list(range(H)) if args.head is None else [args.head]
-    if args.token is not None:
-        query = _token_index(args.token, tokens)
+    query = None if args.token is None else _token_index(args.token, tokens)
+    if args.out is None and args.png is None:
+        args.png = "attention.png"
+    if args.out is not None:
+        _write_page(cap, tokens, layers, heads, query, args.out, args.text)
+    if args.png is not None:
+        _write_picture(cap, tokens, layers, heads, query, args.png, (L, H))
+    return 0
+
+
+def _write_page(cap, tokens: list[str], layers: list[int], heads: list[int], query: int | None, out: str,
+                text: str) -> None:
+    from ..viz.page import write_html
+
+    special = [i for i, t in enumerate(tokens) if t in ("[CLS]", "[SEP]")]
+    path = write_html(cap, tokens, out, layers=[cap.names[l_i] for l_i in layers], heads=heads, special=special,
+                      focus=query, rollout=len(layers) == len(cap.names),
+                      title=f"all-MiniLM-L6-v2 attention: {text}")
+    print(f"wrote {path} ({len(tokens)} tokens, layers {layers}, heads {heads}; open it in a browser, "
+          "no network needed)")
+
+
+def _write_picture(cap, tokens: list[str], layers: list[int], heads: list[int], query: int | None, png: str,
+                   sizes: tuple[int, int]) -> None:
+    from ..viz.plot import plot_grid, plot_map, plot_token, save
+
+    L, H = sizes
+    if query is not None:
         per_layer = [cap[cap.names[l_i]].weights(heads=heads)[0].mean(0) for l_i in layers]  # (N, N) each
         fig = plot_token(torch.stack(per_layer).mean(0), tokens, query,
                          title=f"attention from {tokens[query]!r}: mean over {_span('layer', layers, L)}, "
@@ -74,6 +106,5 @@ def run_viz(args: argparse.Namespace) -> int:
     else:
         maps = [[cap[cap.names[l_i]].weights(heads=[h])[0, 0] for h in heads] for l_i in layers]
         fig = plot_grid(maps, tokens, layer_names=[f"layer {l_i}" for l_i in layers])
-    path = save(fig, args.png)
+    path = save(fig, png)
     print(f"wrote {path} ({len(tokens)} tokens, layers {layers}, heads {heads})")
-    return 0

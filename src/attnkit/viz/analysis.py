@@ -45,15 +45,44 @@ def _row_mean(per_row: Tensor, weights: Tensor) -> Tensor:
     return (per_row * weights).sum(-1) / weights.sum(-1).clamp(min=1)
 
 
+def entropy_rows(probs: Tensor) -> Tensor:
+    """Entropy (nats) of each attention row: (..., Nq, Nk) -> (..., Nq) float64; 0 log 0 = 0."""
+    p = probs.double()
+    return -torch.where(p > 0, p * p.clamp(min=1e-300).log(), torch.zeros_like(p)).sum(-1)
+
+
+def distance_rows(probs: Tensor, query_positions: Tensor) -> Tensor:
+    """``sum_j p_ij |pos_i - j|`` of each row: (..., r, Nk), positions (r,) -> (..., r) float64."""
+    keys = torch.arange(probs.shape[-1], device=probs.device)
+    dist = (keys[None, :] - query_positions.to(probs.device)[:, None]).abs().double()  # (r, Nk)
+    return (probs.double() * dist).sum(-1)
+
+
+def special_rows(probs: Tensor, flags: Tensor) -> Tensor:
+    """Attention mass on the flagged keys per row: (B, H, r, Nk), bool flags (B, Nk) -> (B, H, r)."""
+    return (probs.double() * flags[:, None, None, :].to(probs.device)).sum(-1)
+
+
+def special_flags(special: Tensor | Sequence[int], B: int, Nk: int, device: torch.device | None = None) -> Tensor:
+    """Key positions (shared by the batch) or a bool (B, Nk) mask -> bool (B, Nk), checked."""
+    flags = torch.as_tensor(special, device=device)
+    if flags.dtype != torch.bool:
+        if flags.dim() != 1 or (flags.numel() and (int(flags.min()) < 0 or int(flags.max()) >= Nk)):
+            raise ValueError(f"special: expected key positions in 0..{Nk - 1} or a bool (B, Nk) mask, got {special!r}")
+        flags = torch.zeros(Nk, dtype=torch.bool, device=device).index_fill_(0, flags.long(), True)
+    flags = flags.reshape(-1, Nk).expand(B, Nk) if flags.dim() == 1 or flags.shape[0] == 1 else flags
+    if tuple(flags.shape) != (B, Nk):
+        raise ValueError(f"special: a bool mask must be (B, Nk) = ({B}, {Nk}), got {tuple(flags.shape)}")
+    return flags
+
+
 def head_entropy(probs: Tensor, query_valid: Tensor | None = None) -> Tensor:
     """Mean entropy (nats) of each head's attention rows -> (B, H).
 
     ``query_valid`` (B, Nq): 1 = a real query (padding rows are left out of the mean).
     """
     _check_probs("head_entropy", probs)
-    p = probs.double()
-    plogp = torch.where(p > 0, p * p.clamp(min=1e-300).log(), torch.zeros_like(p))  # 0 log 0 = 0
-    return _row_mean(-plogp.sum(-1), _row_weights(p, query_valid)).to(probs.dtype)
+    return _row_mean(entropy_rows(probs), _row_weights(probs.double(), query_valid)).to(probs.dtype)
 
 
 def mean_attention_distance(probs: Tensor, query_valid: Tensor | None = None) -> Tensor:
@@ -63,9 +92,7 @@ def mean_attention_distance(probs: Tensor, query_valid: Tensor | None = None) ->
     """
     _check_probs("mean_attention_distance", probs)
     Nq, Nk = probs.shape[-2:]
-    pos = torch.arange(Nq, device=probs.device) + (Nk - Nq)  # (Nq,)
-    dist = (torch.arange(Nk, device=probs.device)[None, :] - pos[:, None]).abs().double()  # (Nq, Nk)
-    per_row = (probs.double() * dist).sum(-1)  # (B, H, Nq)
+    per_row = distance_rows(probs, torch.arange(Nq) + (Nk - Nq))  # (B, H, Nq)
     return _row_mean(per_row, _row_weights(probs, query_valid)).to(probs.dtype)
 
 
@@ -76,17 +103,8 @@ def special_token_attention(probs: Tensor, special: Tensor | Sequence[int],
     ``special``: key positions (shared by the batch), or a bool (B, Nk) with True at special keys.
     """
     _check_probs("special_token_attention", probs)
-    B, _, _, Nk = probs.shape
-    flags = torch.as_tensor(special, device=probs.device)
-    if flags.dtype != torch.bool:
-        if flags.dim() != 1 or (flags.numel() and (int(flags.min()) < 0 or int(flags.max()) >= Nk)):
-            raise ValueError(f"special: expected key positions in 0..{Nk - 1} or a bool (B, Nk) mask, got {special!r}")
-        flags = torch.zeros(Nk, dtype=torch.bool, device=probs.device).index_fill_(0, flags.long(), True)
-    flags = flags.reshape(-1, Nk).expand(B, Nk) if flags.dim() == 1 or flags.shape[0] == 1 else flags
-    if tuple(flags.shape) != (B, Nk):
-        raise ValueError(f"special: a bool mask must be (B, Nk) = ({B}, {Nk}), got {tuple(flags.shape)}")
-    per_row = (probs.double() * flags[:, None, None, :]).sum(-1)  # (B, H, Nq)
-    return _row_mean(per_row, _row_weights(probs, query_valid)).to(probs.dtype)
+    flags = special_flags(special, probs.shape[0], probs.shape[-1], probs.device)
+    return _row_mean(special_rows(probs, flags), _row_weights(probs, query_valid)).to(probs.dtype)
 
 
 def attention_rollout(layers: Sequence[Tensor], *, residual: float = 0.5, head_fusion: str = "mean") -> Tensor:

@@ -1,0 +1,260 @@
+"""An interactive attention page: one self-contained HTML file, no network, opened from disk.
+
+    with capture(model) as cap:
+        model(ids)
+    write_html(cap, tokens, "maps.html")          # or html = render_html(cap, tokens)
+
+The page has
+- a head view: query tokens on the left, key tokens on the right, a line per link coloured by
+  head (BertViz's picture); hover a token to see only its links, click to pin it;
+- a model view: layers x heads thumbnails of the maps, click one to enlarge it, with the head's
+  statistics (entropy, mean attention distance, attention to special tokens);
+- attention rollout (Abnar & Zuidema 2020) as one more "layer" when the input is short enough.
+
+Long inputs (2,000+ tokens) stay usable because the page never holds N x N numbers: per query
+token it keeps the ``top_k`` strongest keys of each head (all keys for short inputs), and the
+thumbnails are block-pooled maps of at most ``overview`` x ``overview`` cells computed tile by tile
+(``AttentionRecord.pooled``); the browser draws only the rows on screen.
+
+Safety: token text and names travel as JSON inside the page and are put into the document with
+``textContent`` only; ``<``, ``>`` and ``&`` are escaped in that JSON, and a Content-Security-Policy
+allows no network access and no script other than the page's own (by its hash).
+
+Legend: L layers, H heads, N tokens, k links kept per query token, M = ceil(N / block).
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import html as html_lib
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .analysis import attention_rollout, distance_rows, entropy_rows, special_flags, special_rows
+from .capture import ROW_BLOCK, Capture
+
+SHORT = 128  # up to this many tokens every link is kept and the thumbnails are the exact maps
+DEFAULT_TOP_K = 8  # links kept per query token and head beyond SHORT tokens
+ROLLOUT_LIMIT = 2048  # rollout multiplies dense N x N maps: above this many tokens it is skipped
+
+
+@dataclass(frozen=True)
+class MapSummary:
+    """What the page keeps of one (N, N) attention map."""
+
+    top_idx: Tensor  # (N, k) long: the k strongest keys of each query row, strongest first
+    top_w: Tensor  # (N, k) float64: their probabilities
+    pooled: Tensor  # (M, M) float64: block means
+
+
+@dataclass(frozen=True)
+class HeadStats:
+    """Per-head statistics of one layer, each (H,) float64 (``special`` None without special tokens)."""
+
+    entropy: Tensor
+    distance: Tensor
+    special: Tensor | None
+
+
+def _self_attention_records(cap: Capture, layers: Sequence[str] | None):
+    names = cap.names if layers is None else list(layers)
+    if not names:
+        raise ValueError("the capture recorded no attention call: run the model inside `with capture(model):`")
+    records = []
+    for name in names:
+        rec = cap[name]
+        B, H, Nq, Nk = rec.shape
+        if Nq != Nk:
+            raise ValueError(f"layer {name!r} is not self-attention over one sequence (Nq={Nq}, Nk={Nk}); the page "
+                             "shows self-attention maps: pass layers=[...] without cross-attention or decode steps")
+        records.append(rec)
+    n = records[0].shape[2]
+    other = [r.name for r in records if r.shape[2] != n]
+    if other:
+        raise ValueError(f"layers {other} saw a different number of tokens than {records[0].name!r} ({n}); capture "
+                         "one forward pass per page")
+    return records
+
+
+def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int,
+                   special: Tensor | None) -> tuple[MapSummary, tuple[float, float, float | None]]:
+    """One head of one record: top-k links, pooled map and (entropy, distance, special share), with
+    the map computed ROW_BLOCK query rows at a time (never N x N in memory)."""
+    N = rec.shape[2]
+    k = min(top_k, N)
+    top_idx = torch.empty(N, k, dtype=torch.long)
+    top_w = torch.empty(N, k, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64)  # entropy, distance, special summed over counted rows
+    counted = 0.0
+    for r0 in range(0, N, ROW_BLOCK):
+        rows = torch.arange(r0, min(N, r0 + ROW_BLOCK))
+        w = rec.weights(rows=rows, heads=[head], batch=[batch]).double().cpu()  # (1, 1, r, N)
+        vals, idx = w[0, 0].topk(k, dim=-1)  # (r, k)
+        top_idx[rows], top_w[rows] = idx, vals
+        alive = (w[0, 0].sum(-1) > 0).double()  # (r,): rows that attend somewhere
+        totals[0] += (entropy_rows(w)[0, 0] * alive).sum()
+        totals[1] += (distance_rows(w, rows)[0, 0] * alive).sum()
+        if special is not None:
+            totals[2] += (special_rows(w, special[None])[0, 0] * alive).sum()
+        counted += float(alive.sum())
+    pooled = rec.pooled(block, heads=[head], batch=[batch])[0, 0].double().cpu()  # (M, M)
+    mean = (totals / max(counted, 1.0)).tolist()
+    return MapSummary(top_idx, top_w, pooled), (mean[0], mean[1], mean[2] if special is not None else None)
+
+
+def summarize_dense(m: Tensor, *, top_k: int, block: int) -> MapSummary:
+    """A dense (N, N) map (rollout) -> the same summary."""
+    vals, idx = m.double().topk(min(top_k, m.shape[-1]), dim=-1)
+    pooled = nn.functional.avg_pool2d(m.double()[None, None], block, ceil_mode=True)[0, 0]  # edge cells: their mean
+    return MapSummary(idx, vals, pooled)
+
+
+def _rollout(records, batch: int) -> Tensor:
+    """(N, N) rollout of the layers' head-mean maps for one batch element."""
+    per_layer = []
+    for rec in records:
+        H = rec.shape[1]
+        mean = sum(rec.weights(heads=[h], batch=[batch])[0, 0].double().cpu() for h in range(H)) / H  # (N, N)
+        per_layer.append(mean[None, None])
+    return attention_rollout(per_layer)[0]
+
+
+# -- packing for the page ---------------------------------------------------------------------
+
+def _b64(values: Tensor, bits: int) -> str:
+    """Non-negative integers -> their unsigned little-endian ``bits``-bit bytes, base64 (the page
+    reads them with Uint8Array / Uint16Array / Uint32Array)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("attnkit.viz.page writes little-endian arrays; this machine is big-endian")
+    v = values.round().long()
+    assert int(v.min()) >= 0 and int(v.max()) < 2 ** bits, "value out of range for its unsigned type"
+    signed = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[bits]
+    if bits > 8:
+        v = torch.where(v >= 2 ** (bits - 1), v - 2 ** bits, v)  # same bits, read back as unsigned
+    packed = v.to(signed).contiguous()
+    raw = ctypes.string_at(packed.data_ptr(), packed.numel() * packed.element_size())  # its bytes, in one copy
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _pack_maps(summaries: list[MapSummary], n: int) -> dict:
+    """H summaries of one layer -> base64 arrays: idx (H, N, k) u16 (u32 beyond 65,536 tokens), w
+    (H, N, k) u16 in units of 1/65535, pooled (H, M, M) u8 scaled to each map's max (``pooled_max``)."""
+    idx = torch.stack([s.top_idx for s in summaries])
+    w = torch.stack([s.top_w for s in summaries])
+    pooled = torch.stack([s.pooled for s in summaries])
+    top = pooled.flatten(1).amax(1).clamp(min=1e-30)  # (H,)
+    idx_bits = 16 if n <= 65536 else 32
+    return {"idx": _b64(idx, idx_bits), "idx_bits": idx_bits,
+            "w": _b64(w.clamp(0, 1) * 65535, 16),
+            "pooled": _b64(pooled / top[:, None, None] * 255, 8), "pooled_max": top.tolist()}
+
+
+def _json_for_script(payload: dict) -> str:
+    """JSON that cannot end its <script> element or open markup: <, >, & and the JS line breaks
+    are written as \\u escapes (still valid JSON, parsed back to the same text)."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def _asset(name: str) -> str:
+    return resources.files("attnkit.viz").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def _check_tokens(tokens: Sequence[str], n: int) -> list[str]:
+    if isinstance(tokens, str) or len(tokens) != n:
+        got = "a single string" if isinstance(tokens, str) else f"{len(tokens)} labels"
+        raise ValueError(f"tokens: expected one label per position, {n} in all (padding included, e.g. '[PAD]'), "
+                         f"got {got}")
+    return [str(t) for t in tokens]
+
+
+def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | None = None,
+              heads: Sequence[int] | None = None, batch: int = 0, top_k: int | None = None,
+              overview: int = 128, special: Sequence[int] | None = None, rollout: bool | None = None,
+              focus: int | None = None, title: str = "attention") -> dict:
+    """The page's JSON payload (see ``render_html`` for the arguments)."""
+    records = _self_attention_records(cap, layers)
+    B, H, N, _ = records[0].shape
+    tokens = _check_tokens(tokens, N)
+    if not 0 <= batch < B:
+        raise ValueError(f"batch {batch} is out of range: the capture holds {B} sequences (0..{B - 1})")
+    heads = list(range(H)) if heads is None else [int(h) for h in heads]
+    bad = [h for h in heads if not 0 <= h < H]
+    if bad or not heads:
+        raise ValueError(f"heads: expected a non-empty list of heads in 0..{H - 1}, got {heads}")
+    if focus is not None and not 0 <= focus < N:
+        raise ValueError(f"focus {focus} is out of range: {N} tokens (0..{N - 1})")
+    if not isinstance(overview, int) or overview < 1:
+        raise ValueError(f"overview: expected an int >= 1 (cells per side of a thumbnail), got {overview!r}")
+    top_k = (N if N <= SHORT else DEFAULT_TOP_K) if top_k is None else int(top_k)
+    if top_k < 1:
+        raise ValueError(f"top_k: expected >= 1 links per token, got {top_k}")
+    block = -(-N // overview)
+    flags = None if special is None else special_flags(list(special), 1, N)[0]  # (N,) bool
+    rollout = (N <= ROLLOUT_LIMIT) if rollout is None else rollout
+
+    out_layers, stats = [], {"entropy": [], "distance": [], "special": [] if flags is not None else None}
+    for rec in records:
+        summaries, per_head = [], []
+        for h in heads:
+            summary, numbers = summarize_head(rec, h, batch=batch, top_k=top_k, block=block, special=flags)
+            summaries.append(summary)
+            per_head.append(numbers)
+        out_layers.append({"name": rec.name, "heads": heads, **_pack_maps(summaries, N)})
+        stats["entropy"].append([p[0] for p in per_head])
+        stats["distance"].append([p[1] for p in per_head])
+        if flags is not None:
+            stats["special"].append([p[2] for p in per_head])
+    note = ""
+    if rollout:
+        summary = summarize_dense(_rollout(records, batch), top_k=top_k, block=block)
+        out_layers.append({"name": "rollout", "heads": [0], "rollout": True, **_pack_maps([summary], N)})
+    else:
+        note = f"attention rollout is left out: it multiplies dense N x N maps and N = {N} > {ROLLOUT_LIMIT}"
+    return {"title": title, "tokens": tokens, "n": N, "k": min(top_k, N), "block": block, "m": -(-N // block),
+            "layers": out_layers, "stats": stats, "focus": focus, "note": note,
+            "special": None if flags is None else flags.nonzero().flatten().tolist()}
+
+
+def render_html(cap: Capture, tokens: Sequence[str], **options) -> str:
+    """The page as one HTML string. Options:
+
+    - ``layers``: record names to show (default every captured layer, in call order);
+    - ``heads``: head indices (default all); ``batch``: which sequence of the batch (default 0);
+    - ``top_k``: links kept per token and head (default all up to 128 tokens, else 8);
+    - ``overview``: thumbnail cells per side (block-pooled beyond that many tokens; default 128);
+    - ``special``: positions of special tokens ([CLS], [SEP]) for the special-attention statistic;
+    - ``rollout``: include attention rollout (default when N <= 2048);
+    - ``focus``: a token pinned when the page opens; ``title``: the page's title.
+    """
+    data = page_data(cap, tokens, **options)
+    script = _asset("page.js")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data: blob:; "
+           "connect-src 'none'; form-action 'none'; base-uri 'none'")
+    parts = {"CSP": html_lib.escape(csp, quote=False),  # in a "..." attribute: no " in it
+             "TITLE": html_lib.escape(data["title"]),
+             "STYLE": _asset("page.css"), "DATA": _json_for_script(data), "SCRIPT": script}
+    # one pass: text put in is never searched for placeholders again
+    return re.sub(r"%(CSP|TITLE|STYLE|DATA|SCRIPT)%", lambda m: parts[m[1]], _asset("page.html"))
+
+
+def write_html(cap: Capture, tokens: Sequence[str], path: str | Path, **options) -> Path:
+    """Write ``render_html(cap, tokens, **options)`` to ``path`` (UTF-8) and return the path."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"write_html: expected a path ending in .html, got {str(path)!r}")
+    path.write_text(render_html(cap, tokens, **options), encoding="utf-8")
+    return path

@@ -1,0 +1,204 @@
+"""The interactive page's data and HTML (no browser here; tests/test_viz_browser.py drives one).
+
+What the page shows must be the attention itself: its kept links are the top-k of the dense map
+``ak.attention_weights`` gives, its thumbnails the pooled map, its statistics those of
+``attnkit.viz.analysis`` on the dense map, its rollout ``attention_rollout``. And the HTML must be
+one inert file: no network address, no markup from the data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import attnkit as ak
+from attnkit.nn import MultiHeadAttention
+from attnkit.viz import attention_rollout, capture, head_entropy, mean_attention_distance, special_token_attention
+from attnkit.viz.page import page_data, render_html, write_html
+
+INJECTION = "<img src=x onerror=alert(1)>"
+
+
+class Stack(nn.Module):
+    """L residual self-attention layers: enough for capture and the page (GQA: 4 query, 2 kv heads)."""
+
+    def __init__(self, layers: int = 3, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(MultiHeadAttention(dim, heads, num_kv_heads=2) for _ in range(layers))
+
+    def forward(self, x, mask=None):
+        for attn in self.layers:
+            x = x + attn(x, mask=mask)
+        return x
+
+
+def run(N: int, mask=None, B: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Stack()
+    x = torch.randn(B, N, 32)
+    with torch.no_grad(), capture(model) as cap:
+        model(x, mask=mask)
+    return cap
+
+
+def dense(cap, name: str, batch: int) -> torch.Tensor:
+    """The oracle: (H, N, N) from the record's q, k and mask through ak.attention_weights."""
+    rec = cap[name]
+    k = rec.k.repeat_interleave(rec.q.shape[1] // rec.k.shape[1], dim=1)
+    w = ak.attention_weights(rec.q.double(), k.double(), mask=rec.mask)  # (B, H, N, N)
+    return w[batch]
+
+
+def unpack(text: str, bits: int) -> torch.Tensor:
+    raw = bytearray(base64.b64decode(text))
+    dtype = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[bits]
+    v = torch.frombuffer(raw, dtype=dtype).long()
+    return v % (2 ** bits)  # the page reads them unsigned
+
+
+def tokens(N: int) -> list[str]:
+    return [f"t{i}" for i in range(N)]
+
+
+@pytest.mark.parametrize("N,mask,top_k", [(19, ak.causal(), None), (300, ak.sliding_window(20) | ak.global_tokens([0, 7]), 6),
+                                          (40, ak.document([0] * 15 + [1] * 25), 5)])
+def test_links_thumbnails_and_stats_are_the_attention(N, mask, top_k):
+    cap = run(N, mask)
+    special = [0, N - 1]
+    data = page_data(cap, tokens(N), batch=1, top_k=top_k, special=special, overview=64)
+    k, M, block = data["k"], data["m"], data["block"]
+    assert k == (N if top_k is None else top_k) and M == -(-N // block) and M <= 64
+    for l, name in enumerate(cap.names):
+        layer = data["layers"][l]
+        want = dense(cap, name, batch=1)  # (H, N, N)
+        H = want.shape[0]
+        idx = unpack(layer["idx"], layer["idx_bits"]).reshape(H, N, k)
+        w = unpack(layer["w"], 16).reshape(H, N, k).double() / 65535
+        # the kept links are the k strongest keys of each row, with their probabilities
+        assert torch.allclose(w, want.topk(k, dim=-1).values, atol=1e-4)
+        assert torch.allclose(want.gather(-1, idx), w, atol=1e-4)
+        # thumbnails: block means of the dense map, scaled to each map's max
+        pooled = unpack(layer["pooled"], 8).reshape(H, M, M).double() / 255
+        pooled = pooled * torch.tensor(layer["pooled_max"], dtype=torch.float64)[:, None, None]
+        expect = nn.functional.avg_pool2d(want[:, None], block, ceil_mode=True)[:, 0]
+        assert torch.allclose(pooled, expect, atol=expect.amax() / 254)
+        # statistics: analysis' functions on the dense map
+        stats = data["stats"]
+        assert torch.allclose(torch.tensor(stats["entropy"][l]), head_entropy(want[None])[0].float(), atol=1e-5)
+        assert torch.allclose(torch.tensor(stats["distance"][l]), mean_attention_distance(want[None])[0].float(),
+                              atol=1e-4)
+        assert torch.allclose(torch.tensor(stats["special"][l]),
+                              special_token_attention(want[None], special)[0].float(), atol=1e-6)
+    assert data["special"] == special
+
+
+def test_rollout_is_attention_rollout():
+    N = 30
+    cap = run(N, ak.causal())
+    data = page_data(cap, tokens(N), batch=0)
+    roll = data["layers"][-1]
+    assert roll["name"] == "rollout" and roll.get("rollout") and len(data["layers"]) == len(cap.names) + 1
+    want = attention_rollout([dense(cap, name, 0)[None] for name in cap.names])[0]  # (N, N)
+    w = unpack(roll["w"], 16).reshape(N, N).double() / 65535
+    idx = unpack(roll["idx"], roll["idx_bits"]).reshape(N, N)
+    assert torch.allclose(want.gather(-1, idx), w, atol=1e-4)
+    assert torch.allclose(w.sum(-1), torch.ones(N, dtype=torch.float64), atol=N * 1e-4)
+
+
+def test_long_inputs_keep_top_k_and_pool_and_skip_rollout():
+    N = 2100
+    cap = run(N, ak.causal() & ak.sliding_window(32, 0), B=1)
+    data = page_data(cap, tokens(N), layers=cap.names[:1], heads=[1, 3])
+    assert data["k"] == 8 and data["block"] == 17 and data["m"] == 124
+    layer = data["layers"][0]
+    assert layer["heads"] == [1, 3] and len(base64.b64decode(layer["idx"])) == 2 * N * 8 * 2
+    assert "rollout" in data["note"] and not any(L.get("rollout") for L in data["layers"])
+    want = dense(cap, cap.names[0], 0)[[1, 3]]
+    w = unpack(layer["w"], 16).reshape(2, N, 8).double() / 65535
+    assert torch.allclose(w, want.topk(8, dim=-1).values, atol=1e-4)
+
+
+def test_html_is_one_inert_file(tmp_path):
+    N = 12
+    cap = run(N)
+    toks = tokens(N)
+    toks[3], toks[4], toks[5] = INJECTION, "</script><script>alert(2)</script>", "a\u2028b & c"
+    title = "<b>bold</b> & </title>"
+    path = write_html(cap, toks, tmp_path / "page.html", title=title)
+    page = path.read_text(encoding="utf-8")
+    # the data travels as JSON with <, >, & escaped: no markup from tokens or title, anywhere
+    assert "<img" not in page and "<script>alert" not in page and "<b>bold" not in page
+    assert page.count("<script") == 2 and page.count("</script>") == 2
+    assert "<title>&lt;b&gt;bold&lt;/b&gt; &amp; &lt;/title&gt;</title>" in page
+    found = re.search(r'<script type="application/json" id="ak-data">(.*?)</script>', page, re.S)
+    assert not re.search("[<>&\u2028\u2029]", found[1])  # nothing in the data can end its element
+    data = json.loads(found[1])
+    assert data["tokens"] == toks and data["title"] == title  # the same text comes back out
+    # nothing to fetch: no address, no external resource element (outside the data, which is text)
+    code = page[:found.start()] + page[found.end():]
+    assert not re.search(r"https?:|//[a-z]|<link|<iframe|<img|\bsrc=|@import|url\(", code)
+    # the policy allows only this script (by its hash) and no connection
+    script = re.search(r"<script>(.*?)</script>", page, re.S)[1]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page)[1]
+    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp and "connect-src 'none'" in csp
+
+
+def test_render_and_write_agree_and_are_deterministic(tmp_path):
+    cap = run(10)
+    first = render_html(cap, tokens(10))
+    assert first == render_html(cap, tokens(10))
+    assert write_html(cap, tokens(10), tmp_path / "x.html").read_text(encoding="utf-8") == first
+
+
+def test_bad_requests_say_what_to_do(tmp_path):
+    cap = run(8)
+    with pytest.raises(ValueError, match="one label per position, 8 in all"):
+        page_data(cap, tokens(7))
+    with pytest.raises(ValueError, match="one label per position"):
+        page_data(cap, "a sentence")
+    with pytest.raises(ValueError, match="batch 2 is out of range"):
+        page_data(cap, tokens(8), batch=2)
+    with pytest.raises(ValueError, match="heads in 0..3"):
+        page_data(cap, tokens(8), heads=[4])
+    with pytest.raises(ValueError, match="focus 8 is out of range"):
+        page_data(cap, tokens(8), focus=8)
+    with pytest.raises(ValueError, match="top_k"):
+        page_data(cap, tokens(8), top_k=0)
+    with pytest.raises(KeyError, match="no attention call recorded"):
+        page_data(cap, tokens(8), layers=["nope"])
+    with pytest.raises(ValueError, match="ending in .html"):
+        write_html(cap, tokens(8), tmp_path / "x.png")
+    with capture(Stack()) as empty:
+        pass
+    with pytest.raises(ValueError, match="recorded no attention call"):
+        page_data(empty, tokens(8))
+    # cross-attention is not a self-attention map
+    mha = MultiHeadAttention(32, 4)
+    with torch.no_grad(), capture(mha) as cross:
+        mha(torch.randn(1, 5, 32), torch.randn(1, 9, 32))
+    with pytest.raises(ValueError, match="not self-attention"):
+        page_data(cross, tokens(5))
+
+
+def test_cli_writes_the_page(tmp_path, capsys):
+    from attnkit.cli.main import main
+    path = tmp_path / "maps.html"
+    png = tmp_path / "maps.png"
+    sentence = "The boat drifted to the bank of the river."
+    assert main(["viz", sentence, "--out", str(path), "--png", str(png), "--token", "bank"]) == 0
+    data = json.loads(re.search(r'id="ak-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)[1])
+    assert data["tokens"][0] == "[CLS]" and "bank" in data["tokens"] and data["focus"] == data["tokens"].index("bank")
+    assert len(data["layers"]) == 7 and data["layers"][-1]["name"] == "rollout"  # 6 layers and rollout
+    assert data["special"] == [0, len(data["tokens"]) - 1] and png.stat().st_size > 10_000
+    assert main(["viz", sentence, "--out", str(path), "--layer", "2", "--head", "5"]) == 0
+    data = json.loads(re.search(r'id="ak-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)[1])
+    assert [L["name"] for L in data["layers"]] == ["blocks.2.attn"] and data["layers"][0]["heads"] == [5]
+    assert main(["viz", sentence, "--out", str(tmp_path / "x.txt")]) == 2
+    assert "ending in .html" in capsys.readouterr().err
