@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench info clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: demo test browser bench info clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +23,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/attnkit demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest tests
+
+# Debian's chromium, for tests/test_viz_browser.py (the interactive page in a real headless browser).
+# Installed when missing and this user may (root, or sudo without a password); otherwise those tests skip.
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no $(CHROMIUM) and no apt-get: the browser tests will skip"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then echo "installing Debian's chromium (sudo)"; \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no $(CHROMIUM) and no permission to install it: the browser tests will skip"; fi
 
 bench: $(STAMP)
 	$(VENV)/bin/attnkit bench

@@ -249,7 +249,8 @@
     const A = layerArrays(l), L = LAYERS[l];
     canvas.width = M;
     canvas.height = M;
-    const ctx = canvas.getContext("2d"), img = ctx.createImageData(M, M);
+    // the overview is read back after each paint (its band is drawn over a saved copy)
+    const ctx = canvas.getContext("2d", {willReadFrequently: canvas === overview}), img = ctx.createImageData(M, M);
     const sum = new Float32Array(M * M);
     let top = 0;
     for (const s of slots) {

@@ -1,0 +1,245 @@
+"""The interactive page in a real headless browser: Debian's chromium driven by Playwright.
+
+Each page is opened from disk (file://) and must load with no console error, no uncaught
+exception, no dialog and no request other than the file itself; hovering and clicking must change
+what is drawn; an injected token must stay text; and a screenshot is taken and checked.
+
+Needs /usr/bin/chromium (``make test`` installs Debian's chromium where it can) and the Python
+package playwright (test extras; it never downloads a browser here). Without them these tests skip,
+unless ATTNKIT_REQUIRE_BROWSER=1 (set by .ci/run), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.viz import capture
+from attnkit.viz.page import write_html
+
+CHROMIUM = os.environ.get("ATTNKIT_CHROMIUM", "/usr/bin/chromium")
+REQUIRED = os.environ.get("ATTNKIT_REQUIRE_BROWSER") == "1"
+INJECTION = "<img src=x onerror=alert(1)>"
+# quiet, offline chromium: without the background-networking flags it tries to reach Google at start
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-default-apps", "--disable-extensions"]
+
+
+def _unavailable(reason: str):
+    if REQUIRED:
+        pytest.fail(f"{reason} (ATTNKIT_REQUIRE_BROWSER=1: the browser tests must run here)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the Python package playwright is not installed: pip install -e '.[test]'")
+    if not os.access(CHROMIUM, os.X_OK):
+        _unavailable(f"no chromium at {CHROMIUM}: install Debian's chromium (make test does, as root) "
+                     "or set ATTNKIT_CHROMIUM")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+class Visit:
+    """One page opened from disk, with everything it said and asked for recorded."""
+
+    def __init__(self, browser, path: Path):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.page = self.context.new_page()
+        self.url = path.resolve().as_uri()
+        self.requests, self.console, self.errors, self.dialogs = [], [], [], []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        # anything but the file itself is refused (and still recorded above)
+        self.context.route("**/*", lambda route: route.continue_() if route.request.url == self.url else route.abort())
+        start = time.perf_counter()
+        self.page.goto(self.url)
+        self.page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        self.load_s = time.perf_counter() - start
+
+    def links(self) -> str:
+        """The head view's drawing, as a data URL: equal strings, equal pictures."""
+        return self.page.evaluate("document.getElementById('ak-links').toDataURL()")
+
+    def painted(self, selector: str) -> float:
+        """Standard deviation of a canvas' pixels (0 for a blank or one-colour canvas)."""
+        return self.page.evaluate("""(sel) => {
+            const c = document.querySelector(sel), copy = document.createElement('canvas');
+            copy.width = c.width; copy.height = c.height;
+            const ctx = copy.getContext('2d', {willReadFrequently: true});  // a fresh canvas: one readback
+            ctx.drawImage(c, 0, 0);
+            const d = ctx.getImageData(0, 0, c.width, c.height).data;
+            let s = 0, s2 = 0, n = 0;
+            for (let i = 0; i < d.length; i += 4) { const v = d[i] + d[i + 1] + d[i + 2]; s += v; s2 += v * v; n++; }
+            return Math.sqrt(Math.max(0, s2 / n - (s / n) ** 2));
+        }""", selector)
+
+    def assert_quiet(self):
+        bad = [m for m in self.console if m.startswith(("error", "warning"))]
+        assert not bad and not self.errors, f"console: {bad}, uncaught: {self.errors}"
+        assert self.requests == [self.url], f"the page asked for more than itself: {self.requests}"
+        assert not self.dialogs, f"a dialog opened: {self.dialogs}"
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture(scope="module")
+def minilm_page(tmp_path_factory):
+    """The real MiniLM's page, one word piece replaced by an injection attempt."""
+    from attnkit.pretrained import load_bert, minilm_path
+    bundle = load_bert(minilm_path())
+    sentence = "The boat drifted to the bank of the river."
+    ids, valid = bundle.encode([sentence])
+    with torch.no_grad(), capture(bundle.model) as cap:
+        bundle.model(ids, valid)
+    tokens = bundle.tokens(sentence)
+    tokens[3] = INJECTION
+    path = tmp_path_factory.mktemp("page") / "minilm.html"
+    write_html(cap, tokens, path, special=[0, len(tokens) - 1], title=f"MiniLM {INJECTION}")
+    return path, tokens
+
+
+def not_blank_png(path: Path) -> None:
+    from matplotlib.image import imread
+    pixels = imread(path)
+    assert pixels.shape[0] >= 500 and pixels.shape[1] >= 1000
+    assert pixels[..., :3].std() > 0.05
+
+
+def test_loads_offline_quietly_and_injection_stays_text(browser, minilm_page, tmp_path):
+    path, tokens = minilm_page
+    v = Visit(browser, path)
+    try:
+        v.assert_quiet()
+        texts = v.page.eval_on_selector_all("#ak-left .ak-tok .ak-text", "els => els.map(e => e.textContent)")
+        assert texts == tokens  # short input: every row is on screen, in order
+        assert v.page.text_content("#ak-left .ak-tok[data-i='3'] .ak-text") == INJECTION
+        assert v.page.evaluate("document.images.length") == 0  # no <img> was made from the token
+        assert v.page.text_content("#ak-title") == f"MiniLM {INJECTION}"
+        assert v.page.title() == f"MiniLM {INJECTION}"
+        assert v.painted("#ak-links") > 1 and v.painted("#ak-overview") > 1
+        shot = tmp_path / "head_view.png"
+        v.page.screenshot(path=str(shot), full_page=True)
+        not_blank_png(shot)
+        v.assert_quiet()
+    finally:
+        v.close()
+
+
+def test_hover_and_click_change_the_drawing(browser, minilm_page):
+    path, tokens = minilm_page
+    v = Visit(browser, path)
+    try:
+        everything = v.links()
+        v.page.hover("#ak-left .ak-tok[data-i='6']")  # "bank" as a query
+        bank = v.links()
+        assert bank != everything and "bank" in v.page.text_content("#ak-focus")
+        assert v.page.get_attribute("#ak-left .ak-tok[data-i='6']", "class").split().count("ak-on") == 1
+        shaded = v.page.eval_on_selector_all("#ak-right .ak-tok", "els => els.filter(e => e.style.background).length")
+        assert shaded > 0  # the keys it attends to are tinted
+        v.page.hover("#ak-right .ak-tok[data-i='0']")  # [CLS] as a key: the queries that read it
+        assert v.links() not in (bank, everything)
+        v.page.mouse.move(1200, 880)  # off the tokens: back to every link
+        assert v.links() == everything
+        v.page.click("#ak-left .ak-tok[data-i='6']")  # pin
+        v.page.mouse.move(1200, 880)
+        assert v.links() == bank and v.page.text_content("#ak-focus").startswith("Pinned")
+        v.page.click("#ak-left .ak-tok[data-i='6']")  # unpin
+        v.page.mouse.move(1200, 880)
+        assert v.links() == everything
+        v.page.click(".ak-head[data-h='0']")  # hide head 0
+        assert v.page.get_attribute(".ak-head[data-h='0']", "aria-pressed") == "false" and v.links() != everything
+        v.page.click("#ak-none")
+        assert v.painted("#ak-links") == 0  # no head, no line
+        v.page.select_option("#ak-layer", "6")  # rollout
+        assert v.page.eval_on_selector_all(".ak-head", "els => els.length") == 1 and v.painted("#ak-links") > 1
+        v.assert_quiet()
+    finally:
+        v.close()
+
+
+def test_model_view_thumbnails_enlarge_and_stats_table(browser, minilm_page):
+    path, tokens = minilm_page
+    v = Visit(browser, path)
+    try:
+        v.page.click(".ak-tab[data-view='ak-modelview']")
+        assert v.page.is_visible("#ak-grid") and not v.page.is_visible("#ak-scroll")
+        assert v.page.eval_on_selector_all("canvas.ak-thumb", "els => els.length") == 6 * 12 + 1
+        assert v.page.is_hidden("#ak-modal")
+        v.page.click("canvas.ak-thumb[data-layer='2'][data-slot='3']")
+        assert v.page.is_visible("#ak-modal") and v.painted("#ak-modal-map") > 1
+        assert v.page.text_content("#ak-modal-title") == "Layer 2 (blocks.2.attn), head 3"
+        assert "entropy" in v.page.text_content("#ak-modal-stats")
+        v.page.keyboard.press("Escape")
+        assert v.page.is_hidden("#ak-modal")
+        v.page.click("canvas.ak-thumb[data-layer='6'][data-slot='0']")
+        assert "rollout" in v.page.text_content("#ak-modal-title")
+        v.page.click("#ak-close")
+        assert v.page.is_hidden("#ak-modal")
+        v.page.click(".ak-tab[data-view='ak-statsview']")
+        rows = v.page.eval_on_selector_all("#ak-stats tr", "els => els.map(r => [...r.children].map(c => c.textContent))")
+        data = v.page.evaluate("JSON.parse(document.getElementById('ak-data').textContent).stats")
+        assert len(rows) == 1 + 6 and len(rows[1]) == 1 + 12
+        assert rows[3][5] == f"{data['entropy'][2][4]:.2f}"  # layer 2, head 4, as computed in Python
+        v.page.select_option("#ak-stat", "special")
+        assert v.page.text_content("#ak-stats tr:nth-child(2) td") == f"{100 * data['special'][0][0]:.1f}%"
+        v.assert_quiet()
+    finally:
+        v.close()
+
+
+def test_two_thousand_tokens_stay_usable(browser, tmp_path):
+    from test_viz_page import Stack
+    N = 2304
+    torch.manual_seed(0)
+    model = Stack(layers=2)
+    with torch.no_grad(), capture(model) as cap:
+        model(torch.randn(1, N, 32), mask=ak.causal() & ak.sliding_window(48, 0) | ak.global_tokens([0]))
+    tokens = [f"w{i}" for i in range(N)]
+    tokens[N - 5] = INJECTION
+    path = write_html(cap, tokens, tmp_path / "long.html", special=[0])
+    v = Visit(browser, path)
+    try:
+        v.assert_quiet()
+        print(f"{N} tokens: {path.stat().st_size / 1e6:.1f} MB page, loaded in {v.load_s:.2f} s")
+        on_screen = v.page.eval_on_selector_all(".ak-tok", "els => els.length")
+        assert 0 < on_screen < 300  # only the rows on screen are in the document
+        top = v.links()
+        v.page.click("#ak-overview", position={"x": 120, "y": 236})  # near the bottom of the overview
+        v.page.wait_for_function("document.getElementById('ak-scroll').scrollTop > 30000")
+        v.page.wait_for_timeout(100)
+        rows = v.page.eval_on_selector_all("#ak-left .ak-tok", "els => els.map(e => Number(e.dataset.i))")
+        assert max(rows) > N - 200 and min(rows) > 1000 and v.links() != top
+        v.page.evaluate("(s => { s.scrollTop = s.scrollHeight; })(document.getElementById('ak-scroll'))")
+        v.page.wait_for_selector(f"#ak-left .ak-tok[data-i='{N - 1}']")
+        rows = v.page.eval_on_selector_all("#ak-left .ak-tok", "els => els.map(e => Number(e.dataset.i))")
+        assert v.page.text_content(f"#ak-left .ak-tok[data-i='{N - 5}'] .ak-text") == INJECTION
+        before = v.links()
+        v.page.hover(f"#ak-left .ak-tok[data-i='{max(rows) - 10}']")
+        assert v.links() != before
+        v.page.hover(f"#ak-right .ak-tok[data-i='{max(rows) - 10}']")  # a key: scans all N rows' links
+        assert v.links() != before
+        v.page.click(".ak-tab[data-view='ak-modelview']")
+        v.page.click("canvas.ak-thumb[data-layer='1'][data-slot='2']")
+        assert v.painted("#ak-modal-map") > 1 and "block of" in v.page.text_content("#ak-modal-stats")
+        shot = tmp_path / "long.png"
+        v.page.screenshot(path=str(shot))
+        not_blank_png(shot)
+        assert v.page.evaluate("document.images.length") == 0
+        v.assert_quiet()
+    finally:
+        v.close()
