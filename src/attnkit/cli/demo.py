@@ -165,6 +165,7 @@ def step_pretrained() -> None:
     for i, row in zip((0, 2), _bank_attention(bundle, [BANK_SENTENCES[0], BANK_SENTENCES[2]])):
         print(f"  [{i}] " + "  ".join(f"{tok} {p:.2f}" for tok, p in row))
     print("  ([CLS] soaks up much of it, as in most BERTs; the rest goes to the words that say which bank)")
+    print(f'  every layer and head, in a page that opens offline: attnkit viz "{BANK_SENTENCES[0]}" --out maps.html')
 
 
 def run_demo(long_n: int = 16384) -> int:
