@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,17 @@ class Visit:
         self.context.close()
 
 
+@contextmanager
+def visit(browser, path: Path):
+    """Open the page; after the test's steps it must still be quiet (no error, request, dialog)."""
+    v = Visit(browser, path)
+    try:
+        yield v
+        v.assert_quiet()
+    finally:
+        v.close()
+
+
 @pytest.fixture(scope="module")
 def minilm_page(tmp_path_factory):
     """The real MiniLM's page, one word piece replaced by an injection attempt."""
@@ -122,9 +134,7 @@ def not_blank_png(path: Path) -> None:
 
 def test_loads_offline_quietly_and_injection_stays_text(browser, minilm_page, tmp_path):
     path, tokens = minilm_page
-    v = Visit(browser, path)
-    try:
-        v.assert_quiet()
+    with visit(browser, path) as v:
         texts = v.page.eval_on_selector_all("#ak-left .ak-tok .ak-text", "els => els.map(e => e.textContent)")
         assert texts == tokens  # short input: every row is on screen, in order
         assert v.page.text_content("#ak-left .ak-tok[data-i='3'] .ak-text") == INJECTION
@@ -135,15 +145,11 @@ def test_loads_offline_quietly_and_injection_stays_text(browser, minilm_page, tm
         shot = tmp_path / "head_view.png"
         v.page.screenshot(path=str(shot), full_page=True)
         not_blank_png(shot)
-        v.assert_quiet()
-    finally:
-        v.close()
 
 
 def test_hover_and_click_change_the_drawing(browser, minilm_page):
     path, tokens = minilm_page
-    v = Visit(browser, path)
-    try:
+    with visit(browser, path) as v:
         everything = v.links()
         v.page.hover("#ak-left .ak-tok[data-i='6']")  # "bank" as a query
         bank = v.links()
@@ -167,15 +173,11 @@ def test_hover_and_click_change_the_drawing(browser, minilm_page):
         assert v.painted("#ak-links") == 0  # no head, no line
         v.page.select_option("#ak-layer", "6")  # rollout
         assert v.page.eval_on_selector_all(".ak-head", "els => els.length") == 1 and v.painted("#ak-links") > 1
-        v.assert_quiet()
-    finally:
-        v.close()
 
 
 def test_model_view_thumbnails_enlarge_and_stats_table(browser, minilm_page):
     path, tokens = minilm_page
-    v = Visit(browser, path)
-    try:
+    with visit(browser, path) as v:
         v.page.click(".ak-tab[data-view='ak-modelview']")
         assert v.page.is_visible("#ak-grid") and not v.page.is_visible("#ak-scroll")
         assert v.page.eval_on_selector_all("canvas.ak-thumb", "els => els.length") == 6 * 12 + 1
@@ -197,9 +199,6 @@ def test_model_view_thumbnails_enlarge_and_stats_table(browser, minilm_page):
         assert rows[3][5] == f"{data['entropy'][2][4]:.2f}"  # layer 2, head 4, as computed in Python
         v.page.select_option("#ak-stat", "special")
         assert v.page.text_content("#ak-stats tr:nth-child(2) td") == f"{100 * data['special'][0][0]:.1f}%"
-        v.assert_quiet()
-    finally:
-        v.close()
 
 
 def test_two_thousand_tokens_stay_usable(browser, tmp_path):
@@ -212,9 +211,7 @@ def test_two_thousand_tokens_stay_usable(browser, tmp_path):
     tokens = [f"w{i}" for i in range(N)]
     tokens[N - 5] = INJECTION
     path = write_html(cap, tokens, tmp_path / "long.html", special=[0])
-    v = Visit(browser, path)
-    try:
-        v.assert_quiet()
+    with visit(browser, path) as v:
         print(f"{N} tokens: {path.stat().st_size / 1e6:.1f} MB page, loaded in {v.load_s:.2f} s")
         on_screen = v.page.eval_on_selector_all(".ak-tok", "els => els.length")
         assert 0 < on_screen < 300  # only the rows on screen are in the document
@@ -240,6 +237,3 @@ def test_two_thousand_tokens_stay_usable(browser, tmp_path):
         v.page.screenshot(path=str(shot))
         not_blank_png(shot)
         assert v.page.evaluate("document.images.length") == 0
-        v.assert_quiet()
-    finally:
-        v.close()
