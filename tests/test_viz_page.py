@@ -202,3 +202,21 @@ def test_cli_writes_the_page(tmp_path, capsys):
     assert [L["name"] for L in data["layers"]] == ["blocks.2.attn"] and data["layers"][0]["heads"] == [5]
     assert main(["viz", sentence, "--out", str(tmp_path / "x.txt")]) == 2
     assert "ending in .html" in capsys.readouterr().err
+
+
+def test_longformer_layers_make_a_page_too():
+    from attnkit.nn import LongformerSelfAttention
+    torch.manual_seed(0)
+    layer = LongformerSelfAttention(32, 4, attention_window=8)
+    N = 150
+    roles = torch.ones(1, N, dtype=torch.long)
+    roles[0, [0, 90]] = 2  # two global tokens
+    with torch.no_grad(), capture(layer) as cap:
+        layer(torch.randn(1, N, 32), roles)
+    data = page_data(cap, tokens(N), top_k=6)
+    want = cap[cap.names[0]].weights()[0].double()  # (H, N, N), checked against HF in test_viz_capture
+    idx = unpack(data["layers"][0]["idx"], 16).reshape(4, N, 6)
+    w = unpack(data["layers"][0]["w"], 16).reshape(4, N, 6).double() / 65535
+    assert torch.allclose(want.gather(-1, idx), w, atol=1e-4)
+    assert idx[:, 90].sub(90).abs().max() > 8  # a global token's row reaches far
+    assert set(idx[:, 50].flatten().tolist()) <= set(range(46, 55)) | {0, 90}  # a local row: window + globals

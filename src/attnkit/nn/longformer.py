@@ -11,6 +11,9 @@ rule and no chunking code of its own:
   projections; they overwrite the local result at the global positions;
 - padding rows: 0 (HF zeroes their attention probabilities).
 
+``attnkit.viz.capture`` records both attentions through the module's ``observers`` (references to
+tensors the forward pass computes anyway), so the dense map can be rebuilt on demand.
+
 Legend: B batch, N tokens, E hidden size, H heads, D head dim (E = H * D), G the most global
 tokens any sample of the batch has.
 """
@@ -147,6 +150,19 @@ def global_slots(is_global: Tensor) -> tuple[Tensor, Tensor]:
     return idx, real
 
 
+@dataclass(frozen=True)
+class GlobalRows:
+    """The second attention of a layer: the global tokens' queries, by slot (``global_slots``),
+    over every real key, with the global projections."""
+
+    idx: Tensor  # (B, G) long: the position each slot holds
+    real: Tensor  # (B, G) bool: False on filler slots (the sample has fewer than G global tokens)
+    q: Tensor  # (B, H, G, D) query_global of the slots' tokens
+    k: Tensor  # (B, H, N, D) key_global of every token
+    v: Tensor  # (B, H, N, D) value_global of every token
+    mask: Mask | None  # key_padding(valid) over (G, N); None when every token is real
+
+
 # -- the module --------------------------------------------------------------------------------
 
 def _check_config(hidden_size: int, num_heads: int, attention_window: int, dropout: float, impl: str) -> None:
@@ -201,6 +217,9 @@ class LongformerSelfAttention(nn.Module):
         self.query_global = nn.Linear(hidden_size, hidden_size, **kw)
         self.key_global = nn.Linear(hidden_size, hidden_size, **kw)
         self.value_global = nn.Linear(hidden_size, hidden_size, **kw)
+        # callables (q, k, mask, roles, global_rows) with the local pass's q, k (B, H, N, D) and mask,
+        # the TokenRoles and the GlobalRows (None without global tokens); set by attnkit.viz.capture
+        self.observers: list = []
 
     @classmethod
     def from_hf(cls, hf_module: nn.Module, *, impl: str = "auto") -> LongformerSelfAttention:
@@ -242,28 +261,37 @@ class LongformerSelfAttention(nn.Module):
         x = hidden_states
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # (B, H, N, D)
         # scale=None is 1/sqrt(D): HF divides q by sqrt(D) before q k^T, the same up to rounding
-        out = attention(q, k, v, mask=local_mask(self.one_sided_attn_window_size, roles),
-                        dropout_p=dropout_p, impl=self.impl)  # (B, H, N, D)
-        if roles.is_global is not None:
-            out = self._overwrite_global_rows(out, x, roles, dropout_p)
+        mask = local_mask(self.one_sided_attn_window_size, roles)
+        out = attention(q, k, v, mask=mask, dropout_p=dropout_p, impl=self.impl)  # (B, H, N, D)
+        glob = None if roles.is_global is None else self._global_rows(x, roles)
+        if glob is not None:
+            out = self._overwrite_global_rows(out, glob, dropout_p)
+        for observe in self.observers:  # attnkit.viz.capture: keeps references; computes nothing here
+            observe(q, k, mask, roles, glob)
         if roles.valid is not None:  # HF zeroes the attention probabilities of padding queries
             out = out.masked_fill(~roles.valid[:, None, :, None], 0.0)  # (B, H, N, D)
         return out.transpose(1, 2).reshape(B, N, self.embed_dim)  # (B, N, E)
 
-    def _overwrite_global_rows(self, out: Tensor, x: Tensor, roles: TokenRoles, dropout_p: float) -> Tensor:
-        """Global tokens' rows of ``out`` (B, H, N, D), recomputed with the global projections over
-        every real key. Samples with fewer than G global tokens fill their slots and drop them."""
+    def _global_rows(self, x: Tensor, roles: TokenRoles) -> GlobalRows:
+        """The global projections: queries of the global tokens (by slot), keys and values of all."""
         idx, real = global_slots(roles.is_global)  # (B, G), (B, G)
         B, G = idx.shape
         x_g = x.gather(1, idx[:, :, None].expand(B, G, self.embed_dim))  # (B, G, E)
         q_g = self._heads(self.query_global(x_g))  # (B, H, G, D)
         k_g, v_g = self._heads(self.key_global(x)), self._heads(self.value_global(x))  # (B, H, N, D)
         mask = None if roles.valid is None else key_padding_mask(roles.valid)
+        return GlobalRows(idx, real, q_g, k_g, v_g, mask)
+
+    def _overwrite_global_rows(self, out: Tensor, glob: GlobalRows, dropout_p: float) -> Tensor:
+        """Global tokens' rows of ``out`` (B, H, N, D), recomputed with the global projections over
+        every real key. Samples with fewer than G global tokens fill their slots and drop them."""
+        B, G = glob.idx.shape
         impl = "auto" if self.impl == "banded" else self.impl  # no window here: nothing for banded
-        out_g = attention(q_g, k_g, v_g, mask=mask, dropout_p=dropout_p, impl=impl)  # (B, H, G, D)
-        idx4 = idx[:, None, :, None].expand(B, self.num_heads, G, self.head_dim)  # (B, H, G, D)
+        out_g = attention(glob.q, glob.k, glob.v, mask=glob.mask, dropout_p=dropout_p,
+                          impl=impl)  # (B, H, G, D)
+        idx4 = glob.idx[:, None, :, None].expand(B, self.num_heads, G, self.head_dim)  # (B, H, G, D)
         keep = out.gather(2, idx4)  # filler slots write back what was there
-        return out.scatter(2, idx4, torch.where(real[:, None, :, None], out_g, keep))  # (B, H, N, D)
+        return out.scatter(2, idx4, torch.where(glob.real[:, None, :, None], out_g, keep))  # (B, H, N, D)
 
     def _heads(self, t: Tensor) -> Tensor:
         """(B, N, E) -> (B, H, N, D); head h owns channels h*D .. (h+1)*D - 1, as in HF."""

@@ -9,7 +9,7 @@ The plotting and page views, which import matplotlib, are to come in their own m
 """
 
 from .analysis import attention_rollout, head_entropy, mean_attention_distance, special_token_attention
-from .capture import AttentionRecord, Capture, capture
+from .capture import AttentionRecord, Capture, LongformerRecord, capture
 
-__all__ = ["AttentionRecord", "Capture", "attention_rollout", "capture", "head_entropy",
+__all__ = ["AttentionRecord", "Capture", "LongformerRecord", "attention_rollout", "capture", "head_entropy",
            "mean_attention_distance", "special_token_attention"]

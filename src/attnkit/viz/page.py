@@ -38,10 +38,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .analysis import attention_rollout, distance_rows, entropy_rows, special_flags, special_rows
-from .capture import ROW_BLOCK, Capture
+from .capture import ROW_BLOCK, BlockPool, Capture
 
 SHORT = 128  # up to this many tokens every link is kept and the thumbnails are the exact maps
 DEFAULT_TOP_K = 8  # links kept per query token and head beyond SHORT tokens
@@ -88,17 +88,19 @@ def _self_attention_records(cap: Capture, layers: Sequence[str] | None):
 
 def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int,
                    special: Tensor | None) -> tuple[MapSummary, tuple[float, float, float | None]]:
-    """One head of one record: top-k links, pooled map and (entropy, distance, special share), with
-    the map computed ROW_BLOCK query rows at a time (never N x N in memory)."""
+    """One head of one record: top-k links, pooled map and (entropy, distance, special share), all
+    from one pass over the map, ROW_BLOCK query rows at a time (never N x N in memory)."""
     N = rec.shape[2]
     k = min(top_k, N)
     top_idx = torch.empty(N, k, dtype=torch.long)
     top_w = torch.empty(N, k, dtype=torch.float64)
     totals = torch.zeros(3, dtype=torch.float64)  # entropy, distance, special summed over counted rows
     counted = 0.0
+    pool = BlockPool((), N, N, block)
     for r0 in range(0, N, ROW_BLOCK):
         rows = torch.arange(r0, min(N, r0 + ROW_BLOCK))
         w = rec.weights(rows=rows, heads=[head], batch=[batch]).double().cpu()  # (1, 1, r, N)
+        pool.add(rows, w[0, 0])
         vals, idx = w[0, 0].topk(k, dim=-1)  # (r, k)
         top_idx[rows], top_w[rows] = idx, vals
         alive = (w[0, 0].sum(-1) > 0).double()  # (r,): rows that attend somewhere
@@ -107,16 +109,16 @@ def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int,
         if special is not None:
             totals[2] += (special_rows(w, special[None])[0, 0] * alive).sum()
         counted += float(alive.sum())
-    pooled = rec.pooled(block, heads=[head], batch=[batch])[0, 0].double().cpu()  # (M, M)
     mean = (totals / max(counted, 1.0)).tolist()
-    return MapSummary(top_idx, top_w, pooled), (mean[0], mean[1], mean[2] if special is not None else None)
+    return MapSummary(top_idx, top_w, pool.result()), (mean[0], mean[1], mean[2] if special is not None else None)
 
 
 def summarize_dense(m: Tensor, *, top_k: int, block: int) -> MapSummary:
     """A dense (N, N) map (rollout) -> the same summary."""
     vals, idx = m.double().topk(min(top_k, m.shape[-1]), dim=-1)
-    pooled = nn.functional.avg_pool2d(m.double()[None, None], block, ceil_mode=True)[0, 0]  # edge cells: their mean
-    return MapSummary(idx, vals, pooled)
+    pool = BlockPool((), m.shape[0], m.shape[1], block)
+    pool.add(torch.arange(m.shape[0]), m)
+    return MapSummary(idx, vals, pool.result())
 
 
 def _rollout(records, batch: int) -> Tensor:
