@@ -1,0 +1,457 @@
+"""Fused exact attention in Triton: FlashAttention-2 (Dao 2023) over any attnkit mask.
+
+The mask never reaches the kernel as an expression. On the host it becomes a *block plan*:
+
+- the mask's tile kinds (``Mask.block_kinds``) at BLOCK_M x BLOCK_N, merged over batch and heads
+  (a tile is skipped only if it is empty for every sample and head, and runs unmasked only if it
+  is full for all of them);
+- for each query block, the list of key blocks to visit, in CSR form (``kv_ptr``, ``kv_idx``),
+  and the transposed lists for the key-block-major backward (``q_ptr``, ``q_idx``);
+- for each PARTIAL tile, its BLOCK_M x BLOCK_N truth (``tiles``, uint8, per sample and head where
+  the mask differs by them), evaluated by the mask itself: a partial tile is masked by one load,
+  a full tile is never masked, an empty tile is never visited. A ragged last key block is partial
+  (its keys past Nk are masked out in its tile).
+
+So causal, windows, global tokens, padding, documents and any combination run the same kernel;
+ALiBi is computed in the kernel from its slopes (``-slope_h * |p_i - j|``, p_i = i + Nk - Nq).
+
+Kernels (``_fwd``, ``_bwd_dq``, ``_bwd_dkdv``): online softmax in the log2 domain with fp32
+accumulators; the backward recomputes P from the saved lse (rows that attend nowhere have
+lse = -inf, out = 0, and get zero gradients). GQA: each query head reads kv head h // (Hq/Hkv);
+dk/dv are computed per query head and summed over each group.
+
+``triton_attention`` is a ``torch.library`` custom op with autograd, so ``torch.compile`` sees one
+opaque node. Without a CUDA device the kernels run in Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before triton is first imported (slow: tests at small sizes).
+
+Legend: B batch, Hq / Hkv query / kv heads, Nq / Nk queries / keys, D head dim, BM / BN block
+sizes, nQ / nK query / key blocks, T visited tiles, P partial tiles, Bm / Hm the mask's batch and
+head extents (1 where it broadcasts).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..bias import Alibi, Bias
+from ..masks import EMPTY, FULL, PARTIAL, Mask
+
+try:  # optional: attnkit imports and runs without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """Triton's interpreter runs the kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_blocks(D: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 16 x 16 in the interpreter (tests), 128 x 64 on the GPU (64 x 64 for
+    D = 128 to keep registers in bounds)."""
+    if interpreting():
+        return 16, 16
+    return (64, 64) if D >= 128 else (128, 64)
+
+
+def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float) -> str | None:
+    """Why ``impl="triton"`` cannot run this call, or None."""
+    if triton is None:
+        return "triton is not installed (pip install triton; it needs Linux)"
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
+        return (f"tensors on {q.device.type}: the Triton kernels run on a CUDA device "
+                "(or on the CPU in Triton's interpreter with TRITON_INTERPRET=1, slowly)")
+    if dropout_p > 0:
+        return f"dropout_p={dropout_p}: the Triton kernels do not implement dropout (use impl='sdpa' or 'reference')"
+    if bias is not None and not isinstance(bias, Alibi):
+        return f"bias {bias!r}: the Triton kernels compute ALiBi only (use impl='tiled' for other biases)"
+    if bias is not None and bias.requires_grad() and torch.is_grad_enabled():
+        return "the ALiBi slopes require grad: the Triton kernels do not compute their gradient"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype}: the Triton kernels take float16, bfloat16 or float32"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D != Dv or D not in HEAD_DIMS:
+        return f"head dims D={D}, Dv={Dv}: the Triton kernels need D == Dv in {HEAD_DIMS}"
+    if q.shape[1] % k.shape[1]:
+        return f"Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}"
+    return None
+
+
+# -- the block plan ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Which tiles each program visits, and the truth of the partial ones (module docstring)."""
+
+    block_m: int
+    block_n: int
+    kv_ptr: Tensor  # (nQ + 1,) int32: query block i visits kv_idx[kv_ptr[i]:kv_ptr[i + 1]]
+    kv_idx: Tensor  # (T,) int32 key block indices
+    kv_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
+    q_ptr: Tensor  # (nK + 1,) int32: key block j is visited by q_idx[q_ptr[j]:q_ptr[j + 1]]
+    q_idx: Tensor  # (T,) int32 query block indices
+    q_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
+    tiles: Tensor  # (Bm, Hm, max(P, 1), BM, BN) uint8, 1 = may attend
+
+    @property
+    def visited(self) -> int:
+        return int(self.kv_idx.numel())
+
+
+def _kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
+    """(nQ, nK) int8 tile kinds merged over the mask's batch and heads; the ragged last key block
+    is PARTIAL (its keys past Nk must be masked)."""
+    nQ, nK = -(-Nq // bm), -(-Nk // bn)
+    if mask is None:
+        kinds = torch.full((nQ, nK), FULL, dtype=torch.int8, device=device)
+    else:
+        k4 = mask.block_kinds(Nq, Nk, bm, bn, device).to(device)  # (Bm, Hm, nQ, nK)
+        all_full = (k4 == FULL).flatten(0, 1).all(0)
+        all_empty = (k4 == EMPTY).flatten(0, 1).all(0)
+        kinds = torch.full((nQ, nK), PARTIAL, dtype=torch.int8, device=device)
+        kinds = kinds.masked_fill(all_full, FULL).masked_fill(all_empty, EMPTY)
+    if Nk % bn:
+        last = kinds[:, -1]
+        kinds[:, -1] = torch.where(last == FULL, torch.full_like(last, PARTIAL), last)
+    return kinds
+
+
+def _csr(kinds: Tensor, tile_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-major lists of the non-empty tiles: (ptr (rows + 1,), idx (T,), tile (T,)) int32."""
+    visit = kinds != EMPTY
+    rows, cols = visit.nonzero(as_tuple=True)
+    ptr = torch.zeros(kinds.shape[0] + 1, dtype=torch.int32, device=kinds.device)
+    ptr[1:] = visit.sum(1).cumsum(0)
+    return ptr, cols.to(torch.int32), tile_id[rows, cols].to(torch.int32)
+
+
+def _partial_tiles(mask: Mask | None, kinds: Tensor, Nq: int, Nk: int, bm: int, bn: int) -> Tensor:
+    """(Bm, Hm, max(P, 1), BM, BN) uint8 truth of the PARTIAL tiles, in row-major tile order;
+    positions past Nq / Nk are 0. Evaluated one query block at a time (BM x its partial keys)."""
+    dev = kinds.device
+    pq, pk = (kinds == PARTIAL).nonzero(as_tuple=True)
+    if pq.numel() == 0:
+        return torch.zeros(1, 1, 1, bm, bn, dtype=torch.uint8, device=dev)
+    parts = []
+    for qb in torch.unique_consecutive(pq).tolist():
+        kbs = pk[pq == qb]  # (p,)
+        rows = qb * bm + torch.arange(bm, device=dev)  # (BM,)
+        cols = (kbs[:, None] * bn + torch.arange(bn, device=dev)[None, :]).flatten()  # (p * BN,)
+        inside = (rows < Nq)[:, None] & (cols < Nk)[None, :]  # (BM, p * BN)
+        if mask is None:
+            truth = inside[None, None]
+        else:
+            truth = mask.evaluate(rows.clamp(max=Nq - 1), cols.clamp(max=Nk - 1), Nq, Nk).to(dev) & inside
+        parts.append(truth.reshape(*truth.shape[:2], bm, len(kbs), bn).permute(0, 1, 3, 2, 4))  # (Bm, Hm, p, BM, BN)
+    Bm = max(p.shape[0] for p in parts)
+    Hm = max(p.shape[1] for p in parts)
+    return torch.cat([p.expand(Bm, Hm, -1, -1, -1) for p in parts], 2).to(torch.uint8).contiguous()
+
+
+def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device) -> BlockPlan:
+    """The block plan of ``mask`` for an (Nq, Nk) problem (module docstring)."""
+    kinds = _kinds(mask, Nq, Nk, block_m, block_n, device)  # (nQ, nK)
+    partial = kinds == PARTIAL
+    tile_id = torch.full(kinds.shape, -1, dtype=torch.int64, device=device)
+    tile_id[partial] = torch.arange(int(partial.sum()), device=device)
+    kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
+    q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
+    tiles = _partial_tiles(mask, kinds, Nq, Nk, block_m, block_n)
+    return BlockPlan(block_m, block_n, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles)
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk,
+                BM: tl.constexpr, BN: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+        """(BM, BN) scores in the log2 domain: q k^T * scale * log2(e), ALiBi, the partial tile's mask."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+        if HAS_ALIBI:
+            pos = offs_m + (Nk - Nq)  # bottom-right aligned query positions
+            s -= slope * LOG2E * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
+        if tile >= 0:
+            r = tl.arange(0, BM)
+            c = tl.arange(0, BN)
+            allowed = tl.load(TILES + t_base + tile * (BM * BN) + r[:, None] * BN + c[None, :])
+            s = tl.where(allowed != 0, s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, KV_TILE, TILES, SLOPES,
+             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth,
+             H, GROUP, Nq, Nk, scale_log2,
+             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        offs_m = qb * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        rows_ok = offs_m < Nq
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        t_base = b * stb + h * sth
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        start = tl.load(KV_PTR + qb)
+        end = tl.load(KV_PTR + qb + 1)
+        for t in range(start, end):
+            kb = tl.load(KV_IDX + t)
+            tile = tl.load(KV_TILE + t)
+            offs_n = kb * BN + tl.arange(0, BN)
+            keys_ok = offs_n < Nk
+            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+            s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        alive = l_i > 0
+        out = acc / tl.where(alive, l_i, 1.0)[:, None]
+        lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / LOG2E, float("-inf"))
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=rows_ok[:, None])
+        tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=rows_ok)
+
+    @triton.jit
+    def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_PTR, KV_IDX, KV_TILE, TILES, SLOPES,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth,
+                H, GROUP, Nq, Nk, scale_log2, scale,
+                BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+        """dQ of one query block: sum over its visited key blocks of dS K * scale.
+        Q, DO, DQ share strides (sq*); LSE, DELTA share (sl*)."""
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        offs_m = qb * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        rows_ok = offs_m < Nq
+        q_off = b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
+        q = tl.load(Q + q_off, mask=rows_ok[:, None], other=0.0)
+        do = tl.load(DO + q_off, mask=rows_ok[:, None], other=0.0)
+        lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # no key: P = 0
+        delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        t_base = b * stb + h * sth
+        dq = tl.zeros([BM, D], tl.float32)
+        for t in range(tl.load(KV_PTR + qb), tl.load(KV_PTR + qb + 1)):
+            kb = tl.load(KV_IDX + t)
+            tile = tl.load(KV_TILE + t)
+            offs_n = kb * BN + tl.arange(0, BN)
+            keys_ok = offs_n < Nk
+            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+            s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
+            p = tl.exp2(s - lse[:, None])
+            if IEEE:
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
+
+    @triton.jit
+    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_PTR, Q_IDX, Q_TILE, TILES, SLOPES,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth,
+                  H, GROUP, Nq, Nk, scale_log2, scale,
+                  BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+        """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
+        sum over the query blocks that visit it. DK, DV are (B, Hq, Nk, D) with strides sg*."""
+        kb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        offs_n = kb * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, D)
+        keys_ok = offs_n < Nk
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        t_base = b * stb + h * sth
+        dk = tl.zeros([BN, D], tl.float32)
+        dv = tl.zeros([BN, D], tl.float32)
+        for t in range(tl.load(Q_PTR + kb), tl.load(Q_PTR + kb + 1)):
+            qb = tl.load(Q_IDX + t)
+            tile = tl.load(Q_TILE + t)
+            offs_m = qb * BM + tl.arange(0, BM)
+            rows_ok = offs_m < Nq
+            q_off = b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
+            q = tl.load(Q + q_off, mask=rows_ok[:, None], other=0.0)
+            do = tl.load(DO + q_off, mask=rows_ok[:, None], other=0.0)
+            lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+            delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+            s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
+            p = tl.exp2(s - lse[:, None])  # (BM, BN)
+            if IEEE:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        g_off = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+        tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=keys_ok[:, None])
+        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=keys_ok[:, None])
+
+
+# -- launchers and the custom op --------------------------------------------------------------------
+
+def _tile_strides(tiles: Tensor) -> tuple[int, int]:
+    """Batch and head strides of the partial tiles, 0 where the mask broadcasts."""
+    return (tiles.stride(0) if tiles.shape[0] > 1 else 0), (tiles.stride(1) if tiles.shape[1] > 1 else 0)
+
+
+def _forward(q, k, v, kv_ptr, kv_idx, kv_tile, tiles, slopes, scale, block_m, block_n, has_alibi):
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    stb, sth = _tile_strides(tiles)
+    grid = (triton.cdiv(Nq, block_m), B * H)
+    _fwd[grid](q, k, v, out, lse, kv_ptr, kv_idx, kv_tile, tiles, slopes,
+               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+               lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E,
+               BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, dlse, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles, slopes,
+              scale, block_m, block_n, has_alibi):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dout = dout.contiguous()
+    # delta_i = rowsum(dO * O) - dlse_i: the lse's own gradient enters dS = P (dP - delta) through it
+    delta = (dout.float() * out.float()).sum(-1) - dlse.float()  # (B, H, Nq)
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk_h = torch.empty(B, H, Nk, D, dtype=q.dtype if Hkv == H else torch.float32, device=q.device)
+    dv_h = torch.empty_like(dk_h)
+    stb, sth = _tile_strides(tiles)
+    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+    _bwd_dq[(triton.cdiv(Nq, block_m), B * H)](
+        q, k, v, dout, lse, delta, dq, kv_ptr, kv_idx, kv_tile, tiles, slopes,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), stb, sth,
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, **common)
+    _bwd_dkdv[(triton.cdiv(Nk, block_n), B * H)](
+        q, k, v, dout, lse, delta, dk_h, dv_h, q_ptr, q_idx, q_tile, tiles, slopes,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
+        lse.stride(0), lse.stride(1), stb, sth, H, H // Hkv, Nq, Nk, scale * LOG2E, scale, **common)
+    if Hkv != H:  # each kv head's gradient is the sum over the query heads that read it
+        dk_h = dk_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(k.dtype)
+        dv_h = dv_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(v.dtype)
+    return dq, dk_h, dv_h
+
+
+@torch.library.custom_op("attnkit::triton_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_ptr: Tensor, kv_idx: Tensor, kv_tile: Tensor,
+                  q_ptr: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor, slopes: Tensor, scale: float,
+                  block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, kv_ptr, kv_idx, kv_tile, tiles, slopes, scale, block_m, block_n, has_alibi)
+
+
+@_attention_op.register_fake
+def _(q, k, v, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles, slopes, scale, block_m, block_n, has_alibi):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
+                           kv_ptr: Tensor, kv_idx: Tensor, kv_tile: Tensor, q_ptr: Tensor, q_idx: Tensor,
+                           q_tile: Tensor, tiles: Tensor, slopes: Tensor, scale: float, block_m: int, block_n: int,
+                           has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, q, k, v, out, lse, dlse, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles, slopes,
+                     scale, block_m, block_n, has_alibi)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_PLAN_ARGS = ("kv_ptr", "kv_idx", "kv_tile", "q_ptr", "q_idx", "q_tile", "tiles", "slopes")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *plan, scale, block_m, block_n, has_alibi = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], *plan)
+    ctx.config = (scale, block_m, block_n, has_alibi)
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, *plan = ctx.saved_tensors
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, *plan, *ctx.config)
+    return (dq, dk, dv) + (None,) * (len(_PLAN_ARGS) + 4)
+
+
+_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
+                     scale: float | None = None, block_m: int | None = None,
+                     block_n: int | None = None) -> tuple[Tensor, Tensor]:
+    """Exact attention with the Triton kernels -> (out (B, Hq, Nq, D), lse (B, Hq, Nq) float32).
+
+    q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
+    """
+    reason = why_not(q, k, v, mask, bias, 0.0)
+    if reason is not None:
+        raise ValueError(f"impl='triton' cannot run this call: {reason}")
+    D = q.shape[-1]
+    bm, bn = default_blocks(D)
+    bm, bn = block_m or bm, block_n or bn
+    plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device)
+    has_alibi = isinstance(bias, Alibi)
+    slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
+              else torch.zeros(1, dtype=torch.float32, device=q.device))
+    scale = D ** -0.5 if scale is None else float(scale)
+    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.kv_ptr, plan.kv_idx, plan.kv_tile,
+                         plan.q_ptr, plan.q_idx, plan.q_tile, plan.tiles, slopes, scale, bm, bn, has_alibi)
