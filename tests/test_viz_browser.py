@@ -122,7 +122,7 @@ def minilm_page(tmp_path_factory):
     tokens[3] = INJECTION
     path = tmp_path_factory.mktemp("page") / "minilm.html"
     write_html(cap, tokens, path, special=[0, len(tokens) - 1], title=f"MiniLM {INJECTION}")
-    return path, tokens
+    return path, tokens, cap
 
 
 def not_blank_png(path: Path) -> None:
@@ -133,7 +133,7 @@ def not_blank_png(path: Path) -> None:
 
 
 def test_loads_offline_quietly_and_injection_stays_text(browser, minilm_page, tmp_path):
-    path, tokens = minilm_page
+    path, tokens, _ = minilm_page
     with visit(browser, path) as v:
         texts = v.page.eval_on_selector_all("#ak-left .ak-tok .ak-text", "els => els.map(e => e.textContent)")
         assert texts == tokens  # short input: every row is on screen, in order
@@ -148,7 +148,7 @@ def test_loads_offline_quietly_and_injection_stays_text(browser, minilm_page, tm
 
 
 def test_hover_and_click_change_the_drawing(browser, minilm_page):
-    path, tokens = minilm_page
+    path, tokens, _ = minilm_page
     with visit(browser, path) as v:
         everything = v.links()
         v.page.hover("#ak-left .ak-tok[data-i='6']")  # "bank" as a query
@@ -176,7 +176,7 @@ def test_hover_and_click_change_the_drawing(browser, minilm_page):
 
 
 def test_model_view_thumbnails_enlarge_and_stats_table(browser, minilm_page):
-    path, tokens = minilm_page
+    path, tokens, _ = minilm_page
     with visit(browser, path) as v:
         v.page.click(".ak-tab[data-view='ak-modelview']")
         assert v.page.is_visible("#ak-grid") and not v.page.is_visible("#ak-scroll")
@@ -237,3 +237,23 @@ def test_two_thousand_tokens_stay_usable(browser, tmp_path):
         v.page.screenshot(path=str(shot))
         not_blank_png(shot)
         assert v.page.evaluate("document.images.length") == 0
+
+
+def test_the_links_drawn_are_that_heads_own(browser, minilm_page):
+    """One head shown, one query focused: the keys' tint is that head's attention row, as computed
+    in Python from the capture (so a page that mixed up heads, layers or rows would fail)."""
+    path, tokens, cap = minilm_page
+    layer, head, query = 4, 3, 6
+    want = cap[cap.names[layer]].weights(rows=[query], heads=[head])[0, 0, 0]  # (N,)
+    with visit(browser, path) as v:
+        v.page.select_option("#ak-layer", str(layer))
+        v.page.click("#ak-none")
+        v.page.click(f".ak-head[data-h='{head}']")
+        v.page.click(f"#ak-left .ak-tok[data-i='{query}']")
+        tint = v.page.eval_on_selector_all("#ak-right .ak-tok", """els => els.map(e => {
+            const m = /rgba\\([^)]*,\\s*([0-9.]+)\\)/.exec(e.style.background); return m ? Number(m[1]) : 0; })""")
+        got = torch.tensor(tint, dtype=torch.float64)
+        # CSS keeps an alpha in steps of 1/255: within 0.005 of the head's own row
+        assert (got - want.double()).abs().max() < 5e-3, (got, want)
+        other = cap[cap.names[layer]].weights(rows=[query], heads=[0])[0, 0, 0].double()
+        assert (got - other).abs().max() > 0.05  # another head's row would not do

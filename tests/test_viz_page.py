@@ -67,7 +67,8 @@ def tokens(N: int) -> list[str]:
 
 
 @pytest.mark.parametrize("N,mask,top_k", [(19, ak.causal(), None), (300, ak.sliding_window(20) | ak.global_tokens([0, 7]), 6),
-                                          (40, ak.document([0] * 15 + [1] * 25), 5)])
+                                          (40, ak.document([0] * 15 + [1] * 25), 5),
+                                          (23, ~ak.causal(), None)])  # the last row attends to nothing
 def test_links_thumbnails_and_stats_are_the_attention(N, mask, top_k):
     cap = run(N, mask)
     special = [0, N - 1]
@@ -98,13 +99,16 @@ def test_links_thumbnails_and_stats_are_the_attention(N, mask, top_k):
     assert data["special"] == special
 
 
-def test_rollout_is_attention_rollout():
+@pytest.mark.parametrize("order", ["as run", "reversed"])
+def test_rollout_is_attention_rollout(order):
     N = 30
     cap = run(N, ak.causal())
-    data = page_data(cap, tokens(N), batch=0)
+    layers = cap.names if order == "as run" else cap.names[::-1]
+    data = page_data(cap, tokens(N), batch=0, layers=layers)
     roll = data["layers"][-1]
-    assert roll["name"] == "rollout" and roll.get("rollout") and len(data["layers"]) == len(cap.names) + 1
-    want = attention_rollout([dense(cap, name, 0)[None] for name in cap.names])[0]  # (N, N)
+    assert [L["index"] for L in data["layers"]] == [0, 1, 2, -1]  # shown in the order the model ran them
+    assert roll["name"] == "rollout over all layers, all heads" and roll.get("rollout")
+    want = attention_rollout([dense(cap, name, 0)[None] for name in cap.names])[0]  # (N, N), bottom layer first
     w = unpack(roll["w"], 16).reshape(N, N).double() / 65535
     idx = unpack(roll["idx"], roll["idx_bits"]).reshape(N, N)
     assert torch.allclose(want.gather(-1, idx), w, atol=1e-4)
@@ -165,8 +169,18 @@ def test_bad_requests_say_what_to_do(tmp_path):
         page_data(cap, "a sentence")
     with pytest.raises(ValueError, match="batch 2 is out of range"):
         page_data(cap, tokens(8), batch=2)
-    with pytest.raises(ValueError, match="heads in 0..3"):
+    with pytest.raises(ValueError, match="distinct heads in 0..3"):
         page_data(cap, tokens(8), heads=[4])
+    with pytest.raises(ValueError, match="distinct heads"):
+        page_data(cap, tokens(8), heads=[1, 1])
+    with pytest.raises(ValueError, match="each layer once"):
+        page_data(cap, tokens(8), layers=[cap.names[0]] * 2)
+    with pytest.raises(ValueError, match="layers=\\[\\] was given"):
+        page_data(cap, tokens(8), layers=[])
+    with pytest.raises(ValueError, match=r"valid: expected one flag per token of sequence 0, shape \(8,\)"):
+        page_data(cap, tokens(8), valid=[True] * 7)
+    with pytest.raises(ValueError, match="overview"):
+        page_data(cap, tokens(8), overview=True)
     with pytest.raises(ValueError, match="focus 8 is out of range"):
         page_data(cap, tokens(8), focus=8)
     with pytest.raises(ValueError, match="top_k"):
@@ -185,6 +199,35 @@ def test_bad_requests_say_what_to_do(tmp_path):
         mha(torch.randn(1, 5, 32), torch.randn(1, 9, 32))
     with pytest.raises(ValueError, match="not self-attention"):
         page_data(cross, tokens(5))
+    # a map with NaN is refused by name, never written into the page
+    model = Stack()
+    x = torch.randn(1, 8, 32)
+    x[0, 3, 0] = float("nan")
+    with torch.no_grad(), capture(model) as bad:
+        model(x)
+    with pytest.raises(ValueError, match="layer 'layers.0', head 0: the attention map holds NaN"):
+        page_data(bad, tokens(8))
+
+
+def test_padding_queries_are_left_out_of_the_statistics():
+    N, n_real = 20, 13
+    cap = run(N, ak.key_padding([N, n_real]))
+    valid = torch.arange(N) < n_real
+    data = page_data(cap, tokens(N), batch=1, valid=valid)
+    for l, name in enumerate(cap.names):
+        want = dense(cap, name, batch=1)[None]  # (1, H, N, N)
+        expect = head_entropy(want, query_valid=valid[None])[0].float()
+        assert torch.allclose(torch.tensor(data["stats"]["entropy"][l]), expect, atol=1e-5)
+        assert not torch.allclose(expect, head_entropy(want)[0].float(), atol=1e-3)  # padding rows would change it
+
+
+def test_odd_text_survives_the_trip():
+    N = 6
+    cap = run(N)
+    toks = ["bad\ud800", "\u2028", "\x00", "%DATA%", "\\1", "\U0001f600"]
+    page = render_html(cap, toks, title="t\udc00itle")
+    found = re.search(r'<script type="application/json" id="ak-data">(.*?)</script>', page, re.S)
+    assert found[1].isascii() and json.loads(found[1])["tokens"] == toks
 
 
 def test_cli_writes_the_page(tmp_path, capsys):
@@ -195,13 +238,20 @@ def test_cli_writes_the_page(tmp_path, capsys):
     assert main(["viz", sentence, "--out", str(path), "--png", str(png), "--token", "bank"]) == 0
     data = json.loads(re.search(r'id="ak-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)[1])
     assert data["tokens"][0] == "[CLS]" and "bank" in data["tokens"] and data["focus"] == data["tokens"].index("bank")
-    assert len(data["layers"]) == 7 and data["layers"][-1]["name"] == "rollout"  # 6 layers and rollout
+    assert len(data["layers"]) == 7 and data["layers"][-1]["rollout"]  # 6 layers and rollout
     assert data["special"] == [0, len(data["tokens"]) - 1] and png.stat().st_size > 10_000
     assert main(["viz", sentence, "--out", str(path), "--layer", "2", "--head", "5"]) == 0
     data = json.loads(re.search(r'id="ak-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)[1])
     assert [L["name"] for L in data["layers"]] == ["blocks.2.attn"] and data["layers"][0]["heads"] == [5]
+    assert data["layers"][0]["index"] == 2  # the model's layer number, not the page's slot
+    assert main(["viz", sentence, "--out", str(path), "--head", "5", "--token", "[CLS]"]) == 0  # --head alone
+    data = json.loads(re.search(r'id="ak-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)[1])
+    assert len(data["layers"]) == 7 and data["layers"][0]["heads"] == [5] and data["focus"] == 0
+    capsys.readouterr()
     assert main(["viz", sentence, "--out", str(tmp_path / "x.txt")]) == 2
     assert "ending in .html" in capsys.readouterr().err
+    assert main(["viz", sentence, "--out", str(tmp_path / "ok.html"), "--png", str(tmp_path / "x.txt")]) == 2
+    assert not (tmp_path / "ok.html").exists()  # checked before anything ran
 
 
 def test_longformer_layers_make_a_page_too():

@@ -80,7 +80,7 @@ def test_cli_writes_a_picture(tmp_path, options, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("options,message", [(["--layer", "6"], "out of range"), (["--head", "1"], "needs --layer"),
+@pytest.mark.parametrize("options,message", [(["--layer", "6"], "out of range"), (["--head", "1"], "needs --layer for a picture"),
                                              (["--token", "money"], "not one of the word pieces")])
 def test_cli_bad_options_say_why(tmp_path, options, message, capsys):
     from attnkit.cli.main import main

@@ -27,13 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", help="write a picture here (.png, .svg or .pdf; the default when --out is not given: "
                                  "attention.png)")
     p.add_argument("--layer", type=int, help="only this layer (0-based)")
-    p.add_argument("--head", type=int, help="only this head of --layer (0-based)")
+    p.add_argument("--head", type=int, help="only this head (0-based; for --png it needs --layer)")
     p.add_argument("--token", help="draw what this token (a word piece, or its index) attends to")
 
 
 def _token_index(token: str, tokens: list[str]) -> int:
     if token.lstrip("-").isdigit():
         index = int(token)
+    elif token in tokens:  # exact first: [CLS], [SEP]
+        index = tokens.index(token)
     elif token.lower() in tokens:
         index = tokens.index(token.lower())
     else:
@@ -52,10 +54,26 @@ def _span(name: str, chosen: list[int], n: int) -> str:
     return f"all {n} {name}s" if len(chosen) == n else f"{name} {', '.join(map(str, chosen))}"
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse bad output names and option combinations before the model runs."""
+    from ..viz.plot import FORMATS
+
+    if args.out is None and args.png is None:
+        args.png = "attention.png"
+    if args.out is not None and not args.out.lower().endswith((".html", ".htm")):
+        raise ValueError(f"--out {args.out!r}: expected a path ending in .html (the page); use --png for pictures")
+    if args.png is not None and not args.png.lower().endswith(FORMATS):
+        raise ValueError(f"--png {args.png!r}: expected a path ending in one of {', '.join(FORMATS)}")
+    if args.png is not None and args.head is not None and args.layer is None:
+        raise ValueError("--head needs --layer for a picture (which layer's head); the page (--out) takes --head "
+                         "alone")
+
+
 def run_viz(args: argparse.Namespace) -> int:
     from ..pretrained import load_bert, minilm_path
     from ..viz import capture
 
+    _check_outputs(args)
     bundle = load_bert(minilm_path())
     ids, valid = bundle.encode([args.text])  # (1, N)
     tokens = bundle.tokens(args.text)
@@ -64,13 +82,9 @@ def run_viz(args: argparse.Namespace) -> int:
     L, H = len(cap.names), cap[cap.names[0]].shape[1]
     _check_range("layer", args.layer, L)
     _check_range("head", args.head, H)
-    if args.head is not None and args.layer is None:
-        raise ValueError("--head needs --layer (which layer's head)")
     layers = list(range(L)) if args.layer is None else [args.layer]
     heads = list(range(H)) if args.head is None else [args.head]
     query = None if args.token is None else _token_index(args.token, tokens)
-    if args.out is None and args.png is None:
-        args.png = "attention.png"
     if args.out is not None:
         _write_page(cap, tokens, layers, heads, query, args.out, args.text)
     if args.png is not None:

@@ -30,8 +30,9 @@ def _check_probs(name: str, probs: Tensor) -> None:
 
 
 def _row_weights(probs: Tensor, query_valid: Tensor | None) -> Tensor:
-    """(B, 1, Nq) weights of the rows that count: real queries that attend somewhere."""
-    alive = probs.sum(-1).amax(1, keepdim=True) > 0  # (B, 1, Nq)
+    """(B, H, Nq) weights of the rows that count, per head: real queries for which this head
+    attends somewhere (a row the head's mask or bias empties says nothing about the head)."""
+    alive = probs.sum(-1) > 0  # (B, H, Nq)
     if query_valid is not None:
         if tuple(query_valid.shape) != (probs.shape[0], probs.shape[2]):
             raise ValueError(f"query_valid must be (B, Nq) = ({probs.shape[0]}, {probs.shape[2]}), got "

@@ -57,27 +57,24 @@ class MapSummary:
     pooled: Tensor  # (M, M) float64: block means
 
 
-@dataclass(frozen=True)
-class HeadStats:
-    """Per-head statistics of one layer, each (H,) float64 (``special`` None without special tokens)."""
-
-    entropy: Tensor
-    distance: Tensor
-    special: Tensor | None
-
-
 def _self_attention_records(cap: Capture, layers: Sequence[str] | None):
+    """The last call of each chosen layer, in the order the model ran them (rollout needs it)."""
     names = cap.names if layers is None else list(layers)
     if not names:
-        raise ValueError("the capture recorded no attention call: run the model inside `with capture(model):`")
-    records = []
+        raise ValueError("no layer to show: the capture recorded no attention call (run the model inside "
+                         f"`with capture(model):`) or layers=[] was given; recorded: {cap.names}")
     for name in names:
-        rec = cap[name]
+        cap[name]  # KeyError listing the recorded names
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers: each layer once, got {names}")
+    records = [cap[name] for name in sorted(names, key=cap.names.index)]
+    for rec in records:
         B, H, Nq, Nk = rec.shape
         if Nq != Nk:
-            raise ValueError(f"layer {name!r} is not self-attention over one sequence (Nq={Nq}, Nk={Nk}); the page "
-                             "shows self-attention maps: pass layers=[...] without cross-attention or decode steps")
-        records.append(rec)
+            raise ValueError(f"the last call of layer {rec.name!r} is not self-attention over one sequence (Nq={Nq}, "
+                             f"Nk={Nk}): the page shows self-attention maps, so capture one full forward pass (for "
+                             "a decoder with a KV cache: the prefill only) and leave cross-attention layers out with "
+                             "layers=[...]")
     n = records[0].shape[2]
     other = [r.name for r in records if r.shape[2] != n]
     if other:
@@ -86,10 +83,12 @@ def _self_attention_records(cap: Capture, layers: Sequence[str] | None):
     return records
 
 
-def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int,
-                   special: Tensor | None) -> tuple[MapSummary, tuple[float, float, float | None]]:
+def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int, special: Tensor | None,
+                   valid: Tensor | None = None) -> tuple[MapSummary, tuple[float, float, float | None]]:
     """One head of one record: top-k links, pooled map and (entropy, distance, special share), all
-    from one pass over the map, ROW_BLOCK query rows at a time (never N x N in memory)."""
+    from one pass over the map, ROW_BLOCK query rows at a time (never N x N in memory). The
+    statistics average the rows that count: real queries (``valid`` (N,) bool, None = all) for
+    which this head attends somewhere, as ``attnkit.viz.analysis`` does."""
     N = rec.shape[2]
     k = min(top_k, N)
     top_idx = torch.empty(N, k, dtype=torch.long)
@@ -100,10 +99,15 @@ def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int,
     for r0 in range(0, N, ROW_BLOCK):
         rows = torch.arange(r0, min(N, r0 + ROW_BLOCK))
         w = rec.weights(rows=rows, heads=[head], batch=[batch]).double().cpu()  # (1, 1, r, N)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {rec.name!r}, head {head}: the attention map holds NaN or inf (rows "
+                             f"{r0}..{int(rows[-1])}); the model's inputs or weights are not finite")
         pool.add(rows, w[0, 0])
         vals, idx = w[0, 0].topk(k, dim=-1)  # (r, k)
         top_idx[rows], top_w[rows] = idx, vals
         alive = (w[0, 0].sum(-1) > 0).double()  # (r,): rows that attend somewhere
+        if valid is not None:
+            alive = alive * valid[rows].double()
         totals[0] += (entropy_rows(w)[0, 0] * alive).sum()
         totals[1] += (distance_rows(w, rows)[0, 0] * alive).sum()
         if special is not None:
@@ -162,10 +166,10 @@ def _pack_maps(summaries: list[MapSummary], n: int) -> dict:
 
 
 def _json_for_script(payload: dict) -> str:
-    """JSON that cannot end its <script> element or open markup: <, >, & and the JS line breaks
-    are written as \\u escapes (still valid JSON, parsed back to the same text)."""
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    """JSON that cannot end its <script> element or open markup: ASCII only, with <, > and &
+    written as \\u escapes (still valid JSON, parsed back to the same text)."""
+    text = json.dumps(payload, ensure_ascii=True, allow_nan=False, separators=(",", ":"))  # ASCII: no U+2028
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(ch, esc)
     return text
 
@@ -184,8 +188,8 @@ def _check_tokens(tokens: Sequence[str], n: int) -> list[str]:
 
 def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | None = None,
               heads: Sequence[int] | None = None, batch: int = 0, top_k: int | None = None,
-              overview: int = 128, special: Sequence[int] | None = None, rollout: bool | None = None,
-              focus: int | None = None, title: str = "attention") -> dict:
+              overview: int = 128, special: Sequence[int] | None = None, valid: Sequence[bool] | Tensor | None = None,
+              rollout: bool | None = None, focus: int | None = None, title: str = "attention") -> dict:
     """The page's JSON payload (see ``render_html`` for the arguments)."""
     records = _self_attention_records(cap, layers)
     B, H, N, _ = records[0].shape
@@ -194,11 +198,11 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
         raise ValueError(f"batch {batch} is out of range: the capture holds {B} sequences (0..{B - 1})")
     heads = list(range(H)) if heads is None else [int(h) for h in heads]
     bad = [h for h in heads if not 0 <= h < H]
-    if bad or not heads:
-        raise ValueError(f"heads: expected a non-empty list of heads in 0..{H - 1}, got {heads}")
+    if bad or not heads or len(set(heads)) != len(heads):
+        raise ValueError(f"heads: expected a non-empty list of distinct heads in 0..{H - 1}, got {heads}")
     if focus is not None and not 0 <= focus < N:
         raise ValueError(f"focus {focus} is out of range: {N} tokens (0..{N - 1})")
-    if not isinstance(overview, int) or overview < 1:
+    if isinstance(overview, bool) or not isinstance(overview, int) or overview < 1:
         raise ValueError(f"overview: expected an int >= 1 (cells per side of a thumbnail), got {overview!r}")
     top_k = (N if N <= SHORT else DEFAULT_TOP_K) if top_k is None else int(top_k)
     if top_k < 1:
@@ -206,15 +210,22 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
     block = -(-N // overview)
     flags = None if special is None else special_flags(list(special), 1, N)[0]  # (N,) bool
     rollout = (N <= ROLLOUT_LIMIT) if rollout is None else rollout
+    if valid is not None:
+        valid = torch.as_tensor(valid).bool().cpu()
+        if tuple(valid.shape) != (N,):
+            raise ValueError(f"valid: expected one flag per token of sequence {batch}, shape ({N},) (True = a real "
+                             f"token, e.g. attention_mask[{batch}]), got {tuple(valid.shape)}")
 
     out_layers, stats = [], {"entropy": [], "distance": [], "special": [] if flags is not None else None}
     for rec in records:
         summaries, per_head = [], []
         for h in heads:
-            summary, numbers = summarize_head(rec, h, batch=batch, top_k=top_k, block=block, special=flags)
+            summary, numbers = summarize_head(rec, h, batch=batch, top_k=top_k, block=block, special=flags,
+                                              valid=valid)
             summaries.append(summary)
             per_head.append(numbers)
-        out_layers.append({"name": rec.name, "heads": heads, **_pack_maps(summaries, N)})
+        out_layers.append({"name": rec.name or "(the model)", "index": cap.names.index(rec.name), "heads": heads,
+                           **_pack_maps(summaries, N)})
         stats["entropy"].append([p[0] for p in per_head])
         stats["distance"].append([p[1] for p in per_head])
         if flags is not None:
@@ -222,10 +233,12 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
     note = ""
     if rollout:
         summary = summarize_dense(_rollout(records, batch), top_k=top_k, block=block)
-        out_layers.append({"name": "rollout", "heads": [0], "rollout": True, **_pack_maps([summary], N)})
+        shown = "all layers" if len(records) == len(cap.names) else f"layers {[r['index'] for r in out_layers]}"
+        out_layers.append({"name": f"rollout over {shown}, all heads", "index": -1, "heads": [0], "rollout": True,
+                           **_pack_maps([summary], N)})
     else:
         note = f"attention rollout is left out: it multiplies dense N x N maps and N = {N} > {ROLLOUT_LIMIT}"
-    return {"title": title, "tokens": tokens, "n": N, "k": min(top_k, N), "block": block, "m": -(-N // block),
+    return {"title": str(title), "tokens": tokens, "n": N, "k": min(top_k, N), "block": block, "m": -(-N // block),
             "layers": out_layers, "stats": stats, "focus": focus, "note": note,
             "special": None if flags is None else flags.nonzero().flatten().tolist()}
 
@@ -238,6 +251,8 @@ def render_html(cap: Capture, tokens: Sequence[str], **options) -> str:
     - ``top_k``: links kept per token and head (default all up to 128 tokens, else 8);
     - ``overview``: thumbnail cells per side (block-pooled beyond that many tokens; default 128);
     - ``special``: positions of special tokens ([CLS], [SEP]) for the special-attention statistic;
+    - ``valid``: (N,) True at real tokens of that sequence (e.g. its attention_mask row): the
+      statistics leave padding queries out;
     - ``rollout``: include attention rollout (default when N <= 2048);
     - ``focus``: a token pinned when the page opens; ``title``: the page's title.
     """
@@ -247,7 +262,7 @@ def render_html(cap: Capture, tokens: Sequence[str], **options) -> str:
     csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src data: blob:; "
            "connect-src 'none'; form-action 'none'; base-uri 'none'")
     parts = {"CSP": html_lib.escape(csp, quote=False),  # in a "..." attribute: no " in it
-             "TITLE": html_lib.escape(data["title"]),
+             "TITLE": html_lib.escape(data["title"].encode("utf-8", "replace").decode("utf-8")),
              "STYLE": _asset("page.css"), "DATA": _json_for_script(data), "SCRIPT": script}
     # one pass: text put in is never searched for placeholders again
     return re.sub(r"%(CSP|TITLE|STYLE|DATA|SCRIPT)%", lambda m: parts[m[1]], _asset("page.html"))

@@ -195,7 +195,7 @@
   LAYERS.forEach((L, l) => {
     const opt = document.createElement("option");
     opt.value = String(l);
-    opt.textContent = L.rollout ? "rollout (all layers)" : `${l}: ${L.name}`;
+    opt.textContent = L.rollout ? L.name : `${L.index}: ${L.name}`;
     layerSelect.append(opt);
   });
   layerSelect.addEventListener("change", () => {
@@ -269,7 +269,7 @@
   function drawOverview() {
     paintMap(overview, state.layer, [...state.heads]);
     $("ak-overview-caption").textContent =
-      `Overview: layer ${LAYERS[state.layer].rollout ? "rollout" : state.layer}, mean of the shown heads` +
+      `Overview: ${LAYERS[state.layer].rollout ? "rollout" : `layer ${LAYERS[state.layer].index}`}, mean of the shown heads` +
       (DATA.block > 1 ? `, pooled in ${DATA.block} x ${DATA.block} token blocks` : "") +
       ". Rows: queries, columns: keys (square root scale). Click to scroll there.";
     overviewBase = overview.getContext("2d").getImageData(0, 0, M, M);
@@ -314,7 +314,7 @@
   LAYERS.forEach((L, l) => {
     const label = document.createElement("div");
     label.className = "ak-rowlabel";
-    label.textContent = L.rollout ? "rollout" : `layer ${l}`;
+    label.textContent = L.rollout ? "rollout" : `layer ${L.index}`;
     label.title = L.name;
     grid.append(label);
     L.heads.forEach((head, slot) => {
@@ -322,7 +322,7 @@
       c.className = "ak-thumb";
       c.dataset.layer = String(l);
       c.dataset.slot = String(slot);
-      c.title = L.rollout ? "attention rollout" : `layer ${l}, head ${head}: ${statText(l, slot)}`;
+      c.title = L.rollout ? L.name : `layer ${L.index}, head ${head}: ${statText(l, slot)}`;
       c.addEventListener("click", () => openModal(l, slot));
       grid.append(c);
       if (lazy) lazy.observe(c); else { paintMap(c, l, [slot]); c.dataset.drawn = "1"; }
@@ -360,7 +360,7 @@
     const L = LAYERS[l];
     paintLarge($("ak-modal-map"), l, slot);
     const about = L.rollout ? "Abnar & Zuidema (2020): 0.5 A + 0.5 I per layer, heads averaged." : `${statText(l, slot)}.`;
-    $("ak-modal-title").textContent = L.rollout ? "Attention rollout over all layers" : `Layer ${l} (${L.name}), head ${L.heads[slot]}`;
+    $("ak-modal-title").textContent = L.rollout ? `Attention ${L.name}` : `Layer ${L.index} (${L.name}), head ${L.heads[slot]}`;
     $("ak-modal-stats").textContent = `${about} Rows: queries, columns: keys` +
       (DATA.block > 1 ? `; each cell is the mean over a block of ${DATA.block} x ${DATA.block} tokens.` : ".") +
       ` Brightest cell: ${(L.pooled_max[slot]).toPrecision(3)} (square root colour scale).`;
@@ -395,7 +395,7 @@
     LAYERS[0].heads.forEach((h) => { const th = document.createElement("th"); th.textContent = `head ${h}`; head.append(th); });
     const rows = values.map((row, l) => {
       const tr = document.createElement("tr"), th = document.createElement("th");
-      th.textContent = `layer ${l}`;
+      th.textContent = `layer ${LAYERS[l].index}`;
       tr.append(th);
       for (const v of row) {
         const td = document.createElement("td");
