@@ -51,6 +51,18 @@ def _banded(kernel):
     return make
 
 
+def _triton(block_m, block_n):
+    def make(case):
+        mask, bias = case.make_mask(), case.make_bias()
+
+        def run(q, k, v):
+            from attnkit.ops.flash_triton import triton_attention
+            return triton_attention(q, k, v, mask=mask, bias=bias, scale=case.D ** -0.5, block_m=block_m,
+                                    block_n=block_n)
+        return run, mask, bias
+    return make
+
+
 RUNNERS = {
     "sdpa": _public("sdpa", return_lse=False),  # torch's F.scaled_dot_product_attention, with autograd
     "sdpa-lse": _public("sdpa"),  # torch's CPU kernel that returns the lse (forward only: no lse grad)
@@ -60,11 +72,13 @@ RUNNERS = {
     "tiled-fused-odd": _tiled("auto", 23, 13),
     "banded": _public("banded"),  # torch's CPU flash kernel on the block windows
     "banded-math": _banded("math"),  # plain torch matmuls (the path CUDA and Dv != D take)
+    "triton": _public("triton"),  # the Triton kernels (on the CPU: Triton's interpreter)
+    "triton-32x16": _triton(32, 16),  # BLOCK_M != BLOCK_N
 }
 
 
 def _supported(runner: str, case, dtype) -> str | None:
-    backend = "sdpa" if runner.startswith("sdpa") else "banded" if runner.startswith("banded") else None
+    backend = next((b for b in ("sdpa", "banded", "triton") if runner.startswith(b)), None)
     if backend is None:
         return None
     q, k, v = case.inputs(dtype=dtype)
@@ -85,6 +99,8 @@ def _seed(case) -> int:
 @pytest.mark.parametrize("runner", list(RUNNERS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_fp32_forward_backward(runner, case):
+    if runner == "triton-32x16" and "big" in case.tags:
+        pytest.skip("the interpreter is slow: the big cases run once, with the default blocks (runner 'triton')")
     why = _supported(runner, case, torch.float32)
     if why:
         pytest.skip(why)
@@ -98,10 +114,13 @@ HALF_CASES = ["dense-odd", "gqa-dense", "causal-nq>nk", "window-global", "paddin
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("runner", ["sdpa", "tiled", "tiled-fused-small", "tiled-math-small", "banded", "banded-math"])
+@pytest.mark.parametrize("runner", ["sdpa", "tiled", "tiled-fused-small", "tiled-math-small", "banded", "banded-math",
+                                    "triton"])
 @pytest.mark.parametrize("name", HALF_CASES)
 def test_half_forward_backward(name, runner, dtype):
     case = BY_NAME[name]
+    if runner == "triton" and "big" in case.tags:
+        pytest.skip("the interpreter is slow: big cases run in fp32 only")
     why = _supported(runner, case, dtype)
     if why:
         pytest.skip(why)

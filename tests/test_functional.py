@@ -27,7 +27,7 @@ def test_explain_names_the_choice_and_every_reason():
     assert "auto picks: tiled" in text and "why not: bias alibi" in text
     assert ak.explain(q, q, q, dropout_p=0.1).chosen == "sdpa"
     assert ak.explain(q, q, q, dropout_p=0.1, mask=ak.causal(), bias=ak.alibi(2)).chosen == "reference"
-    assert list(ak.backends()) == ["sdpa", "banded", "tiled", "reference"]
+    assert list(ak.backends()) == ["sdpa", "triton", "banded", "tiled", "reference"]
 
 
 def test_auto_prefers_tiled_when_the_mask_rules_out_most_tiles():

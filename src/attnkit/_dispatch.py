@@ -1,6 +1,8 @@
 """Which backend can run a call, why not, and the order ``impl="auto"`` tries them in.
 
-Auto order: ``sdpa`` (torch's fused kernels) where it can express the call, then ``banded``
+Auto order: ``sdpa`` (torch's fused kernels) where it can express the call, then ``triton``
+(the fused Triton kernels for every mask structure; CUDA only: on the CPU they run only in
+Triton's interpreter, for tests, and auto never picks them there), then ``banded``
 (Longformer masks: sliding window, global tokens, padding; O(N·W)), then ``tiled`` (any
 structured mask, ALiBi, lse on any device), then ``reference`` (dropout with structured masks).
 An explicit ``impl`` never falls back: it raises with the backend's reason.
@@ -21,7 +23,7 @@ from .ops.pattern import band_span, parse
 from .ops.reference import reference_attention
 from .ops.tiled import tiled_attention, work_fraction
 
-AUTO_ORDER = ("sdpa", "banded", "tiled", "reference")
+AUTO_ORDER = ("sdpa", "triton", "banded", "tiled", "reference")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,22 @@ def _banded_run(c: Call):
     return _banded.banded_attention(c.q, c.k, c.v, mask=c.mask, scale=c.scale)
 
 
+def _triton_why_not(c: Call) -> str | None:
+    from .ops import flash_triton  # imports triton (if installed) on first use only
+    return flash_triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p)
+
+
+def _triton_auto_why_not(c: Call) -> str | None:
+    if c.q.device.type != "cuda":
+        return "auto uses the Triton kernels on CUDA devices only (on the CPU they run in Triton's interpreter)"
+    return None
+
+
+def _triton_run(c: Call):
+    from .ops import flash_triton
+    return flash_triton.triton_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale)
+
+
 BANDED_SPAN_LIMIT = 0.6  # auto takes banded while a query's window (+ one block) is <= 0.6 Nk
 SMALL_PROBLEM = 1 << 19  # Nq * Nk below which sdpa's one dense call beats banded's set-up
 
@@ -90,6 +108,8 @@ BACKENDS: dict[str, Backend] = {
                       "time and memory", lambda c: _banded.why_not(c.mask, c.bias, c.dropout_p), _banded_run),
     "tiled": Backend("tiled", "FlashAttention-2 tiling in torch, skips masked-out tiles, O(N*block) memory",
                      _tiled_why_not, _tiled_run),
+    "triton": Backend("triton", "fused Triton kernels (FlashAttention-2) over the mask's block plan, any mask, "
+                      "ALiBi, GQA; CUDA (or TRITON_INTERPRET=1 on the CPU)", _triton_why_not, _triton_run),
 }
 
 
@@ -101,6 +121,8 @@ def reasons(c: Call) -> dict[str, str | None]:
 def auto_reasons(c: Call) -> dict[str, str | None]:
     """Like ``reasons``, plus why auto passes over a backend that could run but would be slow."""
     why = reasons(c)
+    if why["triton"] is None:
+        why["triton"] = _triton_auto_why_not(c)
     if why["sdpa"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
         why["sdpa"] = _sdpa.auto_why_not(
             c.q, c.k, c.mask, lambda: work_fraction(c.mask, c.bias, c.q.shape[2], c.k.shape[2], c.q.device))

@@ -81,6 +81,9 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
         return "the ALiBi slopes require grad: the Triton kernels do not compute their gradient"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype}: the Triton kernels take float16, bfloat16 or float32"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return ("bfloat16 in Triton's interpreter: its tl.dot misreads bfloat16 operands (seen with triton 3.9: "
+                "errors of 1e10); bfloat16 runs on the GPU, float16 and float32 here")
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv or D not in HEAD_DIMS:
         return f"head dims D={D}, Dv={Dv}: the Triton kernels need D == Dv in {HEAD_DIMS}"
