@@ -51,16 +51,21 @@ def _banded(kernel):
     return make
 
 
-def _triton(block_m, block_n):
+def _triton(block_m, block_n, split_tiles=None):
     def make(case):
         mask, bias = case.make_mask(), case.make_bias()
 
         def run(q, k, v):
             from attnkit.ops.flash_triton import triton_attention
             return triton_attention(q, k, v, mask=mask, bias=bias, scale=case.D ** -0.5, block_m=block_m,
-                                    block_n=block_n)
+                                    block_n=block_n, split_tiles=split_tiles)
         return run, mask, bias
     return make
+
+
+# split-KV (every key list cut into runs of 2 tiles, merged afterwards) on the cases where it matters
+SPLIT_CASES = {"dense-odd", "gqa-dense", "causal-nq>nk", "window-global", "padding-empty", "alibi-window-gqa",
+               "longformer-mix", "lf-per-sample-global", "lf-all-padding", "documents-causal"}
 
 
 RUNNERS = {
@@ -74,6 +79,7 @@ RUNNERS = {
     "banded-math": _banded("math"),  # plain torch matmuls (the path CUDA and Dv != D take)
     "triton": _public("triton"),  # the Triton kernels (on the CPU: Triton's interpreter)
     "triton-32x16": _triton(32, 16),  # BLOCK_M != BLOCK_N
+    "triton-split": _triton(16, 16, split_tiles=2),
 }
 
 
@@ -101,6 +107,8 @@ def _seed(case) -> int:
 def test_fp32_forward_backward(runner, case):
     if runner == "triton-32x16" and "big" in case.tags:
         pytest.skip("the interpreter is slow: the big cases run once, with the default blocks (runner 'triton')")
+    if runner == "triton-split" and case.name not in SPLIT_CASES:
+        pytest.skip("split-KV runs on SPLIT_CASES (the interpreter is slow)")
     why = _supported(runner, case, torch.float32)
     if why:
         pytest.skip(why)

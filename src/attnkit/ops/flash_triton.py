@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..bias import Alibi, Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
+from .merge import merge
 
 try:  # optional: attnkit imports and runs without triton
     import triton
@@ -107,6 +108,13 @@ class BlockPlan:
     q_idx: Tensor  # (T,) int32 query block indices
     q_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
     tiles: Tensor  # (Bm, Hm, max(P, 1), BM, BN) uint8, 1 = may attend
+    # forward work items (split-KV): item w runs query block work_q[w] over kv_idx[work_start[w]:work_end[w]];
+    # work_slot[w] = -1 writes the final result, s >= 0 a partial merged afterwards (slot s of query block slot_q[s])
+    work_q: Tensor  # (W,) int32
+    work_start: Tensor  # (W,) int32
+    work_end: Tensor  # (W,) int32
+    work_slot: Tensor  # (W,) int32
+    slot_q: Tensor  # (S,) int32
 
     @property
     def visited(self) -> int:
@@ -163,8 +171,38 @@ def _partial_tiles(mask: Mask | None, kinds: Tensor, Nq: int, Nk: int, bm: int, 
     return torch.cat([p.expand(Bm, Hm, -1, -1, -1) for p in parts], 2).to(torch.uint8).contiguous()
 
 
-def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device) -> BlockPlan:
-    """The block plan of ``mask`` for an (Nq, Nk) problem (module docstring)."""
+SPLIT_MIN = 8  # a query block's key list is split only past max(SPLIT_MIN, 2 x the median list length)
+
+
+def split_work(kv_ptr: Tensor, split_tiles: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward work items (split-KV, as flash-decoding): a query block whose key list is longer
+    than ``split_tiles`` (default: max(SPLIT_MIN, 2 x the median length)) is cut into chunks of
+    that many tiles, each its own program, merged afterwards; so the few global query rows that
+    attend to all N keys do not leave the GPU idle behind one long program."""
+    ptr = kv_ptr.long().cpu()
+    lengths = ptr[1:] - ptr[:-1]  # (nQ,)
+    if split_tiles is None:
+        split_tiles = max(SPLIT_MIN, 2 * int(lengths.float().median().ceil()) if len(lengths) else SPLIT_MIN)
+    if split_tiles < 1:
+        raise ValueError(f"split_tiles must be >= 1 tiles per program, got {split_tiles}")
+    work_q, work_start, work_end, work_slot, slot_q = [], [], [], [], []
+    for qb, (a, n) in enumerate(zip(ptr[:-1].tolist(), lengths.tolist())):
+        if n <= split_tiles:
+            work_q.append(qb), work_start.append(a), work_end.append(a + n), work_slot.append(-1)
+            continue
+        for c in range(a, a + n, split_tiles):
+            work_q.append(qb), work_start.append(c), work_end.append(min(a + n, c + split_tiles))
+            work_slot.append(len(slot_q))
+            slot_q.append(qb)
+    dev = kv_ptr.device
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+    return as_t(work_q), as_t(work_start), as_t(work_end), as_t(work_slot), as_t(slot_q)
+
+
+def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
+              split_tiles: int | None = None) -> BlockPlan:
+    """The block plan of ``mask`` for an (Nq, Nk) problem (module docstring); ``split_tiles``: see
+    ``split_work``."""
     kinds = _kinds(mask, Nq, Nk, block_m, block_n, device)  # (nQ, nK)
     partial = kinds == PARTIAL
     tile_id = torch.full(kinds.shape, -1, dtype=torch.int64, device=device)
@@ -172,7 +210,8 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
     q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
     tiles = _partial_tiles(mask, kinds, Nq, Nk, block_m, block_n)
-    return BlockPlan(block_m, block_n, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles)
+    return BlockPlan(block_m, block_n, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
+                     *split_work(kv_ptr, split_tiles))
 
 
 # -- kernels ----------------------------------------------------------------------------------------
@@ -198,12 +237,16 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _fwd(Q, K, V, O, LSE, KV_PTR, KV_IDX, KV_TILE, TILES, SLOPES,
+    def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK_Q, WORK_START, WORK_END, WORK_SLOT, KV_IDX, KV_TILE, TILES, SLOPES,
              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth,
-             H, GROUP, Nq, Nk, scale_log2,
+             H, GROUP, Nq, Nk, scale_log2, BH,
              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
-        qb = tl.program_id(0)
+        """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
+        final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
+        w = tl.program_id(0)
         bh = tl.program_id(1)
+        qb = tl.load(WORK_Q + w)
+        slot = tl.load(WORK_SLOT + w)
         b = bh // H
         h = bh % H
         hk = h // GROUP
@@ -218,9 +261,7 @@ if triton is not None:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        start = tl.load(KV_PTR + qb)
-        end = tl.load(KV_PTR + qb + 1)
-        for t in range(start, end):
+        for t in range(tl.load(WORK_START + w), tl.load(WORK_END + w)):
             kb = tl.load(KV_IDX + t)
             tile = tl.load(KV_TILE + t)
             offs_n = kb * BN + tl.arange(0, BN)
@@ -241,9 +282,15 @@ if triton is not None:
         alive = l_i > 0
         out = acc / tl.where(alive, l_i, 1.0)[:, None]
         lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / LOG2E, float("-inf"))
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=rows_ok[:, None])
-        tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=rows_ok)
+        if slot < 0:
+            tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+                     mask=rows_ok[:, None])
+            tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=rows_ok)
+        else:  # PO (S, B*H, BM, D) and PLSE (S, B*H, BM), float32, contiguous
+            r = tl.arange(0, BM)
+            base = (slot * BH + bh) * BM
+            tl.store(PO + (base + r[:, None]) * D + offs_d[None, :], out)
+            tl.store(PLSE + base + r, lse)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_PTR, KV_IDX, KV_TILE, TILES, SLOPES,
@@ -348,18 +395,38 @@ def _tile_strides(tiles: Tensor) -> tuple[int, int]:
     return (tiles.stride(0) if tiles.shape[0] > 1 else 0), (tiles.stride(1) if tiles.shape[1] > 1 else 0)
 
 
-def _forward(q, k, v, kv_ptr, kv_idx, kv_tile, tiles, slopes, scale, block_m, block_n, has_alibi):
+def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, slot_q: Tensor, block_m: int) -> None:
+    """Combine each split query block's partials (po (S, B*H, BM, D), plse (S, B*H, BM)) into its
+    rows of out (B, H, Nq, D) / lse (B, H, Nq), in place."""
+    B, H, Nq, D = out.shape
+    slot_q = slot_q.tolist()
+    for qb in sorted(set(slot_q)):
+        acc, acc_lse = None, None
+        for s_i in (i for i, x in enumerate(slot_q) if x == qb):
+            acc, acc_lse = merge(acc, acc_lse, po[s_i], plse[s_i])  # (B*H, BM, D), (B*H, BM)
+        r0, r1 = qb * block_m, min(Nq, (qb + 1) * block_m)
+        out[:, :, r0:r1] = acc[:, : r1 - r0].reshape(B, H, r1 - r0, D).to(out.dtype)
+        lse[:, :, r0:r1] = acc_lse[:, : r1 - r0].reshape(B, H, r1 - r0)
+
+
+def _forward(q, k, v, work_q, work_start, work_end, work_slot, slot_q, kv_idx, kv_tile, tiles, slopes, scale,
+             block_m, block_n, has_alibi):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    S = slot_q.numel()
+    po = torch.empty(max(S, 1), B * H, block_m, D, dtype=torch.float32, device=q.device)
+    plse = torch.empty(max(S, 1), B * H, block_m, dtype=torch.float32, device=q.device)
     stb, sth = _tile_strides(tiles)
-    grid = (triton.cdiv(Nq, block_m), B * H)
-    _fwd[grid](q, k, v, out, lse, kv_ptr, kv_idx, kv_tile, tiles, slopes,
+    grid = (work_q.numel(), B * H)
+    _fwd[grid](q, k, v, out, lse, po, plse, work_q, work_start, work_end, work_slot, kv_idx, kv_tile, tiles, slopes,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-               lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E,
+               lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
                BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+    if S:
+        _merge_slots(out, lse, po, plse, slot_q, block_m)
     return out, lse
 
 
@@ -394,13 +461,15 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_ptr, kv_idx, kv_tile, q_ptr, q_i
 
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_ptr: Tensor, kv_idx: Tensor, kv_tile: Tensor,
-                  q_ptr: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor, slopes: Tensor, scale: float,
+                  q_ptr: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor, slopes: Tensor, work_q: Tensor,
+                  work_start: Tensor, work_end: Tensor, work_slot: Tensor, slot_q: Tensor, scale: float,
                   block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, kv_ptr, kv_idx, kv_tile, tiles, slopes, scale, block_m, block_n, has_alibi)
+    return _forward(q, k, v, work_q, work_start, work_end, work_slot, slot_q, kv_idx, kv_tile, tiles, slopes, scale,
+                    block_m, block_n, has_alibi)
 
 
 @_attention_op.register_fake
-def _(q, k, v, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles, slopes, scale, block_m, block_n, has_alibi):
+def _(q, k, v, *rest):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -418,12 +487,12 @@ def _(dout, q, k, v, out, lse, dlse, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_PLAN_ARGS = ("kv_ptr", "kv_idx", "kv_tile", "q_ptr", "q_idx", "q_tile", "tiles", "slopes")
+_N_PLAN = 13  # tensor arguments of _attention_op after q, k, v: the plan's 12 and the slopes
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *plan, scale, block_m, block_n, has_alibi = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], *plan)
+    ctx.save_for_backward(q, k, v, output[0], output[1], *plan[:8])  # the backward needs no work items
     ctx.config = (scale, block_m, block_n, has_alibi)
 
 
@@ -432,29 +501,34 @@ def _autograd_backward(ctx, dout, dlse):
     if dlse is None:
         dlse = torch.zeros_like(lse)
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, *plan, *ctx.config)
-    return (dq, dk, dv) + (None,) * (len(_PLAN_ARGS) + 4)
+    return (dq, dk, dv) + (None,) * (_N_PLAN + 4)
 
 
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
-                     scale: float | None = None, block_m: int | None = None,
-                     block_n: int | None = None) -> tuple[Tensor, Tensor]:
+                     scale: float | None = None, block_m: int | None = None, block_n: int | None = None,
+                     plan: BlockPlan | None = None, split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention with the Triton kernels -> (out (B, Hq, Nq, D), lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
+    ``plan``: a ``make_plan(mask, Nq, Nk, block_m, block_n, device)`` built once and reused across
+    calls with the same mask and sizes (building it costs host time, like FlexAttention's block mask).
     """
     reason = why_not(q, k, v, mask, bias, 0.0)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}")
     D = q.shape[-1]
-    bm, bn = default_blocks(D)
-    bm, bn = block_m or bm, block_n or bn
-    plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device)
+    if plan is None:
+        bm, bn = default_blocks(D)
+        bm, bn = block_m or bm, block_n or bn
+        plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device, split_tiles)
+    bm, bn = plan.block_m, plan.block_n
     has_alibi = isinstance(bias, Alibi)
     slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
               else torch.zeros(1, dtype=torch.float32, device=q.device))
     scale = D ** -0.5 if scale is None else float(scale)
     return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.kv_ptr, plan.kv_idx, plan.kv_tile,
-                         plan.q_ptr, plan.q_idx, plan.q_tile, plan.tiles, slopes, scale, bm, bn, has_alibi)
+                         plan.q_ptr, plan.q_idx, plan.q_tile, plan.tiles, slopes, plan.work_q, plan.work_start,
+                         plan.work_end, plan.work_slot, plan.slot_q, scale, bm, bn, has_alibi)

@@ -1,0 +1,172 @@
+"""attnkit's Triton kernels beside torch SDPA (FLASH, cuDNN, EFFICIENT) and FlexAttention, on one GPU.
+
+    python benchmarks/gpu.py                  # the whole table (several minutes on an H100)
+    python benchmarks/gpu.py --quick          # small sizes only: a smoke test of the script
+    python benchmarks/gpu.py --out DIR        # where the JSON and markdown go (default benchmarks/results)
+
+In one process, on the same bf16 inputs (B=1):
+- dense and causal, H=16, D = 64 and 128, N = 1k, 4k, 16k: attnkit triton, SDPA FLASH / CUDNN /
+  EFFICIENT (``sdpa_kernel``), FlexAttention compiled (causal: a causal block mask);
+- the Longformer pattern (H=12, D=64, one-sided window W=256, G=16 global tokens at the start),
+  N = 4k, 16k, 64k, 128k: attnkit triton, FlexAttention compiled with the same block mask.
+
+Before timing, every contender's output is checked against the float32 reference on 64 sampled
+query rows (attnkit.viz.capture's row recomputation, which evaluates the mask on those rows).
+Timing: ``triton.testing.do_bench`` medians; forward, and forward+backward (``autograd.grad`` of
+all three inputs). TFLOP/s count useful FLOPs only (anchors' convention: forward 4 B H D x pairs,
+fwd+bwd 3.5x). Peak memory: ``max_memory_allocated`` above the inputs, forward+backward.
+Block plans (attnkit) and block masks (Flex) are built once, outside the timing; their build
+times are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attnkit as ak
+from attnkit.ops.flash_triton import default_blocks, make_plan, triton_attention
+from attnkit.viz.capture import AttentionRecord
+
+W, G = 256, 16
+CHECK_ROWS = 64
+TOLERANCE = 0.05  # bf16 outputs against the float32 reference rows
+
+
+def longformer_mask():
+    return ak.sliding_window(W) | ak.global_tokens(list(range(G)))
+
+
+def useful_pairs(kind: str, N: int) -> float:
+    if kind == "dense":
+        return float(N) * N
+    if kind == "causal":
+        return N * (N + 1) / 2
+    return N * (2 * W + 1) + 2 * G * N  # the anchors' count for the Longformer pattern
+
+
+def reference_rows(q, k, v, mask, rows):
+    """float32 reference for the sampled query rows: (B, H, r, D)."""
+    rec = AttentionRecord("check", q.float(), k.float(), mask, None, None)
+    w = rec.weights(rows=rows)  # (B, H, r, Nk)
+    return w @ v.float()
+
+
+def contenders(kind: str, N: int, D: int, H: int, dev):
+    """name -> (forward fn(q, k, v) -> out, set-up seconds)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = None if kind == "dense" else ak.causal() if kind == "causal" else longformer_mask()
+    out = {}
+    t0 = time.perf_counter()
+    bm, bn = default_blocks(D)
+    plan = make_plan(mask, N, N, bm, bn, dev)
+    torch.cuda.synchronize()
+    out["attnkit triton"] = (lambda q, k, v: triton_attention(q, k, v, mask=mask, plan=plan)[0],
+                             time.perf_counter() - t0)
+    if kind in ("dense", "causal"):
+        for name, be in (("sdpa FLASH", SDPBackend.FLASH_ATTENTION), ("sdpa CUDNN", SDPBackend.CUDNN_ATTENTION),
+                         ("sdpa EFFICIENT", SDPBackend.EFFICIENT_ATTENTION)):
+            def run(q, k, v, be=be):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=kind == "causal")
+            out[name] = (run, 0.0)
+    flex = torch.compile(flex_attention)
+    if kind == "longformer":
+        def mod(b, h, qi, ki):
+            return ((qi - ki).abs() <= W) | (qi < G) | (ki < G)
+    elif kind == "causal":
+        def mod(b, h, qi, ki):
+            return qi >= ki
+    else:
+        mod = None
+    t0 = time.perf_counter()
+    block_mask = None if mod is None else create_block_mask(mod, 1, None, N, N, device=dev)
+    out["flex (compiled)"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask), time.perf_counter() - t0)
+    return mask, out
+
+
+def measure(kind: str, N: int, D: int, H: int, dev, rows_log: list) -> None:
+    from triton.testing import do_bench
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    mask, runs = contenders(kind, N, D, H, dev)
+    rows = torch.linspace(0, N - 1, CHECK_ROWS).long()
+    want = reference_rows(q.detach(), k.detach(), v.detach(), mask, rows)
+    fwd_flops = 4 * H * D * useful_pairs(kind, N)
+    for name, (fn, setup_s) in runs.items():
+        entry = {"case": kind, "N": N, "D": D, "H": H, "contender": name, "setup_s": round(setup_s, 3)}
+        try:
+            got = fn(q, k, v)
+            err = (got.detach()[:, :, rows.to(dev)].float() - want).abs().max().item()
+            entry["max_err"] = err
+            if not err <= TOLERANCE:
+                entry["error"] = f"output differs from the reference by {err:.3g} > {TOLERANCE}: not timed"
+                raise RuntimeError(entry["error"])
+            ms = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+            grad_out = torch.randn_like(got)
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            msb = do_bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out), warmup=10, rep=50,
+                           return_mode="median")
+            entry.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9, fwdbwd_ms=msb,
+                         fwdbwd_tflops=3.5 * fwd_flops / msb / 1e9,
+                         peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30)
+        except Exception as e:  # a contender that cannot run this case is reported, not fatal
+            entry.setdefault("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        print(json.dumps(entry), flush=True)
+        rows_log.append(entry)
+
+
+def markdown(rows: list, device: str) -> str:
+    lines = [f"# attnkit triton vs torch SDPA vs FlexAttention ({device}, bf16, B=1)", "",
+             "| case | N | D | contender | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB | max err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['N']} | {r['D']} | {r['contender']} | {r['error']} |||||")
+            continue
+        lines.append(f"| {r['case']} | {r['N']} | {r['D']} | {r['contender']} | {r['fwd_ms']:.3f} | "
+                     f"{r['fwd_tflops']:.0f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_tflops']:.0f} | "
+                     f"{r['peak_gib']:.2f} | {r['max_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N up to 4096 only")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA device")
+    dev = torch.device("cuda")
+    device = torch.cuda.get_device_name(dev)
+    dense_n = (1024, 4096) if args.quick else (1024, 4096, 16384)
+    lf_n = (4096,) if args.quick else (4096, 16384, 65536, 131072)
+    rows: list = []
+    for kind in ("dense", "causal"):
+        for D in (64, 128):
+            for N in dense_n:
+                measure(kind, N, D, 16, dev, rows)
+    for N in lf_n:
+        measure("longformer", N, 64, 12, dev, rows)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": stamp, "device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
+    (out / f"gpu_{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"gpu_{stamp}.md").write_text(markdown(rows, device))
+    print(markdown(rows, device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""impl="triton" beyond the case table (tests/test_backends.py runs that): the block plan is the
+mask, tile for tile; split-KV covers every key list once; attnkit works without triton; the op
+goes through torch.compile. On the CPU the kernels run in Triton's interpreter (conftest)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnkit as ak
+from attnkit.masks import Mask
+
+flash_triton = pytest.importorskip("attnkit.ops.flash_triton")
+if flash_triton.triton is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from attnkit.ops.flash_triton import make_plan, split_work, triton_attention  # noqa: E402
+
+MASKS = {
+    "none": lambda B, N: None,
+    "causal": lambda B, N: ak.causal(),
+    "window-global": lambda B, N: ak.sliding_window(7) | ak.global_tokens([0, N // 2]),
+    "padding-documents": lambda B, N: ak.key_padding([N, N // 3]) & ak.document(torch.arange(N) * 3 // N),
+    "dilated-heads": lambda B, N: ak.sliding_window(4, dilation=(1, 3)),
+}
+
+
+def lists(ptr: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor) -> dict[tuple[int, int], int]:
+    """{(row block, col block): tile id} from a CSR list."""
+    out = {}
+    for r in range(len(ptr) - 1):
+        for t in range(int(ptr[r]), int(ptr[r + 1])):
+            out[(r, int(idx[t]))] = int(tile[t])
+    return out
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("Nq,Nk,bm,bn", [(50, 50, 16, 16), (37, 61, 16, 8), (64, 64, 32, 16)])
+def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
+    B, H = 2, 2
+    mask: Mask | None = MASKS[name](B, Nk)
+    truth = (torch.ones(1, 1, Nq, Nk, dtype=torch.bool) if mask is None
+             else mask.materialize(Nq, Nk)).expand(B, H, Nq, Nk)  # (B, H, Nq, Nk)
+    plan = make_plan(mask, Nq, Nk, bm, bn, "cpu")
+    visits = lists(plan.kv_ptr, plan.kv_idx, plan.kv_tile)
+    assert visits == {(c, r): t for (r, c), t in lists(plan.q_ptr, plan.q_idx, plan.q_tile).items()}  # transposed
+    nQ, nK = -(-Nq // bm), -(-Nk // bn)
+    for qb in range(nQ):
+        for kb in range(nK):
+            region = truth[:, :, qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]  # (B, H, <=bm, <=bn)
+            if (qb, kb) not in visits:
+                assert not region.any(), f"tile {(qb, kb)} holds allowed pairs but is never visited"
+                continue
+            tile = visits[(qb, kb)]
+            if tile < 0:  # run unmasked: every pair allowed, for every sample and head, and no ragged key
+                assert region.all() and region.shape[-1] == bn, f"tile {(qb, kb)} is run unmasked but is not full"
+                continue
+            stored = plan.tiles[:, :, tile].bool().expand(B, H, bm, bn)
+            rows, cols = region.shape[-2:]
+            assert torch.equal(stored[:, :, :rows, :cols], region), f"partial tile {(qb, kb)} differs from the mask"
+            assert not stored[:, :, :, cols:].any() and not stored[:, :, rows:].any()  # outside N: nothing
+
+
+@pytest.mark.parametrize("split", [None, 1, 2, 3])
+def test_split_work_covers_each_key_list_once(split):
+    plan = make_plan(ak.sliding_window(3) | ak.global_tokens([0, 100]), 200, 200, 8, 8, "cpu")
+    work_q, start, end, slot, slot_q = split_work(plan.kv_ptr, split)
+    ptr = plan.kv_ptr.tolist()
+    for qb in range(len(ptr) - 1):
+        mine = sorted((int(s), int(e)) for q, s, e in zip(work_q, start, end) if int(q) == qb)
+        covered = [t for s, e in mine for t in range(s, e)]
+        assert covered == list(range(ptr[qb], ptr[qb + 1])), f"query block {qb}: tiles {covered}"
+        if split is not None:
+            assert all(e - s <= split for s, e in mine)
+    assert sorted(int(s) for s in slot if s >= 0) == list(range(len(slot_q)))
+    if split is None:  # the default splits only the global rows' blocks (0 and 12): their lists span every key
+        assert sorted(set(slot_q.tolist())) == [0, 12]
+
+
+def test_split_kv_equals_one_program_per_block():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 90, 32) for _ in range(3))
+    mask = ak.sliding_window(5) | ak.global_tokens([3, 77])
+    whole, lse_whole = triton_attention(q, k, v, mask=mask, split_tiles=10 ** 6)
+    split, lse_split = triton_attention(q, k, v, mask=mask, split_tiles=1)
+    assert torch.allclose(whole, split, atol=1e-6) and torch.allclose(lse_whole, lse_split, atol=1e-6)
+
+
+def test_through_torch_compile():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    mask = ak.causal() & ak.sliding_window(9)
+    plan = make_plan(mask, 40, 40, 16, 16, "cpu")
+    compiled = torch.compile(lambda q, k, v: triton_attention(q, k, v, mask=mask, plan=plan)[0], fullgraph=True)
+    got = compiled(q, k, v)
+    want = ak.attention(q, k, v, mask=mask, impl="reference")
+    assert torch.allclose(got, want, atol=1e-5)
+    g = torch.autograd.grad(got.sum(), (q, k, v))
+    w = torch.autograd.grad(want.sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, w))
+
+
+def test_auto_never_picks_the_interpreter_and_explicit_impl_says_why():
+    from attnkit import _dispatch
+    from attnkit._validate import validate
+    q = k = v = torch.randn(1, 2, 20, 16)
+    for mask in (None, ak.causal(), ak.sliding_window(3) | ak.global_tokens([0])):
+        call = validate(q, k, v, mask=mask)
+        assert _dispatch.BACKENDS["triton"].why_not(call) is None  # it can run here (the interpreter) ...
+        assert _dispatch.choose(call, "auto").name != "triton"  # ... but auto does not pick it on the CPU
+    with pytest.raises(ValueError, match="D == Dv"):
+        ak.attention(q, k, torch.randn(1, 2, 20, 8), impl="triton")
+    with pytest.raises(ValueError, match="ALiBi only"):
+        ak.attention(q, k, v, bias=ak.DenseBias(torch.zeros(20, 20)), impl="triton")
+    with pytest.raises(ValueError, match="bfloat16 in Triton's interpreter"):
+        ak.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), impl="triton")
+
+
+def test_attnkit_works_without_triton():
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton raises ImportError
+import torch, attnkit as ak
+q = k = v = torch.randn(1, 2, 30, 16)
+out = ak.attention(q, k, v, mask=ak.causal())
+try:
+    ak.attention(q, k, v, impl="triton")
+except ValueError as e:
+    print("REFUSED:", e)
+print("OK", tuple(out.shape))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "triton is not installed" in r.stdout and "OK (1, 2, 30, 16)" in r.stdout
