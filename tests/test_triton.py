@@ -67,7 +67,8 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
 @pytest.mark.parametrize("split", [None, 1, 2, 3])
 def test_split_work_covers_each_key_list_once(split):
     plan = make_plan(ak.sliding_window(3) | ak.global_tokens([0, 100]), 200, 200, 8, 8, "cpu")
-    work_q, start, end, slot, slot_q = split_work(plan.kv_ptr, split)
+    items, slot_q = split_work(plan.kv_ptr, split)
+    work_q, start, end, slot = items.unbind(1)
     ptr = plan.kv_ptr.tolist()
     for qb in range(len(ptr) - 1):
         mine = sorted((int(s), int(e)) for q, s, e in zip(work_q, start, end) if int(q) == qb)
@@ -135,3 +136,24 @@ print("OK", tuple(out.shape))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "triton is not installed" in r.stdout and "OK (1, 2, 30, 16)" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_case_table_on_the_gpu(dtype):
+    """The shared case table on CUDA (tests/test_backends.py gives CPU tensors, which the GPU
+    kernels refuse): forward and backward against the float64 reference, under the contract."""
+    from _numerics import check_backend
+    from cases import CASES
+    ran = 0
+    for case in CASES:
+        q, k, v = (t.cuda() for t in case.inputs(seed=1))
+        mask, bias = case.make_mask(), case.make_bias()
+        if flash_triton.why_not(q.to(dtype), k.to(dtype), v.to(dtype), mask, bias, 0.0) is not None:
+            continue
+
+        def run(q, k, v, mask=mask, bias=bias, case=case):
+            return triton_attention(q, k, v, mask=mask, bias=bias, scale=case.D ** -0.5)
+        check_backend(run, q, k, v, mask, bias, case.D ** -0.5, dtype)
+        ran += 1
+    assert ran >= len(CASES) - 3, f"only {ran} of {len(CASES)} cases ran"  # dense-dv, float-bias are refused

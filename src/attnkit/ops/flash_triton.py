@@ -108,13 +108,13 @@ class BlockPlan:
     q_idx: Tensor  # (T,) int32 query block indices
     q_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
     tiles: Tensor  # (Bm, Hm, max(P, 1), BM, BN) uint8, 1 = may attend
-    # forward work items (split-KV): item w runs query block work_q[w] over kv_idx[work_start[w]:work_end[w]];
-    # work_slot[w] = -1 writes the final result, s >= 0 a partial merged afterwards (slot s of query block slot_q[s])
-    work_q: Tensor  # (W,) int32
-    work_start: Tensor  # (W,) int32
-    work_end: Tensor  # (W,) int32
-    work_slot: Tensor  # (W,) int32
-    slot_q: Tensor  # (S,) int32
+    # work items (split-KV, ``split_work``): row w = (block, start, end, slot) runs one block over
+    # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
+    # is combined afterwards with the other partials of slots[s]'s block
+    q_work: Tensor  # (W, 4) int32 over the query blocks' key lists: the forward and dq
+    q_slots: Tensor  # (S,) int32
+    k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
+    k_slots: Tensor  # (S',) int32
 
     @property
     def visited(self) -> int:
@@ -174,29 +174,29 @@ def _partial_tiles(mask: Mask | None, kinds: Tensor, Nq: int, Nk: int, bm: int, 
 SPLIT_MIN = 8  # a query block's key list is split only past max(SPLIT_MIN, 2 x the median list length)
 
 
-def split_work(kv_ptr: Tensor, split_tiles: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward work items (split-KV, as flash-decoding): a query block whose key list is longer
-    than ``split_tiles`` (default: max(SPLIT_MIN, 2 x the median length)) is cut into chunks of
-    that many tiles, each its own program, merged afterwards; so the few global query rows that
-    attend to all N keys do not leave the GPU idle behind one long program."""
-    ptr = kv_ptr.long().cpu()
-    lengths = ptr[1:] - ptr[:-1]  # (nQ,)
+def split_work(ptr: Tensor, split_tiles: int | None) -> tuple[Tensor, Tensor]:
+    """Work items over CSR lists (split-KV, as flash-decoding): a block whose list is longer than
+    ``split_tiles`` (default: max(SPLIT_MIN, 2 x the median length)) is cut into runs of that many
+    tiles, each its own program, combined afterwards; so the few global query rows (forward, dq)
+    and global key columns (dk, dv) that meet all N tokens do not leave one program running alone.
+    Returns items (W, 4) int32 (block, start, end, slot; slot -1 = the whole list) and slots (S,)
+    int32, the block of each partial slot."""
+    ptr = ptr.long().cpu()
+    lengths = ptr[1:] - ptr[:-1]  # (nBlocks,)
     if split_tiles is None:
         split_tiles = max(SPLIT_MIN, 2 * int(lengths.float().median().ceil()) if len(lengths) else SPLIT_MIN)
     if split_tiles < 1:
         raise ValueError(f"split_tiles must be >= 1 tiles per program, got {split_tiles}")
-    work_q, work_start, work_end, work_slot, slot_q = [], [], [], [], []
-    for qb, (a, n) in enumerate(zip(ptr[:-1].tolist(), lengths.tolist())):
+    items, slots = [], []
+    for block, (a, n) in enumerate(zip(ptr[:-1].tolist(), lengths.tolist())):
         if n <= split_tiles:
-            work_q.append(qb), work_start.append(a), work_end.append(a + n), work_slot.append(-1)
+            items.append((block, a, a + n, -1))
             continue
         for c in range(a, a + n, split_tiles):
-            work_q.append(qb), work_start.append(c), work_end.append(min(a + n, c + split_tiles))
-            work_slot.append(len(slot_q))
-            slot_q.append(qb)
-    dev = kv_ptr.device
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
-    return as_t(work_q), as_t(work_start), as_t(work_end), as_t(work_slot), as_t(slot_q)
+            items.append((block, c, min(a + n, c + split_tiles), len(slots)))
+            slots.append(block)
+    items_t = torch.tensor(items, dtype=torch.int32).reshape(-1, 4)
+    return items_t, torch.tensor(slots, dtype=torch.int32)
 
 
 def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
@@ -210,8 +210,10 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
     q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
     tiles = _partial_tiles(mask, kinds, Nq, Nk, block_m, block_n)
+    q_work, q_slots = (t.to(device) for t in split_work(kv_ptr, split_tiles))
+    k_work, k_slots = (t.to(device) for t in split_work(q_ptr, split_tiles))
     return BlockPlan(block_m, block_n, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
-                     *split_work(kv_ptr, split_tiles))
+                     q_work, q_slots, k_work, k_slots)
 
 
 # -- kernels ----------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK_Q, WORK_START, WORK_END, WORK_SLOT, KV_IDX, KV_TILE, TILES, SLOPES,
+    def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES,
              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth,
              H, GROUP, Nq, Nk, scale_log2, BH,
              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
@@ -245,8 +247,8 @@ if triton is not None:
         final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
         w = tl.program_id(0)
         bh = tl.program_id(1)
-        qb = tl.load(WORK_Q + w)
-        slot = tl.load(WORK_SLOT + w)
+        qb = tl.load(WORK + 4 * w)
+        slot = tl.load(WORK + 4 * w + 3)
         b = bh // H
         h = bh % H
         hk = h // GROUP
@@ -261,7 +263,7 @@ if triton is not None:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        for t in range(tl.load(WORK_START + w), tl.load(WORK_END + w)):
+        for t in range(tl.load(WORK + 4 * w + 1), tl.load(WORK + 4 * w + 2)):
             kb = tl.load(KV_IDX + t)
             tile = tl.load(KV_TILE + t)
             offs_n = kb * BN + tl.arange(0, BN)
@@ -293,14 +295,17 @@ if triton is not None:
             tl.store(PLSE + base + r, lse)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_PTR, KV_IDX, KV_TILE, TILES, SLOPES,
+    def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth,
-                H, GROUP, Nq, Nk, scale_log2, scale,
+                H, GROUP, Nq, Nk, scale_log2, scale, BH,
                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
-        """dQ of one query block: sum over its visited key blocks of dS K * scale.
-        Q, DO, DQ share strides (sq*); LSE, DELTA share (sl*)."""
-        qb = tl.program_id(0)
+        """dQ of one work item: sum over its key blocks of dS K * scale, into DQ (slot -1) or into
+        the float32 partial PDQ (S, B*H, BM, D) (summed afterwards). Q, DO, DQ share strides (sq*);
+        LSE, DELTA share (sl*)."""
+        w = tl.program_id(0)
         bh = tl.program_id(1)
+        qb = tl.load(WORK + 4 * w)
+        slot = tl.load(WORK + 4 * w + 3)
         b = bh // H
         h = bh % H
         hk = h // GROUP
@@ -318,7 +323,7 @@ if triton is not None:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
         dq = tl.zeros([BM, D], tl.float32)
-        for t in range(tl.load(KV_PTR + qb), tl.load(KV_PTR + qb + 1)):
+        for t in range(tl.load(WORK + 4 * w + 1), tl.load(WORK + 4 * w + 2)):
             kb = tl.load(KV_IDX + t)
             tile = tl.load(KV_TILE + t)
             offs_n = kb * BN + tl.arange(0, BN)
@@ -335,17 +340,24 @@ if triton is not None:
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
+        if slot < 0:
+            tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
+        else:
+            r = tl.arange(0, BM)
+            tl.store(PDQ + ((slot * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, Q_PTR, Q_IDX, Q_TILE, TILES, SLOPES,
+    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES, SLOPES,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth,
-                  H, GROUP, Nq, Nk, scale_log2, scale,
+                  H, GROUP, Nq, Nk, scale_log2, scale, BH,
                   BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
         """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
-        sum over the query blocks that visit it. DK, DV are (B, Hq, Nk, D) with strides sg*."""
-        kb = tl.program_id(0)
+        sum over the query blocks of one work item. DK, DV are (B, Hq, Nk, D) with strides sg*
+        (slot -1); slot s >= 0 writes float32 partials PDK, PDV (S', B*H, BN, D) instead."""
+        w = tl.program_id(0)
         bh = tl.program_id(1)
+        kb = tl.load(WORK + 4 * w)
+        slot = tl.load(WORK + 4 * w + 3)
         b = bh // H
         h = bh % H
         hk = h // GROUP
@@ -360,7 +372,7 @@ if triton is not None:
         t_base = b * stb + h * sth
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
-        for t in range(tl.load(Q_PTR + kb), tl.load(Q_PTR + kb + 1)):
+        for t in range(tl.load(WORK + 4 * w + 1), tl.load(WORK + 4 * w + 2)):
             qb = tl.load(Q_IDX + t)
             tile = tl.load(Q_TILE + t)
             offs_m = qb * BM + tl.arange(0, BM)
@@ -383,9 +395,15 @@ if triton is not None:
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        g_off = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
-        tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=keys_ok[:, None])
-        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=keys_ok[:, None])
+        if slot < 0:
+            g_off = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+            tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=keys_ok[:, None])
+            tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=keys_ok[:, None])
+        else:
+            c = tl.arange(0, BN)
+            p_off = ((slot * BH + bh) * BN + c[:, None]) * D + offs_d[None, :]
+            tl.store(PDK + p_off, dk * scale)
+            tl.store(PDV + p_off, dv)
 
 
 # -- launchers and the custom op --------------------------------------------------------------------
@@ -395,43 +413,56 @@ def _tile_strides(tiles: Tensor) -> tuple[int, int]:
     return (tiles.stride(0) if tiles.shape[0] > 1 else 0), (tiles.stride(1) if tiles.shape[1] > 1 else 0)
 
 
-def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, slot_q: Tensor, block_m: int) -> None:
+def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, slots: Tensor, block: int) -> None:
     """Combine each split query block's partials (po (S, B*H, BM, D), plse (S, B*H, BM)) into its
-    rows of out (B, H, Nq, D) / lse (B, H, Nq), in place."""
+    rows of out (B, H, Nq, D) / lse (B, H, Nq), in place, through their lse."""
     B, H, Nq, D = out.shape
-    slot_q = slot_q.tolist()
-    for qb in sorted(set(slot_q)):
+    slots = slots.tolist()
+    for qb in sorted(set(slots)):
         acc, acc_lse = None, None
-        for s_i in (i for i, x in enumerate(slot_q) if x == qb):
+        for s_i in (i for i, x in enumerate(slots) if x == qb):
             acc, acc_lse = merge(acc, acc_lse, po[s_i], plse[s_i])  # (B*H, BM, D), (B*H, BM)
-        r0, r1 = qb * block_m, min(Nq, (qb + 1) * block_m)
+        r0, r1 = qb * block, min(Nq, (qb + 1) * block)
         out[:, :, r0:r1] = acc[:, : r1 - r0].reshape(B, H, r1 - r0, D).to(out.dtype)
         lse[:, :, r0:r1] = acc_lse[:, : r1 - r0].reshape(B, H, r1 - r0)
 
 
-def _forward(q, k, v, work_q, work_start, work_end, work_slot, slot_q, kv_idx, kv_tile, tiles, slopes, scale,
-             block_m, block_n, has_alibi):
+def _sum_slots(grad: Tensor, partial: Tensor, slots: Tensor, block: int) -> None:
+    """Sum each split block's partial gradients (partial (S, B*H, block, D) float32) into its rows
+    of grad (B, H, N, D), in place."""
+    B, H, N, D = grad.shape
+    slots = slots.tolist()
+    for blk in sorted(set(slots)):
+        total = sum(partial[i] for i, x in enumerate(slots) if x == blk)  # (B*H, block, D)
+        r0, r1 = blk * block, min(N, (blk + 1) * block)
+        grad[:, :, r0:r1] = total[:, : r1 - r0].reshape(B, H, r1 - r0, D).to(grad.dtype)
+
+
+def _partials(slots: Tensor, BH: int, rows: int, D: int, device) -> Tensor:
+    return torch.empty(max(slots.numel(), 1), BH, rows, D, dtype=torch.float32, device=device)
+
+
+def _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, block_m, block_n, has_alibi):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    S = slot_q.numel()
-    po = torch.empty(max(S, 1), B * H, block_m, D, dtype=torch.float32, device=q.device)
-    plse = torch.empty(max(S, 1), B * H, block_m, dtype=torch.float32, device=q.device)
+    po = _partials(q_slots, B * H, block_m, D, q.device)
+    plse = po[..., 0].clone()  # (S, B*H, BM)
     stb, sth = _tile_strides(tiles)
-    grid = (work_q.numel(), B * H)
-    _fwd[grid](q, k, v, out, lse, po, plse, work_q, work_start, work_end, work_slot, kv_idx, kv_tile, tiles, slopes,
-               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-               lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
-               BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
-    if S:
-        _merge_slots(out, lse, po, plse, slot_q, block_m)
+    _fwd[(q_work.shape[0], B * H)](
+        q, k, v, out, lse, po, plse, q_work, kv_idx, kv_tile, tiles, slopes,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
+        BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+    if q_slots.numel():
+        _merge_slots(out, lse, po, plse, q_slots, block_m)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, dlse, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles, slopes,
-              scale, block_m, block_n, has_alibi):
+def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, slopes, q_work, q_slots,
+              k_work, k_slots, scale, block_m, block_n, has_alibi):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous()
@@ -441,31 +472,38 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_ptr, kv_idx, kv_tile, q_ptr, q_i
     dq = torch.empty_like(q)
     dk_h = torch.empty(B, H, Nk, D, dtype=q.dtype if Hkv == H else torch.float32, device=q.device)
     dv_h = torch.empty_like(dk_h)
+    pdq = _partials(q_slots, B * H, block_m, D, q.device)
+    pdk, pdv = _partials(k_slots, B * H, block_n, D, q.device), _partials(k_slots, B * H, block_n, D, q.device)
     stb, sth = _tile_strides(tiles)
     common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
-    _bwd_dq[(triton.cdiv(Nq, block_m), B * H)](
-        q, k, v, dout, lse, delta, dq, kv_ptr, kv_idx, kv_tile, tiles, slopes,
+    _bwd_dq[(q_work.shape[0], B * H)](
+        q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), stb, sth,
-        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, **common)
-    _bwd_dkdv[(triton.cdiv(Nk, block_n), B * H)](
-        q, k, v, dout, lse, delta, dk_h, dv_h, q_ptr, q_idx, q_tile, tiles, slopes,
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common)
+    _bwd_dkdv[(k_work.shape[0], B * H)](
+        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
-        lse.stride(0), lse.stride(1), stb, sth, H, H // Hkv, Nq, Nk, scale * LOG2E, scale, **common)
+        lse.stride(0), lse.stride(1), stb, sth, H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common)
+    if q_slots.numel():
+        _sum_slots(dq, pdq, q_slots, block_m)
+    if k_slots.numel():
+        _sum_slots(dk_h, pdk, k_slots, block_n)
+        _sum_slots(dv_h, pdv, k_slots, block_n)
     if Hkv != H:  # each kv head's gradient is the sum over the query heads that read it
         dk_h = dk_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(k.dtype)
         dv_h = dv_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(v.dtype)
     return dq, dk_h, dv_h
 
 
+# The op's tensor inputs after q, k, v: the plan (kv/q lists without their pointers, tiles, work
+# items) and the ALiBi slopes. Pointers are not needed by the kernels: the work items hold ranges.
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_ptr: Tensor, kv_idx: Tensor, kv_tile: Tensor,
-                  q_ptr: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor, slopes: Tensor, work_q: Tensor,
-                  work_start: Tensor, work_end: Tensor, work_slot: Tensor, slot_q: Tensor, scale: float,
-                  block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, work_q, work_start, work_end, work_slot, slot_q, kv_idx, kv_tile, tiles, slopes, scale,
-                    block_m, block_n, has_alibi)
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor,
+                  tiles: Tensor, slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor, k_slots: Tensor,
+                  scale: float, block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, block_m, block_n, has_alibi)
 
 
 @_attention_op.register_fake
@@ -475,24 +513,24 @@ def _(q, k, v, *rest):
 
 @torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
-                           kv_ptr: Tensor, kv_idx: Tensor, kv_tile: Tensor, q_ptr: Tensor, q_idx: Tensor,
-                           q_tile: Tensor, tiles: Tensor, slopes: Tensor, scale: float, block_m: int, block_n: int,
-                           has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, q, k, v, out, lse, dlse, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles, slopes,
-                     scale, block_m, block_n, has_alibi)
+                           kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor,
+                           slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor, k_slots: Tensor,
+                           scale: float, block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, slopes, q_work, q_slots,
+                     k_work, k_slots, scale, block_m, block_n, has_alibi)
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, *rest):
+def _(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_PLAN = 13  # tensor arguments of _attention_op after q, k, v: the plan's 12 and the slopes
+_N_PLAN = 10  # tensor inputs of _attention_op after q, k, v
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, *plan, scale, block_m, block_n, has_alibi = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], *plan[:8])  # the backward needs no work items
+    ctx.save_for_backward(q, k, v, output[0], output[1], *plan)
     ctx.config = (scale, block_m, block_n, has_alibi)
 
 
@@ -529,6 +567,6 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
               else torch.zeros(1, dtype=torch.float32, device=q.device))
     scale = D ** -0.5 if scale is None else float(scale)
-    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.kv_ptr, plan.kv_idx, plan.kv_tile,
-                         plan.q_ptr, plan.q_idx, plan.q_tile, plan.tiles, slopes, plan.work_q, plan.work_start,
-                         plan.work_end, plan.work_slot, plan.slot_q, scale, bm, bn, has_alibi)
+    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.kv_idx, plan.kv_tile, plan.q_idx,
+                         plan.q_tile, plan.tiles, slopes, plan.q_work, plan.q_slots, plan.k_work, plan.k_slots,
+                         scale, bm, bn, has_alibi)
