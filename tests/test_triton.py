@@ -64,12 +64,14 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
             assert not stored[:, :, :, cols:].any() and not stored[:, :, rows:].any()  # outside N: nothing
 
 
+@pytest.mark.parametrize("lists", ["key lists (forward, dq)", "query lists (dk, dv)"])
 @pytest.mark.parametrize("split", [None, 1, 2, 3])
-def test_split_work_covers_each_key_list_once(split):
+def test_split_work_covers_each_list_once(split, lists):
     plan = make_plan(ak.sliding_window(3) | ak.global_tokens([0, 100]), 200, 200, 8, 8, "cpu")
-    items, slot_q = split_work(plan.kv_ptr, split)
+    ptr = plan.kv_ptr if lists.startswith("key") else plan.q_ptr
+    items, slot_q = split_work(ptr, split)
     work_q, start, end, slot = items.unbind(1)
-    ptr = plan.kv_ptr.tolist()
+    ptr = ptr.tolist()
     for qb in range(len(ptr) - 1):
         mine = sorted((int(s), int(e)) for q, s, e in zip(work_q, start, end) if int(q) == qb)
         covered = [t for s, e in mine for t in range(s, e)]
@@ -77,7 +79,7 @@ def test_split_work_covers_each_key_list_once(split):
         if split is not None:
             assert all(e - s <= split for s, e in mine)
     assert sorted(int(s) for s in slot if s >= 0) == list(range(len(slot_q)))
-    if split is None:  # the default splits only the global rows' blocks (0 and 12): their lists span every key
+    if split is None:  # the default splits only the global tokens' blocks (0 and 12): their lists span all N
         assert sorted(set(slot_q.tolist())) == [0, 12]
 
 
