@@ -159,3 +159,18 @@ def test_case_table_on_the_gpu(dtype):
         check_backend(run, q, k, v, mask, bias, case.D ** -0.5, dtype)
         ran += 1
     assert ran >= len(CASES) - 3, f"only {ran} of {len(CASES)} cases ran"  # dense-dv, float-bias are refused
+
+
+def test_plans_are_cached_per_mask_and_never_stale():
+    from attnkit.ops.flash_triton import cached_plan
+    lengths = torch.tensor([30, 12])
+    mask = ak.key_padding(lengths) & ak.causal()
+    first = cached_plan(mask, 30, 30, 16, 16, "cpu")
+    assert cached_plan(mask, 30, 30, 16, 16, "cpu") is first  # built once
+    assert cached_plan(mask, 30, 31, 16, 16, "cpu") is not first  # other sizes, other plan
+    lengths[1] = 2  # changed in place: the old plan would mask the wrong keys
+    fresh = cached_plan(mask, 30, 30, 16, 16, "cpu")
+    assert fresh is not first and not torch.equal(fresh.tiles, first.tiles)
+    q = k = v = torch.randn(2, 1, 30, 16)
+    got = triton_attention(q, k, v, mask=mask)[0]
+    assert torch.allclose(got, ak.attention(q, k, v, mask=mask, impl="reference"), atol=1e-5)

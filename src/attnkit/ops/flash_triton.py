@@ -31,8 +31,9 @@ head extents (1 where it broadcasts).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +215,39 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     k_work, k_slots = (t.to(device) for t in split_work(q_ptr, split_tiles))
     return BlockPlan(block_m, block_n, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
                      q_work, q_slots, k_work, k_slots)
+
+
+PLAN_CACHE_SIZE = 32
+_plans: OrderedDict = OrderedDict()  # key -> (mask, plan); the mask is kept so its id stays unique
+
+
+def _fingerprint(obj) -> tuple:
+    """The identity and version of every tensor inside a mask expression: a tensor changed in
+    place (its ``_version`` moves) or replaced gives another fingerprint, so a stale plan is never
+    reused."""
+    if isinstance(obj, Tensor):
+        return (obj.data_ptr(), obj._version, tuple(obj.shape), str(obj.device))
+    if dataclasses.is_dataclass(obj):
+        return tuple(_fingerprint(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, (tuple, list)):
+        return tuple(_fingerprint(x) for x in obj)
+    return (obj,)
+
+
+def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
+                split_tiles: int | None = None) -> BlockPlan:
+    """``make_plan``, remembered for the last PLAN_CACHE_SIZE (mask, sizes) pairs: a model calling
+    attention with the same mask in every layer builds its plan once."""
+    key = (id(mask), _fingerprint(mask), Nq, Nk, block_m, block_n, str(torch.device(device)), split_tiles)
+    hit = _plans.get(key)
+    if hit is not None and hit[0] is mask:
+        _plans.move_to_end(key)
+        return hit[1]
+    plan = make_plan(mask, Nq, Nk, block_m, block_n, device, split_tiles)
+    _plans[key] = (mask, plan)
+    while len(_plans) > PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan
 
 
 # -- kernels ----------------------------------------------------------------------------------------
@@ -551,8 +585,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     """Exact attention with the Triton kernels -> (out (B, Hq, Nq, D), lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
-    ``plan``: a ``make_plan(mask, Nq, Nk, block_m, block_n, device)`` built once and reused across
-    calls with the same mask and sizes (building it costs host time, like FlexAttention's block mask).
+    ``plan``: a ``make_plan(mask, Nq, Nk, block_m, block_n, device)`` to use; without one, the plan
+    comes from ``cached_plan`` (built once per mask object and sizes, like FlexAttention's block mask).
     """
     reason = why_not(q, k, v, mask, bias, 0.0)
     if reason is not None:
@@ -561,7 +595,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     if plan is None:
         bm, bn = default_blocks(D)
         bm, bn = block_m or bm, block_n or bn
-        plan = make_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device, split_tiles)
+        plan = cached_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device, split_tiles)
     bm, bn = plan.block_m, plan.block_n
     has_alibi = isinstance(bias, Alibi)
     slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
