@@ -7,14 +7,17 @@
 In one process, on the same bf16 inputs (B=1):
 - dense and causal, H=16, D = 64 and 128, N = 1k, 4k, 16k: attnkit triton, SDPA FLASH / CUDNN /
   EFFICIENT (``sdpa_kernel``), FlexAttention compiled (causal: a causal block mask);
-- the Longformer pattern (H=12, D=64, one-sided window W=256, G=16 global tokens at the start),
+- the Longformer pattern (H=12, D=64, window of W=256 keys on each side, G=16 global tokens at the start),
   N = 4k, 16k, 64k, 128k: attnkit triton, FlexAttention compiled with the same block mask.
 
 Before timing, every contender's output is checked against the float32 reference on 64 sampled
-query rows (attnkit.viz.capture's row recomputation, which evaluates the mask on those rows).
+query rows (attnkit.viz.capture's row recomputation, which evaluates the mask on those rows), and
+up to N = 4096 its gradients dq, dk, dv against the float32 reference's.
 Timing: ``triton.testing.do_bench`` medians; forward, and forward+backward (``autograd.grad`` of
 all three inputs). TFLOP/s count useful FLOPs only (anchors' convention: forward 4 B H D x pairs,
-fwd+bwd 3.5x). Peak memory: ``max_memory_allocated`` above the inputs, forward+backward.
+fwd+bwd 3.5x). Peak memory: ``max_memory_allocated`` above the inputs over one forward+backward
+call, outside ``do_bench`` (whose L2-flush buffer would add 256 MiB). Each row is appended to a
+.jsonl file as soon as it is measured, so a crash keeps what ran.
 Block plans (attnkit) and block masks (Flex) are built once, outside the timing; their build
 times are reported.
 """
@@ -88,43 +91,84 @@ def contenders(kind: str, N: int, D: int, H: int, dev):
     else:
         mod = None
     t0 = time.perf_counter()
-    block_mask = None if mod is None else create_block_mask(mod, 1, None, N, N, device=dev)
+    # _compile=True: built tile by tile; without it torch materializes N x N int64 tensors (64 GiB at 64k)
+    block_mask = None if mod is None else create_block_mask(mod, 1, None, N, N, device=dev, _compile=True)
     out["flex (compiled)"] = (lambda q, k, v: flex(q, k, v, block_mask=block_mask), time.perf_counter() - t0)
     return mask, out
 
 
-def measure(kind: str, N: int, D: int, H: int, dev, rows_log: list) -> None:
+GRAD_CHECK_N = 4096  # up to here the float32 reference's full backward fits comfortably
+
+
+def reference_grads(q, k, v, mask, grad_out):
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    out = ak.attention(*leaves, mask=mask, impl="reference")
+    return torch.autograd.grad(out, leaves, grad_out.float())
+
+
+def check(fn, q, k, v, mask, rows, want, N) -> float:
+    """Largest error of the output rows (and, up to GRAD_CHECK_N, of dq, dk, dv, relative to each
+    gradient's largest entry); raises if past TOLERANCE."""
+    got = fn(q, k, v)
+    err = (got.detach()[:, :, rows.to(q.device)].float() - want).abs().max().item()
+    if N <= GRAD_CHECK_N:
+        grad_out = torch.randn_like(got)
+        mine = torch.autograd.grad(got, (q, k, v), grad_out)
+        for name, a, b in zip(("dq", "dk", "dv"), mine, reference_grads(q, k, v, mask, grad_out)):
+            rel = ((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+            if not rel <= TOLERANCE:
+                raise RuntimeError(f"{name} differs from the reference by {rel:.3g} (relative) > {TOLERANCE}: not timed")
+    if not err <= TOLERANCE:
+        raise RuntimeError(f"output differs from the reference by {err:.3g} > {TOLERANCE}: not timed")
+    return err
+
+
+def peak_gib(fn, q, k, v) -> float:
+    """Memory above what is allocated now, over one forward+backward call."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(q, k, v)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def measure(kind: str, N: int, D: int, H: int, dev, rows_log: list, log_path: Path) -> None:
     from triton.testing import do_bench
 
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
                for _ in range(3))
-    mask, runs = contenders(kind, N, D, H, dev)
     rows = torch.linspace(0, N - 1, CHECK_ROWS).long()
-    want = reference_rows(q.detach(), k.detach(), v.detach(), mask, rows)
     fwd_flops = 4 * H * D * useful_pairs(kind, N)
+    try:
+        mask, runs = contenders(kind, N, D, H, dev)
+        want = reference_rows(q.detach(), k.detach(), v.detach(), mask, rows)
+    except Exception as e:  # e.g. out of memory building a contender: reported, the run goes on
+        runs, mask, want = {}, None, None
+        entry = {"case": kind, "N": N, "D": D, "H": H, "contender": "(set-up)",
+                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        rows_log.append(entry)
+        with log_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
     for name, (fn, setup_s) in runs.items():
         entry = {"case": kind, "N": N, "D": D, "H": H, "contender": name, "setup_s": round(setup_s, 3)}
         try:
-            got = fn(q, k, v)
-            err = (got.detach()[:, :, rows.to(dev)].float() - want).abs().max().item()
-            entry["max_err"] = err
-            if not err <= TOLERANCE:
-                entry["error"] = f"output differs from the reference by {err:.3g} > {TOLERANCE}: not timed"
-                raise RuntimeError(entry["error"])
+            entry["max_err"] = check(fn, q, k, v, mask, rows, want, N)
             ms = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
-            grad_out = torch.randn_like(got)
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            grad_out = torch.randn(q.shape, device=dev, dtype=q.dtype)
             msb = do_bench(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out), warmup=10, rep=50,
                            return_mode="median")
             entry.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9, fwdbwd_ms=msb,
-                         fwdbwd_tflops=3.5 * fwd_flops / msb / 1e9,
-                         peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30)
+                         fwdbwd_tflops=3.5 * fwd_flops / msb / 1e9, peak_gib=peak_gib(fn, q, k, v))
         except Exception as e:  # a contender that cannot run this case is reported, not fatal
-            entry.setdefault("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(json.dumps(entry), flush=True)
         rows_log.append(entry)
+        with log_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        torch.cuda.empty_cache()
 
 
 def markdown(rows: list, device: str) -> str:
@@ -153,15 +197,16 @@ def main() -> None:
     dense_n = (1024, 4096) if args.quick else (1024, 4096, 16384)
     lf_n = (4096,) if args.quick else (4096, 16384, 65536, 131072)
     rows: list = []
-    for kind in ("dense", "causal"):
-        for D in (64, 128):
-            for N in dense_n:
-                measure(kind, N, D, 16, dev, rows)
-    for N in lf_n:
-        measure("longformer", N, 64, 12, dev, rows)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    log_path = out / f"gpu_{stamp}.jsonl"
+    for kind in ("dense", "causal"):
+        for D in (64, 128):
+            for N in dense_n:
+                measure(kind, N, D, 16, dev, rows, log_path)
+    for N in lf_n:
+        measure("longformer", N, 64, 12, dev, rows, log_path)
     meta = {"date": stamp, "device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
     (out / f"gpu_{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"gpu_{stamp}.md").write_text(markdown(rows, device))

@@ -174,3 +174,18 @@ def test_plans_are_cached_per_mask_and_never_stale():
     q = k = v = torch.randn(2, 1, 30, 16)
     got = triton_attention(q, k, v, mask=mask)[0]
     assert torch.allclose(got, ak.attention(q, k, v, mask=mask, impl="reference"), atol=1e-5)
+
+
+def test_a_plan_or_block_size_that_does_not_fit_is_refused():
+    q = k = v = torch.randn(1, 1, 40, 16)
+    plan = make_plan(ak.causal(), 20, 20, 16, 16, "cpu")
+    with pytest.raises(ValueError, match=r"built for mask causal\(\) at \(Nq, Nk\) = \(20, 20\)"):
+        triton_attention(q, k, v, mask=plan.mask, plan=plan)  # other sizes
+    plan = make_plan(ak.causal(), 40, 40, 16, 16, "cpu")
+    with pytest.raises(ValueError, match="this call has mask None"):
+        triton_attention(q, k, v, plan=plan)  # other mask
+    with pytest.raises(ValueError, match="give them to make_plan"):
+        triton_attention(q, k, v, mask=plan.mask, plan=plan, block_m=32)
+    for bad in (8, 24):
+        with pytest.raises(ValueError, match=f"block_m={bad}: expected a power of two >= 16"):
+            triton_attention(q, k, v, block_m=bad)

@@ -88,7 +88,8 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
                 "errors of 1e10); bfloat16 runs on the GPU, float16 and float32 here")
     D, Dv = q.shape[-1], v.shape[-1]
     if D != Dv or D not in HEAD_DIMS:
-        return f"head dims D={D}, Dv={Dv}: the Triton kernels need D == Dv in {HEAD_DIMS}"
+        return (f"head dims D={D}, Dv={Dv}: the Triton kernels need D == Dv in {HEAD_DIMS}; pad the head dim to "
+                "the next of these, or use impl='sdpa' or 'tiled'")
     if q.shape[1] % k.shape[1]:
         return f"Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}"
     return None
@@ -102,6 +103,9 @@ class BlockPlan:
 
     block_m: int
     block_n: int
+    Nq: int
+    Nk: int
+    mask: Mask | None  # the mask it was built from (a plan is only valid for that mask and sizes)
     kv_ptr: Tensor  # (nQ + 1,) int32: query block i visits kv_idx[kv_ptr[i]:kv_ptr[i + 1]]
     kv_idx: Tensor  # (T,) int32 key block indices
     kv_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
@@ -113,9 +117,9 @@ class BlockPlan:
     # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
     # is combined afterwards with the other partials of slots[s]'s block
     q_work: Tensor  # (W, 4) int32 over the query blocks' key lists: the forward and dq
-    q_slots: Tensor  # (S,) int32
+    q_slots: Tensor  # (S,) int32, on the CPU (read by the host only: no device sync)
     k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
-    k_slots: Tensor  # (S',) int32
+    k_slots: Tensor  # (S',) int32, on the CPU
 
     @property
     def visited(self) -> int:
@@ -211,9 +215,10 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
     q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
     tiles = _partial_tiles(mask, kinds, Nq, Nk, block_m, block_n)
-    q_work, q_slots = (t.to(device) for t in split_work(kv_ptr, split_tiles))
-    k_work, k_slots = (t.to(device) for t in split_work(q_ptr, split_tiles))
-    return BlockPlan(block_m, block_n, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
+    q_work, q_slots = split_work(kv_ptr, split_tiles)
+    k_work, k_slots = split_work(q_ptr, split_tiles)
+    q_work, k_work = q_work.to(device), k_work.to(device)  # read by the kernels; slots stay on the host
+    return BlockPlan(block_m, block_n, Nq, Nk, mask, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
                      q_work, q_slots, k_work, k_slots)
 
 
@@ -268,7 +273,7 @@ if triton is not None:
         if tile >= 0:
             r = tl.arange(0, BM)
             c = tl.arange(0, BN)
-            allowed = tl.load(TILES + t_base + tile * (BM * BN) + r[:, None] * BN + c[None, :])
+            allowed = tl.load(TILES + t_base + tile.to(tl.int64) * (BM * BN) + r[:, None] * BN + c[None, :])
             s = tl.where(allowed != 0, s, float("-inf"))
         return s
 
@@ -283,8 +288,8 @@ if triton is not None:
         bh = tl.program_id(1)
         qb = tl.load(WORK + 4 * w)
         slot = tl.load(WORK + 4 * w + 3)
-        b = bh // H
-        h = bh % H
+        b = (bh // H).to(tl.int64)  # int64: base offsets of big tensors overflow int32
+        h = (bh % H).to(tl.int64)
         hk = h // GROUP
         offs_m = qb * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -324,7 +329,7 @@ if triton is not None:
             tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=rows_ok)
         else:  # PO (S, B*H, BM, D) and PLSE (S, B*H, BM), float32, contiguous
             r = tl.arange(0, BM)
-            base = (slot * BH + bh) * BM
+            base = (slot.to(tl.int64) * BH + bh) * BM
             tl.store(PO + (base + r[:, None]) * D + offs_d[None, :], out)
             tl.store(PLSE + base + r, lse)
 
@@ -340,8 +345,8 @@ if triton is not None:
         bh = tl.program_id(1)
         qb = tl.load(WORK + 4 * w)
         slot = tl.load(WORK + 4 * w + 3)
-        b = bh // H
-        h = bh % H
+        b = (bh // H).to(tl.int64)  # int64: base offsets of big tensors overflow int32
+        h = (bh % H).to(tl.int64)
         hk = h // GROUP
         offs_m = qb * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -378,7 +383,7 @@ if triton is not None:
             tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
         else:
             r = tl.arange(0, BM)
-            tl.store(PDQ + ((slot * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
+            tl.store(PDQ + ((slot.to(tl.int64) * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
 
     @triton.jit
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES, SLOPES,
@@ -392,8 +397,8 @@ if triton is not None:
         bh = tl.program_id(1)
         kb = tl.load(WORK + 4 * w)
         slot = tl.load(WORK + 4 * w + 3)
-        b = bh // H
-        h = bh % H
+        b = (bh // H).to(tl.int64)  # int64: base offsets of big tensors overflow int32
+        h = (bh % H).to(tl.int64)
         hk = h // GROUP
         offs_n = kb * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
@@ -435,7 +440,7 @@ if triton is not None:
             tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=keys_ok[:, None])
         else:
             c = tl.arange(0, BN)
-            p_off = ((slot * BH + bh) * BN + c[:, None]) * D + offs_d[None, :]
+            p_off = ((slot.to(tl.int64) * BH + bh) * BN + c[:, None]) * D + offs_d[None, :]
             tl.store(PDK + p_off, dk * scale)
             tl.store(PDV + p_off, dv)
 
@@ -445,6 +450,15 @@ if triton is not None:
 def _tile_strides(tiles: Tensor) -> tuple[int, int]:
     """Batch and head strides of the partial tiles, 0 where the mask broadcasts."""
     return (tiles.stride(0) if tiles.shape[0] > 1 else 0), (tiles.stride(1) if tiles.shape[1] > 1 else 0)
+
+
+def _launch(block: int, D: int, q: Tensor) -> dict:
+    """num_warps / num_stages (untuned: not yet run on a GPU): 8 warps for 128-row blocks or D=128,
+    fewer pipeline stages for float32 at D=128 (shared memory)."""
+    if q.device.type != "cuda":
+        return {}
+    return {"num_warps": 8 if block >= 128 or D >= 128 else 4,
+            "num_stages": 1 if q.dtype == torch.float32 and D >= 128 else 2}
 
 
 def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, slots: Tensor, block: int) -> None:
@@ -489,7 +503,7 @@ def _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, bl
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
-        BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+        BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32, **_launch(block_m, D, q))
     if q_slots.numel():
         _merge_slots(out, lse, po, plse, q_slots, block_m)
     return out, lse
@@ -509,7 +523,8 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, til
     pdq = _partials(q_slots, B * H, block_m, D, q.device)
     pdk, pdv = _partials(k_slots, B * H, block_n, D, q.device), _partials(k_slots, B * H, block_n, D, q.device)
     stb, sth = _tile_strides(tiles)
-    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
+                  **_launch(max(block_m, block_n), D, q))
     _bwd_dq[(q_work.shape[0], B * H)](
         q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -579,6 +594,15 @@ def _autograd_backward(ctx, dout, dlse):
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+def _check_plan(plan: BlockPlan, mask, Nq: int, Nk: int, block_m, block_n, split_tiles) -> None:
+    """A plan given by the caller must be the one for this call: same mask object and sizes."""
+    if plan.mask is not mask or (plan.Nq, plan.Nk) != (Nq, Nk):
+        raise ValueError(f"plan was built for mask {plan.mask!r} at (Nq, Nk) = ({plan.Nq}, {plan.Nk}); this call has "
+                         f"mask {mask!r} at ({Nq}, {Nk}): build it with make_plan(mask, Nq, Nk, ...) for this call")
+    if block_m is not None or block_n is not None or split_tiles is not None:
+        raise ValueError("block_m, block_n and split_tiles are the plan's: give them to make_plan, not with plan=")
+
+
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
                      scale: float | None = None, block_m: int | None = None, block_n: int | None = None,
                      plan: BlockPlan | None = None, split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
@@ -595,7 +619,12 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     if plan is None:
         bm, bn = default_blocks(D)
         bm, bn = block_m or bm, block_n or bn
+        for name, size in (("block_m", bm), ("block_n", bn)):
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{name}={size}: expected a power of two >= 16 (tl.dot needs 16 on the GPU)")
         plan = cached_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device, split_tiles)
+    else:
+        _check_plan(plan, mask, q.shape[2], k.shape[2], block_m, block_n, split_tiles)
     bm, bn = plan.block_m, plan.block_n
     has_alibi = isinstance(bias, Alibi)
     slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
