@@ -10,6 +10,7 @@ An explicit ``impl`` never falls back: it raises with the backend's reason.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,6 +61,10 @@ def _banded_run(c: Call):
 
 
 def _triton_why_not(c: Call) -> str | None:
+    if c.q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        # the common CPU case, answered without importing triton (~0.25 s) into every process
+        return (f"tensors on {c.q.device.type}: the Triton kernels run on a CUDA device "
+                "(or on the CPU in Triton's interpreter with TRITON_INTERPRET=1, slowly)")
     from .ops import flash_triton  # imports triton (if installed) on first use only
     return flash_triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p)
 
