@@ -121,9 +121,6 @@ class BlockPlan:
     k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
     k_slots: Tensor  # (S',) int32, on the CPU
 
-    @property
-    def visited(self) -> int:
-        return int(self.kv_idx.numel())
 
 
 def _kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
