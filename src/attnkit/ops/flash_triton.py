@@ -122,7 +122,6 @@ class BlockPlan:
     k_slots: Tensor  # (S',) int32, on the CPU
 
 
-
 def _kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
     """(nQ, nK) int8 tile kinds merged over the mask's batch and heads; the ragged last key block
     is PARTIAL (its keys past Nk must be masked)."""
