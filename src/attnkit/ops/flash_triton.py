@@ -256,6 +256,25 @@ def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int,
 if triton is not None:
 
     @triton.jit
+    def _work_item(WORK, H, GROUP):
+        """This program's work item (program_id 0) and sequence x head (program_id 1): block, the
+        range of its list, slot, and b, h, hk (the kv head), in int64 (base offsets of big tensors
+        overflow int32)."""
+        w = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        item = WORK + 4 * w
+        return tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3), b, h, h // GROUP, bh
+
+    @triton.jit
+    def _load_rows(PTR, b, h, offs, sb, sh, sn, n, D: tl.constexpr):
+        """Rows ``offs`` of sequence b, head h: (len(offs), D), zeros past n."""
+        offs_d = tl.arange(0, D)
+        return tl.load(PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], mask=(offs < n)[:, None],
+                       other=0.0)
+
+    @triton.jit
     def _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk,
                 BM: tl.constexpr, BN: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
         """(BM, BN) scores in the log2 domain: q k^T * scale * log2(e), ALiBi, the partial tile's mask."""
@@ -280,17 +299,11 @@ if triton is not None:
              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
         """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
         final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
-        w = tl.program_id(0)
-        bh = tl.program_id(1)
-        qb = tl.load(WORK + 4 * w)
-        slot = tl.load(WORK + 4 * w + 3)
-        b = (bh // H).to(tl.int64)  # int64: base offsets of big tensors overflow int32
-        h = (bh % H).to(tl.int64)
-        hk = h // GROUP
+        qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
         offs_m = qb * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         rows_ok = offs_m < Nq
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+        q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
@@ -298,13 +311,12 @@ if triton is not None:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
-        for t in range(tl.load(WORK + 4 * w + 1), tl.load(WORK + 4 * w + 2)):
+        for t in range(start, end):
             kb = tl.load(KV_IDX + t)
             tile = tl.load(KV_TILE + t)
             offs_n = kb * BN + tl.arange(0, BN)
-            keys_ok = offs_n < Nk
-            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+            k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
+            v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
             s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
@@ -337,19 +349,13 @@ if triton is not None:
         """dQ of one work item: sum over its key blocks of dS K * scale, into DQ (slot -1) or into
         the float32 partial PDQ (S, B*H, BM, D) (summed afterwards). Q, DO, DQ share strides (sq*);
         LSE, DELTA share (sl*)."""
-        w = tl.program_id(0)
-        bh = tl.program_id(1)
-        qb = tl.load(WORK + 4 * w)
-        slot = tl.load(WORK + 4 * w + 3)
-        b = (bh // H).to(tl.int64)  # int64: base offsets of big tensors overflow int32
-        h = (bh % H).to(tl.int64)
-        hk = h // GROUP
+        qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
         offs_m = qb * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, D)
         rows_ok = offs_m < Nq
         q_off = b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=rows_ok[:, None], other=0.0)
-        do = tl.load(DO + q_off, mask=rows_ok[:, None], other=0.0)
+        q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+        do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
         lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # no key: P = 0
         delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
@@ -358,13 +364,12 @@ if triton is not None:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
         dq = tl.zeros([BM, D], tl.float32)
-        for t in range(tl.load(WORK + 4 * w + 1), tl.load(WORK + 4 * w + 2)):
+        for t in range(start, end):
             kb = tl.load(KV_IDX + t)
             tile = tl.load(KV_TILE + t)
             offs_n = kb * BN + tl.arange(0, BN)
-            keys_ok = offs_n < Nk
-            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
-            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+            k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
+            v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
             s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
             p = tl.exp2(s - lse[:, None])
             if IEEE:
@@ -389,32 +394,25 @@ if triton is not None:
         """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
         sum over the query blocks of one work item. DK, DV are (B, Hq, Nk, D) with strides sg*
         (slot -1); slot s >= 0 writes float32 partials PDK, PDV (S', B*H, BN, D) instead."""
-        w = tl.program_id(0)
-        bh = tl.program_id(1)
-        kb = tl.load(WORK + 4 * w)
-        slot = tl.load(WORK + 4 * w + 3)
-        b = (bh // H).to(tl.int64)  # int64: base offsets of big tensors overflow int32
-        h = (bh % H).to(tl.int64)
-        hk = h // GROUP
+        kb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
         offs_n = kb * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, D)
         keys_ok = offs_n < Nk
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys_ok[:, None], other=0.0)
+        k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
+        v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
-        for t in range(tl.load(WORK + 4 * w + 1), tl.load(WORK + 4 * w + 2)):
+        for t in range(start, end):
             qb = tl.load(Q_IDX + t)
             tile = tl.load(Q_TILE + t)
             offs_m = qb * BM + tl.arange(0, BM)
             rows_ok = offs_m < Nq
-            q_off = b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
-            q = tl.load(Q + q_off, mask=rows_ok[:, None], other=0.0)
-            do = tl.load(DO + q_off, mask=rows_ok[:, None], other=0.0)
+            q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+            do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
             lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
             delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
