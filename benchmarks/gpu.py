@@ -3,6 +3,7 @@
     python benchmarks/gpu.py                  # the whole table (several minutes on an H100)
     python benchmarks/gpu.py --quick          # small sizes only: a smoke test of the script
     python benchmarks/gpu.py --out DIR        # where the JSON and markdown go (default benchmarks/results)
+    python benchmarks/gpu.py --tune           # sweep attnkit's block sizes, warps and stages instead
 
 In one process, on the same bf16 inputs (B=1):
 - dense and causal, H=16, D = 64 and 128, N = 1k, 4k, 16k: attnkit triton, SDPA FLASH / CUDNN /
@@ -20,6 +21,12 @@ call, outside ``do_bench`` (whose L2-flush buffer would add 256 MiB). Each row i
 .jsonl file as soon as it is measured, so a crash keeps what ran.
 Block plans (attnkit) and block masks (Flex) are built once, outside the timing; their build
 times are reported.
+
+``--tune`` times attnkit alone on the acceptance cases (Longformer N=64k, dense D=128 N=16k,
+causal D=64 N=16k) over TUNE_BLOCKS x TUNE_WARPS x TUNE_STAGES, every kernel launched with the
+same warps and stages, output checked first; it writes tune_*.json / .md with the forward and the
+backward (fwd+bwd minus fwd) times, fastest first. Its winners go into ``flash_triton.gpu_blocks``
+and ``launch_config`` (and ``python -m attnkit.ops.triton_check`` must still pass).
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit as ak
+from attnkit.ops import flash_triton
 from attnkit.ops.flash_triton import default_blocks, make_plan, triton_attention
 from attnkit.viz.capture import AttentionRecord
 
@@ -69,7 +77,7 @@ def contenders(kind: str, N: int, D: int, H: int, dev):
     mask = None if kind == "dense" else ak.causal() if kind == "causal" else longformer_mask()
     out = {}
     t0 = time.perf_counter()
-    bm, bn = default_blocks(D)
+    bm, bn = default_blocks(D, torch.bfloat16)
     plan = make_plan(mask, N, N, bm, bn, dev)
     torch.cuda.synchronize()
     out["attnkit triton"] = (lambda q, k, v: triton_attention(q, k, v, mask=mask, plan=plan)[0],
@@ -185,10 +193,73 @@ def markdown(rows: list, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+TUNE_BLOCKS = ((128, 64), (64, 64), (128, 128), (64, 128), (128, 32))
+TUNE_WARPS = (4, 8)
+TUNE_STAGES = (2, 3)
+
+
+def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path) -> list:
+    """attnkit at every (blocks, warps, stages): rows with fwd_ms and bwd_ms, or an error."""
+    from triton.testing import do_bench
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(q.shape, device=dev, dtype=q.dtype, generator=g)
+    mask = None if kind == "dense" else ak.causal() if kind == "causal" else longformer_mask()
+    rows = torch.linspace(0, N - 1, CHECK_ROWS).long()
+    want = reference_rows(q.detach(), k.detach(), v.detach(), mask, rows)
+    shipped = flash_triton.launch_config
+    out = []
+    for (bm, bn) in TUNE_BLOCKS:
+        plan = make_plan(mask, N, N, bm, bn, dev)
+        for warps in TUNE_WARPS:
+            for stages in TUNE_STAGES:
+                entry = {"case": kind, "N": N, "D": D, "H": H, "block_m": bm, "block_n": bn, "num_warps": warps,
+                         "num_stages": stages}
+                flash_triton.launch_config = lambda *a, w=warps, s=stages: {"num_warps": w, "num_stages": s}
+                try:
+                    def fn():
+                        return triton_attention(q, k, v, mask=mask, plan=plan)[0]
+                    err = (fn().detach()[:, :, rows.to(dev)].float() - want).abs().max().item()
+                    if not err <= TOLERANCE:
+                        raise RuntimeError(f"output differs from the reference by {err:.3g}")
+                    fwd = do_bench(fn, warmup=10, rep=50, return_mode="median")
+                    both = do_bench(lambda: torch.autograd.grad(fn(), (q, k, v), grad_out), warmup=5, rep=30,
+                                    return_mode="median")
+                    entry.update(max_err=err, fwd_ms=fwd, bwd_ms=both - fwd)
+                except Exception as e:  # out of shared memory, registers, ...: reported
+                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                finally:
+                    flash_triton.launch_config = shipped
+                print(json.dumps(entry), flush=True)
+                with log_path.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                out.append(entry)
+        torch.cuda.empty_cache()
+    return out
+
+
+def tune_markdown(rows: list, device: str) -> str:
+    lines = [f"# attnkit triton tuning sweep ({device}, bf16, B=1)", ""]
+    for case in dict.fromkeys((r["case"], r["N"], r["D"]) for r in rows):
+        mine = [r for r in rows if (r["case"], r["N"], r["D"]) == case]
+        ok = sorted((r for r in mine if "error" not in r), key=lambda r: r["fwd_ms"])
+        lines += [f"## {case[0]} N={case[1]} D={case[2]}", "",
+                  "| BM x BN | warps | stages | fwd ms | bwd ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['block_m']} x {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['fwd_ms']:.3f} | "
+                  f"{r['bwd_ms']:.3f} |" for r in ok]
+        lines += [f"| {r['block_m']} x {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['error']} | |"
+                  for r in mine if "error" in r]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N up to 4096 only")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tune", action="store_true", help="sweep attnkit's blocks, warps and stages instead")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")
@@ -197,10 +268,18 @@ def main() -> None:
     dense_n = (1024, 4096) if args.quick else (1024, 4096, 16384)
     lf_n = (4096,) if args.quick else (4096, 16384, 65536, 131072)
     rows: list = []
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"gpu_{stamp}.jsonl"
+    if args.tune:
+        cases = ([("longformer", 4096, 64, 12)] if args.quick else
+                 [("longformer", 65536, 64, 12), ("dense", 16384, 128, 16), ("causal", 16384, 64, 16)])
+        rows = [r for case in cases for r in tune_case(*case, dev, out / f"tune_{stamp}.jsonl")]
+        (out / f"tune_{stamp}.json").write_text(json.dumps({"device": device, "date": stamp, "rows": rows}, indent=1))
+        (out / f"tune_{stamp}.md").write_text(tune_markdown(rows, device))
+        print(tune_markdown(rows, device))
+        return
     for kind in ("dense", "causal"):
         for D in (64, 128):
             for N in dense_n:

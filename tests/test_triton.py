@@ -17,7 +17,13 @@ flash_triton = pytest.importorskip("attnkit.ops.flash_triton")
 if flash_triton.triton is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from attnkit.ops.flash_triton import make_plan, split_work, triton_attention  # noqa: E402
+from attnkit.ops.flash_triton import (
+    make_plan,
+    pack_bits,
+    split_work,
+    triton_attention,
+    unpack_bits,
+)
 
 MASKS = {
     "none": lambda B, N: None,
@@ -38,7 +44,8 @@ def lists(ptr: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor) -> dict[tupl
 
 
 @pytest.mark.parametrize("name", list(MASKS))
-@pytest.mark.parametrize("Nq,Nk,bm,bn", [(50, 50, 16, 16), (37, 61, 16, 8), (64, 64, 32, 16)])
+@pytest.mark.parametrize("Nq,Nk,bm,bn", [(50, 50, 16, 16), (37, 61, 16, 8), (64, 64, 32, 16), (40, 200, 16, 64),
+                                         (33, 300, 16, 128)])
 def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
     B, H = 2, 2
     mask: Mask | None = MASKS[name](B, Nk)
@@ -58,10 +65,19 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
             if tile < 0:  # run unmasked: every pair allowed, for every sample and head, and no ragged key
                 assert region.all() and region.shape[-1] == bn, f"tile {(qb, kb)} is run unmasked but is not full"
                 continue
-            stored = plan.tiles[:, :, tile].bool().expand(B, H, bm, bn)
+            stored = unpack_bits(plan.tiles[:, :, tile], bn).expand(B, H, bm, bn)
             rows, cols = region.shape[-2:]
             assert torch.equal(stored[:, :, :rows, :cols], region), f"partial tile {(qb, kb)} differs from the mask"
             assert not stored[:, :, :, cols:].any() and not stored[:, :, rows:].any()  # outside N: nothing
+
+
+@pytest.mark.parametrize("bn", [8, 16, 32, 33, 64, 128])
+def test_tile_bits_round_trip(bn):
+    truth = torch.rand(3, 5, bn) < 0.5
+    truth[0, 0] = True  # every bit, the sign bit of each word included
+    words = pack_bits(truth)
+    assert words.dtype == torch.int32 and words.shape == (3, 5, -(-bn // 32))
+    assert torch.equal(unpack_bits(words, bn), truth)
 
 
 @pytest.mark.parametrize("lists", ["key lists (forward, dq)", "query lists (dk, dv)"])
@@ -104,6 +120,33 @@ def test_through_torch_compile():
     g = torch.autograd.grad(got.sum(), (q, k, v))
     w = torch.autograd.grad(want.sum(), (q, k, v))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, w))
+
+
+def test_auto_on_cuda_leaves_sdpa_the_masks_it_takes_without_materializing(monkeypatch):
+    """On CUDA (pretended here: the dispatch reads the device through _on_cuda), auto gives torch
+    SDPA what FlashAttention / cuDNN run (no mask, causal with Nq == Nk) and the Triton kernels
+    every mask SDPA would need materialized, ALiBi, and the lse."""
+    from attnkit import _dispatch
+    from attnkit._validate import validate
+    monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: True)
+    q = k = v = torch.randn(2, 2, 40, 16)
+    picks = {
+        "none": validate(q, k, v),
+        "causal": validate(q, k, v, mask=ak.causal()),
+        "window": validate(q, k, v, mask=ak.sliding_window(4)),
+        "longformer": validate(q, k, v, mask=ak.sliding_window(4) | ak.global_tokens([0])),
+        "padding": validate(q, k, v, mask=ak.key_padding([40, 31])),
+        "documents": validate(q, k, v, mask=ak.causal() & ak.document([0] * 20 + [1] * 20)),
+        "alibi": validate(q, k, v, mask=ak.causal(), bias=ak.alibi(2)),
+        "lse": validate(q, k, v, mask=ak.causal(), need_lse=True),
+    }
+    got = {name: _dispatch.choose(call, "auto").name for name, call in picks.items()}
+    assert got == {"none": "sdpa", "causal": "sdpa", "window": "triton", "longformer": "triton",
+                   "padding": "triton", "documents": "triton", "alibi": "triton", "lse": "triton"}
+    reason = _dispatch.auto_reasons(picks["window"])["sdpa"]
+    assert "materializing" in reason and "Triton" in reason
+    monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: False)  # the CPU: never the interpreter
+    assert all(_dispatch.choose(call, "auto").name != "triton" for call in picks.values())
 
 
 def test_auto_never_picks_the_interpreter_and_explicit_impl_says_why():

@@ -1,7 +1,8 @@
 """Which backend can run a call, why not, and the order ``impl="auto"`` tries them in.
 
-Auto order: ``sdpa`` (torch's fused kernels) where it can express the call, then ``triton``
-(the fused Triton kernels for every mask structure; CUDA only: on the CPU they run only in
+Auto order: ``sdpa`` (torch's fused kernels) where it can express the call (on CUDA: where it
+needs no materialized mask, so FlashAttention or cuDNN run it), then ``triton`` (the fused Triton
+kernels for every mask structure, ALiBi and the lse; CUDA only: on the CPU they run only in
 Triton's interpreter, for tests, and auto never picks them there), then ``banded``
 (Longformer masks: sliding window, global tokens, padding; O(N·W)), then ``tiled`` (any
 structured mask, ALiBi, lse on any device), then ``reference`` (dropout with structured masks).
@@ -69,10 +70,23 @@ def _triton_why_not(c: Call) -> str | None:
     return flash_triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p)
 
 
+def _on_cuda(c: Call) -> bool:
+    return c.q.device.type == "cuda"
+
+
 def _triton_auto_why_not(c: Call) -> str | None:
-    if c.q.device.type != "cuda":
+    if not _on_cuda(c):
         return "auto uses the Triton kernels on CUDA devices only (on the CPU they run in Triton's interpreter)"
     return None
+
+
+def _sdpa_cuda_why_not(c: Call) -> str | None:
+    """On CUDA, a mask SDPA can take only materialized sends it to its mem-efficient kernel, which
+    computes all Nq x Nk pairs and reads an Nq x Nk mask (FlashAttention and cuDNN take no mask);
+    the Triton kernels read the mask's block plan, skip the tiles it rules out and mask only the
+    partial ones."""
+    return (f"mask {c.mask!r} needs materializing for torch SDPA (its mem-efficient kernel, all Nq x Nk pairs); "
+            "on CUDA the Triton kernels run it from its block plan")
 
 
 def _triton_run(c: Call):
@@ -128,6 +142,8 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
     why = reasons(c)
     if why["triton"] is None:
         why["triton"] = _triton_auto_why_not(c)
+    if why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
+        why["sdpa"] = _sdpa_cuda_why_not(c)
     if why["sdpa"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
         why["sdpa"] = _sdpa.auto_why_not(
             c.q, c.k, c.mask, lambda: work_fraction(c.mask, c.bias, c.q.shape[2], c.k.shape[2], c.q.device))

@@ -7,9 +7,10 @@ The mask never reaches the kernel as an expression. On the host it becomes a *bl
   is full for all of them);
 - for each query block, the list of key blocks to visit, in CSR form (``kv_ptr``, ``kv_idx``),
   and the transposed lists for the key-block-major backward (``q_ptr``, ``q_idx``);
-- for each PARTIAL tile, its BLOCK_M x BLOCK_N truth (``tiles``, uint8, per sample and head where
-  the mask differs by them), evaluated by the mask itself: a partial tile is masked by one load,
-  a full tile is never masked, an empty tile is never visited. A ragged last key block is partial
+- for each PARTIAL tile, its BLOCK_M x BLOCK_N truth (``tiles``, one bit per pair, packed in
+  int32 words along the keys, per sample and head where the mask differs by them), evaluated by
+  the mask itself: a partial tile is masked by BM x ceil(BN / 32) word loads and shifts, a full
+  tile is never masked, an empty tile is never visited. A ragged last key block is partial
   (its keys past Nk are masked out in its tile).
 
 So causal, windows, global tokens, padding, documents and any combination run the same kernel;
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from ..bias import Alibi, Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
-from .merge import merge
+from .merge import merge_groups
 
 try:  # optional: attnkit imports and runs without triton
     import triton
@@ -50,9 +51,12 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
 
+LOG2E = 1.4426950408889634
+# The kernels may read module globals only as constexprs (the interpreter does not enforce this).
+LOG2E_K = tl.constexpr(LOG2E) if tl is not None else LOG2E
+
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E = 1.4426950408889634
 
 
 def interpreting() -> bool:
@@ -60,12 +64,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_blocks(D: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 16 x 16 in the interpreter (tests), 128 x 64 on the GPU (64 x 64 for
-    D = 128 to keep registers in bounds)."""
+def gpu_blocks(D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) on the GPU, the largest tiles whose three kernels compile without
+    register spills on sm_90 (``python -m attnkit.ops.triton_check``): 128 x 64; 64 x 64 for
+    D = 128 (the dk/dv kernel spills at 128 x 64); 32 x 32 for float32, whose IEEE dots run on
+    the FMA units and hold twice the bytes. Chosen from compiled register counts, not yet from
+    timings."""
+    if dtype == torch.float32:
+        return 32, 32
+    return (64, 64) if D >= 128 else (128, 64)
+
+
+def default_blocks(D: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 16 x 16 in the interpreter (tests), ``gpu_blocks`` otherwise."""
     if interpreting():
         return 16, 16
-    return (64, 64) if D >= 128 else (128, 64)
+    return gpu_blocks(D, dtype)
+
+
+def launch_config(kernel: str, block_m: int, block_n: int, D: int, dtype: torch.dtype) -> dict:
+    """num_warps / num_stages of one kernel launch: 8 warps for 128-row tiles, D = 128, the dk/dv
+    kernel and float32 (with 4 they run out of registers and spill, ``triton_check``), 4 otherwise;
+    two pipeline stages. Not yet tuned by timing on a GPU."""
+    big = max(block_m, block_n) >= 128 or D >= 128 or kernel == "_bwd_dkdv" or dtype == torch.float32
+    return {"num_warps": 8 if big else 4, "num_stages": 2}
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float) -> str | None:
@@ -112,7 +134,8 @@ class BlockPlan:
     q_ptr: Tensor  # (nK + 1,) int32: key block j is visited by q_idx[q_ptr[j]:q_ptr[j + 1]]
     q_idx: Tensor  # (T,) int32 query block indices
     q_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
-    tiles: Tensor  # (Bm, Hm, max(P, 1), BM, BN) uint8, 1 = may attend
+    tiles: Tensor  # (Bm, Hm, max(P, 1), BM, ceil(BN / 32)) int32 words: bit c % 32 of word c // 32 = may attend
+    tiles_t: Tensor  # (Bm, Hm, max(P, 1), BN, ceil(BM / 32)): the same tiles transposed (keys x queries), for dk/dv
     # work items (split-KV, ``split_work``): row w = (block, start, end, slot) runs one block over
     # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
     # is combined afterwards with the other partials of slots[s]'s block
@@ -149,14 +172,33 @@ def _csr(kinds: Tensor, tile_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ptr, cols.to(torch.int32), tile_id[rows, cols].to(torch.int32)
 
 
-def _partial_tiles(mask: Mask | None, kinds: Tensor, Nq: int, Nk: int, bm: int, bn: int) -> Tensor:
-    """(Bm, Hm, max(P, 1), BM, BN) uint8 truth of the PARTIAL tiles, in row-major tile order;
-    positions past Nq / Nk are 0. Evaluated one query block at a time (BM x its partial keys)."""
+def pack_bits(truth: Tensor) -> Tensor:
+    """(..., BN) bool -> (..., ceil(BN / 32)) int32 words, bit c % 32 of word c // 32 = truth[c].
+    Bits rather than bytes: a tile of bytes costs the kernel a (BM, BN) gather of pointers, which
+    spills registers; a bit tile is BM x ceil(BN / 32) word loads and register shifts."""
+    bn = truth.shape[-1]
+    nw = -(-bn // 32)
+    bits = torch.nn.functional.pad(truth.long(), (0, nw * 32 - bn)).unflatten(-1, (nw, 32))
+    words = (bits << torch.arange(32, device=truth.device)).sum(-1)  # (..., nw) in [0, 2^32)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_bits(words: Tensor, bn: int) -> Tensor:
+    """The inverse of ``pack_bits``: (..., ceil(BN / 32)) int32 -> (..., BN) bool."""
+    bits = (words.long()[..., None] >> torch.arange(32, device=words.device)) & 1  # (..., nw, 32)
+    return bits.flatten(-2)[..., :bn].bool()
+
+
+def _partial_tiles(mask: Mask | None, kinds: Tensor, Nq: int, Nk: int, bm: int, bn: int) -> tuple[Tensor, Tensor]:
+    """The packed truth (``pack_bits``) of the PARTIAL tiles, in row-major tile order, as
+    (Bm, Hm, max(P, 1), BM, ceil(BN / 32)) and transposed, (Bm, Hm, max(P, 1), BN, ceil(BM / 32))
+    int32; positions past Nq / Nk are 0. Evaluated one query block at a time (BM x its partial keys)."""
     dev = kinds.device
     pq, pk = (kinds == PARTIAL).nonzero(as_tuple=True)
     if pq.numel() == 0:
-        return torch.zeros(1, 1, 1, bm, bn, dtype=torch.uint8, device=dev)
-    parts = []
+        return (torch.zeros(1, 1, 1, bm, -(-bn // 32), dtype=torch.int32, device=dev),
+                torch.zeros(1, 1, 1, bn, -(-bm // 32), dtype=torch.int32, device=dev))
+    parts, parts_t = [], []
     for qb in torch.unique_consecutive(pq).tolist():
         kbs = pk[pq == qb]  # (p,)
         rows = qb * bm + torch.arange(bm, device=dev)  # (BM,)
@@ -166,10 +208,12 @@ def _partial_tiles(mask: Mask | None, kinds: Tensor, Nq: int, Nk: int, bm: int, 
             truth = inside[None, None]
         else:
             truth = mask.evaluate(rows.clamp(max=Nq - 1), cols.clamp(max=Nk - 1), Nq, Nk).to(dev) & inside
-        parts.append(truth.reshape(*truth.shape[:2], bm, len(kbs), bn).permute(0, 1, 3, 2, 4))  # (Bm, Hm, p, BM, BN)
+        truth = truth.reshape(*truth.shape[:2], bm, len(kbs), bn).permute(0, 1, 3, 2, 4)  # (Bm, Hm, p, BM, BN)
+        parts.append(pack_bits(truth))
+        parts_t.append(pack_bits(truth.transpose(-1, -2)))
     Bm = max(p.shape[0] for p in parts)
     Hm = max(p.shape[1] for p in parts)
-    return torch.cat([p.expand(Bm, Hm, -1, -1, -1) for p in parts], 2).to(torch.uint8).contiguous()
+    return tuple(torch.cat([p.expand(Bm, Hm, -1, -1, -1) for p in ps], 2).contiguous() for ps in (parts, parts_t))
 
 
 SPLIT_MIN = 8  # a query block's key list is split only past max(SPLIT_MIN, 2 x the median list length)
@@ -210,12 +254,12 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     tile_id[partial] = torch.arange(int(partial.sum()), device=device)
     kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
     q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
-    tiles = _partial_tiles(mask, kinds, Nq, Nk, block_m, block_n)
+    tiles, tiles_t = _partial_tiles(mask, kinds, Nq, Nk, block_m, block_n)
     q_work, q_slots = split_work(kv_ptr, split_tiles)
     k_work, k_slots = split_work(q_ptr, split_tiles)
     q_work, k_work = q_work.to(device), k_work.to(device)  # read by the kernels; slots stay on the host
     return BlockPlan(block_m, block_n, Nq, Nk, mask, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
-                     q_work, q_slots, k_work, k_slots)
+                     tiles_t, q_work, q_slots, k_work, k_slots)
 
 
 PLAN_CACHE_SIZE = 32
@@ -275,22 +319,32 @@ if triton is not None:
                        other=0.0)
 
     @triton.jit
-    def _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk,
-                BM: tl.constexpr, BN: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
-        """(BM, BN) scores in the log2 domain: q k^T * scale * log2(e), ALiBi, the partial tile's mask."""
+    def _scores(a, b, pos_a, pos_b, slope, tile, TILES, scale_log2,
+                RA: tl.constexpr, RB: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+        """(RA, RB) scores a b^T * scale * log2(e) in the log2 domain, ALiBi (-slope |pos_a - pos_b|,
+        positions on the key axis) and partial tile ``tile`` of TILES (-1: a full tile). a / b are
+        q / k for (query, key) tiles and k / q for the transposed tiles of dk/dv."""
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+            s = tl.dot(a, tl.trans(b), input_precision="ieee") * scale_log2
         else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.dot(a, tl.trans(b)) * scale_log2
         if HAS_ALIBI:
-            pos = offs_m + (Nk - Nq)  # bottom-right aligned query positions
-            s -= slope * LOG2E * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
+            s -= slope * LOG2E_K * tl.abs(pos_a[:, None] - pos_b[None, :]).to(tl.float32)
         if tile >= 0:
-            r = tl.arange(0, BM)
-            c = tl.arange(0, BN)
-            allowed = tl.load(TILES + t_base + tile.to(tl.int64) * (BM * BN) + r[:, None] * BN + c[None, :])
-            s = tl.where(allowed != 0, s, float("-inf"))
+            s = tl.where(_tile_bits(TILES, tile, RA, RB), s, float("-inf"))
         return s
+
+    @triton.jit
+    def _tile_bits(TILES, tile, BM: tl.constexpr, BN: tl.constexpr):
+        """(BM, BN) truth of partial tile ``tile`` from its packed words (``pack_bits``): one word
+        load per row and 32 keys, then shifts in registers."""
+        NW: tl.constexpr = (BN + 31) // 32
+        c = tl.arange(0, BN)
+        row = TILES + tile.to(tl.int64) * (BM * NW) + tl.arange(0, BM) * NW  # (BM,) word pointers
+        word = tl.broadcast_to(tl.load(row)[:, None], (BM, BN))
+        for i in tl.static_range(1, NW):
+            word = tl.where((c >= 32 * i)[None, :], tl.load(row + i)[:, None], word)
+        return ((word >> (c % 32)[None, :]) & 1) != 0
 
     @triton.jit
     def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES,
@@ -317,7 +371,8 @@ if triton is not None:
             offs_n = kb * BN + tl.arange(0, BN)
             k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
-            s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
+            s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
+                        IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
             p = tl.exp2(s - m_safe[:, None])
@@ -330,7 +385,7 @@ if triton is not None:
             m_i = m_new
         alive = l_i > 0
         out = acc / tl.where(alive, l_i, 1.0)[:, None]
-        lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / LOG2E, float("-inf"))
+        lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / LOG2E_K, float("-inf"))
         if slot < 0:
             tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
                      mask=rows_ok[:, None])
@@ -340,6 +395,19 @@ if triton is not None:
             base = (slot.to(tl.int64) * BH + bh) * BM
             tl.store(PO + (base + r[:, None]) * D + offs_d[None, :], out)
             tl.store(PLSE + base + r, lse)
+
+    @triton.jit
+    def _bwd_delta(O, DO, DLSE, DELTA, Nq, D: tl.constexpr, BM: tl.constexpr):
+        """delta = rowsum(dO * O) - dlse for BM rows of one sequence x head (program_id 1), in
+        float32 without a float32 copy of O or dO. O, DO (B*H, Nq, D) and DLSE, DELTA (B*H, Nq),
+        contiguous."""
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        bh = tl.program_id(1).to(tl.int64)
+        rows_ok = offs_m < Nq
+        o = _load_rows(O, bh, 0, offs_m, Nq * D, 0, D, Nq, D).to(tl.float32)
+        do = _load_rows(DO, bh, 0, offs_m, Nq * D, 0, D, Nq, D).to(tl.float32)
+        dlse = tl.load(DLSE + bh * Nq + offs_m, mask=rows_ok, other=0.0)
+        tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1) - dlse, mask=rows_ok)
 
     @triton.jit
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES,
@@ -357,7 +425,7 @@ if triton is not None:
         q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
         do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
         lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E  # no key: P = 0
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K  # no key: P = 0
         delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
         slope = 0.0
         if HAS_ALIBI:
@@ -370,7 +438,8 @@ if triton is not None:
             offs_n = kb * BN + tl.arange(0, BN)
             k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
-            s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
+            s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
+                        IEEE)
             p = tl.exp2(s - lse[:, None])
             if IEEE:
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -387,7 +456,7 @@ if triton is not None:
             tl.store(PDQ + ((slot.to(tl.int64) * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES, SLOPES,
+    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth,
                   H, GROUP, Nq, Nk, scale_log2, scale, BH,
                   BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
@@ -414,20 +483,22 @@ if triton is not None:
             q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
             do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
             lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K
             delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
-            s = _scores(q, k, offs_m, offs_n, slope, tile, TILES, t_base, scale_log2, Nq, Nk, BM, BN, HAS_ALIBI, IEEE)
-            p = tl.exp2(s - lse[:, None])  # (BM, BN)
+            # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
+            s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, BN, BM,
+                          HAS_ALIBI, IEEE)
+            p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
             if IEEE:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+                dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
             else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                dv += tl.dot(p_t.to(do.dtype), do)
+                dp_t = tl.dot(v, tl.trans(do))
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q)
         if slot < 0:
             g_off = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
             tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=keys_ok[:, None])
@@ -446,38 +517,44 @@ def _tile_strides(tiles: Tensor) -> tuple[int, int]:
     return (tiles.stride(0) if tiles.shape[0] > 1 else 0), (tiles.stride(1) if tiles.shape[1] > 1 else 0)
 
 
-def _launch(block: int, D: int, q: Tensor) -> dict:
-    """num_warps / num_stages (untuned: not yet run on a GPU): 8 warps for 128-row blocks or D=128,
-    fewer pipeline stages for float32 at D=128 (shared memory)."""
-    if q.device.type != "cuda":
-        return {}
-    return {"num_warps": 8 if block >= 128 or D >= 128 else 4,
-            "num_stages": 1 if q.dtype == torch.float32 and D >= 128 else 2}
+def _launch(kernel: str, block_m: int, block_n: int, q: Tensor) -> dict:
+    """``launch_config`` on the GPU; nothing in the interpreter."""
+    return launch_config(kernel, block_m, block_n, q.shape[-1], q.dtype) if q.device.type == "cuda" else {}
+
+
+def _slot_rows(slots: Tensor, block: int, N: int, device) -> tuple[Tensor, int, Tensor, Tensor]:
+    """Where split partials go, worked out on the host (no device sync): group (S,) int64, the
+    index of each partial's block among the G split blocks; G; keep (R,), the positions in those
+    blocks' G * block rows that fall inside N; rows (R,), their row numbers."""
+    blocks, group = torch.unique(slots.long(), return_inverse=True)
+    rows = (blocks[:, None] * block + torch.arange(block)).flatten()  # (G * block,)
+    keep = (rows < N).nonzero().squeeze(1)
+    return group.to(device), len(blocks), keep.to(device), rows[keep].to(device)
 
 
 def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, slots: Tensor, block: int) -> None:
     """Combine each split query block's partials (po (S, B*H, BM, D), plse (S, B*H, BM)) into its
-    rows of out (B, H, Nq, D) / lse (B, H, Nq), in place, through their lse."""
+    rows of out (B, H, Nq, D) / lse (B, H, Nq), contiguous, in place, through their lse."""
     B, H, Nq, D = out.shape
-    slots = slots.tolist()
-    for qb in sorted(set(slots)):
-        acc, acc_lse = None, None
-        for s_i in (i for i, x in enumerate(slots) if x == qb):
-            acc, acc_lse = merge(acc, acc_lse, po[s_i], plse[s_i])  # (B*H, BM, D), (B*H, BM)
-        r0, r1 = qb * block, min(Nq, (qb + 1) * block)
-        out[:, :, r0:r1] = acc[:, : r1 - r0].reshape(B, H, r1 - r0, D).to(out.dtype)
-        lse[:, :, r0:r1] = acc_lse[:, : r1 - r0].reshape(B, H, r1 - r0)
+    group, G, keep, rows = _slot_rows(slots, block, Nq, out.device)
+    merged, merged_lse = merge_groups(po[: len(group)], plse[: len(group)], group, G)  # (G, B*H, BM, D), (G, B*H, BM)
+    merged = merged.transpose(0, 1).reshape(B * H, G * block, D).index_select(1, keep)
+    merged_lse = merged_lse.transpose(0, 1).reshape(B * H, G * block).index_select(1, keep)
+    out.view(B * H, Nq, D)[:, rows] = merged.to(out.dtype)
+    lse.view(B * H, Nq)[:, rows] = merged_lse
 
 
 def _sum_slots(grad: Tensor, partial: Tensor, slots: Tensor, block: int) -> None:
     """Sum each split block's partial gradients (partial (S, B*H, block, D) float32) into its rows
-    of grad (B, H, N, D), in place."""
+    of grad (B, H, N, D), contiguous, in place."""
     B, H, N, D = grad.shape
-    slots = slots.tolist()
-    for blk in sorted(set(slots)):
-        total = sum(partial[i] for i, x in enumerate(slots) if x == blk)  # (B*H, block, D)
-        r0, r1 = blk * block, min(N, (blk + 1) * block)
-        grad[:, :, r0:r1] = total[:, : r1 - r0].reshape(B, H, r1 - r0, D).to(grad.dtype)
+    group, G, keep, rows = _slot_rows(slots, block, N, grad.device)
+    total = partial.new_zeros(G, *partial.shape[1:]).index_add_(0, group, partial[: len(group)])
+    total = total.transpose(0, 1).reshape(B * H, G * block, D).index_select(1, keep)
+    grad.view(B * H, N, D)[:, rows] = total.to(grad.dtype)
+
+
+DELTA_ROWS = 64  # rows per program of _bwd_delta
 
 
 def _partials(slots: Tensor, BH: int, rows: int, D: int, device) -> Tensor:
@@ -497,38 +574,41 @@ def _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, bl
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
-        BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32, **_launch(block_m, D, q))
+        BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
+        **_launch("_fwd", block_m, block_n, q))
     if q_slots.numel():
         _merge_slots(out, lse, po, plse, q_slots, block_m)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, slopes, q_work, q_slots,
+def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, slopes, q_work, q_slots,
               k_work, k_slots, scale, block_m, block_n, has_alibi):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous()
     # delta_i = rowsum(dO * O) - dlse_i: the lse's own gradient enters dS = P (dP - delta) through it
-    delta = (dout.float() * out.float()).sum(-1) - dlse.float()  # (B, H, Nq)
+    out, dlse = out.contiguous(), dlse.float().contiguous()
+    delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    _bwd_delta[(-(-Nq // DELTA_ROWS), B * H)](out, dout, dlse, delta, Nq, D=D, BM=DELTA_ROWS,
+                                              **_launch("_bwd_delta", DELTA_ROWS, DELTA_ROWS, q))
     lse = lse.contiguous()
     dq = torch.empty_like(q)
     dk_h = torch.empty(B, H, Nk, D, dtype=q.dtype if Hkv == H else torch.float32, device=q.device)
     dv_h = torch.empty_like(dk_h)
     pdq = _partials(q_slots, B * H, block_m, D, q.device)
     pdk, pdv = _partials(k_slots, B * H, block_n, D, q.device), _partials(k_slots, B * H, block_n, D, q.device)
-    stb, sth = _tile_strides(tiles)
-    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
-                  **_launch(max(block_m, block_n), D, q))
+    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
     _bwd_dq[(q_work.shape[0], B * H)](
         q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), stb, sth,
-        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common)
+        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), *_tile_strides(tiles),
+        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common, **_launch("_bwd_dq", block_m, block_n, q))
     _bwd_dkdv[(k_work.shape[0], B * H)](
-        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles, slopes,
+        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles_t, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
-        lse.stride(0), lse.stride(1), stb, sth, H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common)
+        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common,
+        **_launch("_bwd_dkdv", block_m, block_n, q))
     if q_slots.numel():
         _sum_slots(dq, pdq, q_slots, block_m)
     if k_slots.numel():
@@ -544,8 +624,8 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, til
 # items) and the ALiBi slopes. Pointers are not needed by the kernels: the work items hold ranges.
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor,
-                  tiles: Tensor, slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor, k_slots: Tensor,
-                  scale: float, block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
+                  tiles: Tensor, tiles_t: Tensor, slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor,
+                  k_slots: Tensor, scale: float, block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
     return _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, block_m, block_n, has_alibi)
 
 
@@ -557,9 +637,11 @@ def _(q, k, v, *rest):
 @torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
                            kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor,
-                           slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor, k_slots: Tensor,
-                           scale: float, block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, slopes, q_work, q_slots,
+                           tiles_t: Tensor, slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor,
+                           k_slots: Tensor, scale: float, block_m: int, block_n: int,
+                           has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, slopes, q_work,
+                     q_slots,
                      k_work, k_slots, scale, block_m, block_n, has_alibi)
 
 
@@ -568,7 +650,7 @@ def _(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_PLAN = 10  # tensor inputs of _attention_op after q, k, v
+_N_PLAN = 11  # tensor inputs of _attention_op after q, k, v
 
 
 def _setup_context(ctx, inputs, output):
@@ -611,7 +693,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
         raise ValueError(f"impl='triton' cannot run this call: {reason}")
     D = q.shape[-1]
     if plan is None:
-        bm, bn = default_blocks(D)
+        bm, bn = default_blocks(D, q.dtype)
         bm, bn = block_m or bm, block_n or bn
         for name, size in (("block_m", bm), ("block_n", bn)):
             if size < 16 or size & (size - 1):
@@ -625,5 +707,5 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
               else torch.zeros(1, dtype=torch.float32, device=q.device))
     scale = D ** -0.5 if scale is None else float(scale)
     return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.kv_idx, plan.kv_tile, plan.q_idx,
-                         plan.q_tile, plan.tiles, slopes, plan.q_work, plan.q_slots, plan.k_work, plan.k_slots,
+                         plan.q_tile, plan.tiles, plan.tiles_t, slopes, plan.q_work, plan.q_slots, plan.k_work, plan.k_slots,
                          scale, bm, bn, has_alibi)
