@@ -125,7 +125,8 @@ def test_through_torch_compile():
 def test_auto_on_cuda_leaves_sdpa_the_masks_it_takes_without_materializing(monkeypatch):
     """On CUDA (pretended here: the dispatch reads the device through _on_cuda), auto gives torch
     SDPA what FlashAttention / cuDNN run (no mask, causal with Nq == Nk) and the Triton kernels
-    every mask SDPA would need materialized, ALiBi, and the lse."""
+    every mask SDPA would need materialized, and ALiBi. (The lse on CUDA goes past SDPA by its own
+    device check, which reads the tensors, so it is not pretended here.)"""
     from attnkit import _dispatch
     from attnkit._validate import validate
     monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: True)
@@ -138,11 +139,10 @@ def test_auto_on_cuda_leaves_sdpa_the_masks_it_takes_without_materializing(monke
         "padding": validate(q, k, v, mask=ak.key_padding([40, 31])),
         "documents": validate(q, k, v, mask=ak.causal() & ak.document([0] * 20 + [1] * 20)),
         "alibi": validate(q, k, v, mask=ak.causal(), bias=ak.alibi(2)),
-        "lse": validate(q, k, v, mask=ak.causal(), need_lse=True),
     }
     got = {name: _dispatch.choose(call, "auto").name for name, call in picks.items()}
     assert got == {"none": "sdpa", "causal": "sdpa", "window": "triton", "longformer": "triton",
-                   "padding": "triton", "documents": "triton", "alibi": "triton", "lse": "triton"}
+                   "padding": "triton", "documents": "triton", "alibi": "triton"}
     reason = _dispatch.auto_reasons(picks["window"])["sdpa"]
     assert "materializing" in reason and "Triton" in reason
     monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: False)  # the CPU: never the interpreter
