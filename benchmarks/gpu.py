@@ -24,8 +24,9 @@ times are reported.
 
 ``--tune`` times attnkit alone on the acceptance cases (Longformer N=64k, dense D=128 N=16k,
 causal D=64 N=16k) over TUNE_BLOCKS x TUNE_WARPS x TUNE_STAGES, every kernel launched with the
-same warps and stages, output checked first; it writes tune_*.json / .md with the forward and the
-backward (fwd+bwd minus fwd) times, fastest first. Its winners go into ``flash_triton.gpu_blocks``
+same warps and stages and the same blocks in both passes, output checked first; it writes
+tune_*.json / .md with the forward and the backward (fwd+bwd minus fwd) times, fastest first, so
+the forward's and the backward's best can be read apart. Its winners go into ``flash_triton.gpu_blocks``
 and ``launch_config`` (and ``python -m attnkit.ops.triton_check`` must still pass).
 """
 
@@ -77,10 +78,11 @@ def contenders(kind: str, N: int, D: int, H: int, dev):
     mask = None if kind == "dense" else ak.causal() if kind == "causal" else longformer_mask()
     out = {}
     t0 = time.perf_counter()
-    bm, bn = default_blocks(D, torch.bfloat16)
-    plan = make_plan(mask, N, N, bm, bn, dev)
+    plan = make_plan(mask, N, N, *default_blocks(D, torch.bfloat16), dev)
+    bwd_blocks = default_blocks(D, torch.bfloat16, backward=True)
+    plan_bwd = plan if bwd_blocks == (plan.block_m, plan.block_n) else make_plan(mask, N, N, *bwd_blocks, dev)
     torch.cuda.synchronize()
-    out["attnkit triton"] = (lambda q, k, v: triton_attention(q, k, v, mask=mask, plan=plan)[0],
+    out["attnkit triton"] = (lambda q, k, v: triton_attention(q, k, v, mask=mask, plan=plan, plan_bwd=plan_bwd)[0],
                              time.perf_counter() - t0)
     if kind in ("dense", "causal"):
         for name, be in (("sdpa FLASH", SDPBackend.FLASH_ATTENTION), ("sdpa CUDNN", SDPBackend.CUDNN_ATTENTION),

@@ -108,6 +108,27 @@ def test_split_kv_equals_one_program_per_block():
     assert torch.allclose(whole, split, atol=1e-6) and torch.allclose(lse_whole, lse_split, atol=1e-6)
 
 
+def test_the_backward_may_use_other_blocks_than_the_forward():
+    """plan_bwd: the backward's own blocks (on the GPU the defaults differ at D = 128), split too."""
+    torch.manual_seed(0)
+    Nq, Nk = 45, 70
+    q = torch.randn(2, 4, Nq, 32, requires_grad=True)
+    k, v = (torch.randn(2, 2, Nk, 32, requires_grad=True) for _ in range(2))  # GQA
+    mask = ak.sliding_window(6) | ak.global_tokens([2, 60])
+    fwd, bwd = make_plan(mask, Nq, Nk, 32, 16, "cpu"), make_plan(mask, Nq, Nk, 16, 32, "cpu", split_tiles=1)
+    got, lse = triton_attention(q, k, v, mask=mask, plan=fwd, plan_bwd=bwd)
+    want, want_lse = ak.attention(q, k, v, mask=mask, impl="reference", return_lse=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_out = torch.randn_like(got)
+    g_lse = torch.randn_like(lse)  # through the lse too
+    mine = torch.autograd.grad((got * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * g_out).sum() + (want_lse * g_lse).sum(), (q, k, v))
+    for name, a, b in zip("qkv", mine, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+    with pytest.raises(ValueError, match="plan_bwd was built for mask"):
+        triton_attention(q, k, v, mask=ak.causal(), plan_bwd=bwd)
+
+
 def test_through_torch_compile():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))

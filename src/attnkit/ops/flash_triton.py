@@ -64,22 +64,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def gpu_blocks(D: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) on the GPU, the largest tiles whose three kernels compile without
-    register spills on sm_90 (``python -m attnkit.ops.triton_check``): 128 x 64; 64 x 64 for
-    D = 128 (the dk/dv kernel spills at 128 x 64); 32 x 32 for float32, whose IEEE dots run on
-    the FMA units and hold twice the bytes. Chosen from compiled register counts, not yet from
-    timings."""
+def gpu_blocks(D: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) on the GPU, the largest tiles whose kernels compile without register
+    spills on sm_90 (``python -m attnkit.ops.triton_check``): 128 x 64; for the backward at
+    D = 128, 64 x 64 (its dk/dv kernel spills at 128 x 64; the forward does not); 32 x 32 for
+    float32, whose IEEE dots run on the FMA units and hold twice the bytes. Chosen from compiled
+    register counts, not yet from timings."""
     if dtype == torch.float32:
         return 32, 32
-    return (64, 64) if D >= 128 else (128, 64)
+    return (64, 64) if backward and D >= 128 else (128, 64)
 
 
-def default_blocks(D: int, dtype: torch.dtype) -> tuple[int, int]:
+def default_blocks(D: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): 16 x 16 in the interpreter (tests), ``gpu_blocks`` otherwise."""
     if interpreting():
         return 16, 16
-    return gpu_blocks(D, dtype)
+    return gpu_blocks(D, dtype, backward)
 
 
 def launch_config(kernel: str, block_m: int, block_n: int, D: int, dtype: torch.dtype) -> dict:
@@ -567,7 +567,7 @@ def _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, bl
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     po = _partials(q_slots, B * H, block_m, D, q.device)
-    plse = po[..., 0].clone()  # (S, B*H, BM)
+    plse = torch.empty(po.shape[:3], dtype=torch.float32, device=q.device)  # (S, B*H, BM)
     stb, sth = _tile_strides(tiles)
     _fwd[(q_work.shape[0], B * H)](
         q, k, v, out, lse, po, plse, q_work, kv_idx, kv_tile, tiles, slopes,
@@ -607,8 +607,8 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, til
         q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles_t, slopes,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
-        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common,
-        **_launch("_bwd_dkdv", block_m, block_n, q))
+        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H,
+        **common, **_launch("_bwd_dkdv", block_m, block_n, q))
     if q_slots.numel():
         _sum_slots(dq, pdq, q_slots, block_m)
     if k_slots.numel():
@@ -620,12 +620,17 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, til
     return dq, dk_h, dv_h
 
 
-# The op's tensor inputs after q, k, v: the plan (kv/q lists without their pointers, tiles, work
-# items) and the ALiBi slopes. Pointers are not needed by the kernels: the work items hold ranges.
+# The op's tensor inputs after q, k, v: the forward's plan (its key lists without their pointers,
+# tiles, work items), the backward's plan (both lists, both tile sets, both work lists: it may use
+# other blocks) and the ALiBi slopes. Pointers are not needed by the kernels: the work items hold
+# ranges.
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor,
-                  tiles: Tensor, tiles_t: Tensor, slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor,
-                  k_slots: Tensor, scale: float, block_m: int, block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor]:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor,
+                  kv_idx: Tensor, kv_tile: Tensor, tiles: Tensor, q_work: Tensor, q_slots: Tensor,
+                  b_kv_idx: Tensor, b_kv_tile: Tensor, b_q_idx: Tensor, b_q_tile: Tensor, b_tiles: Tensor,
+                  b_tiles_t: Tensor, b_q_work: Tensor, b_q_slots: Tensor, b_k_work: Tensor, b_k_slots: Tensor,
+                  slopes: Tensor, scale: float, block_m: int, block_n: int, b_block_m: int, b_block_n: int,
+                  has_alibi: bool) -> tuple[Tensor, Tensor]:
     return _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, block_m, block_n, has_alibi)
 
 
@@ -637,12 +642,11 @@ def _(q, k, v, *rest):
 @torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
                            kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor,
-                           tiles_t: Tensor, slopes: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor,
-                           k_slots: Tensor, scale: float, block_m: int, block_n: int,
+                           tiles_t: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor, k_slots: Tensor,
+                           slopes: Tensor, scale: float, block_m: int, block_n: int,
                            has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, slopes, q_work,
-                     q_slots,
-                     k_work, k_slots, scale, block_m, block_n, has_alibi)
+                     q_slots, k_work, k_slots, scale, block_m, block_n, has_alibi)
 
 
 @_attention_backward_op.register_fake
@@ -650,13 +654,15 @@ def _(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_PLAN = 11  # tensor inputs of _attention_op after q, k, v
+_N_FWD_PLAN, _N_BWD_PLAN = 5, 10  # plan tensors of _attention_op after q, k, v
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *plan, scale, block_m, block_n, has_alibi = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], *plan)
-    ctx.config = (scale, block_m, block_n, has_alibi)
+    q, k, v = inputs[:3]
+    bwd_plan = inputs[3 + _N_FWD_PLAN: 3 + _N_FWD_PLAN + _N_BWD_PLAN]
+    slopes, scale, _, _, b_block_m, b_block_n, has_alibi = inputs[3 + _N_FWD_PLAN + _N_BWD_PLAN:]
+    ctx.save_for_backward(q, k, v, output[0], output[1], *bwd_plan, slopes)
+    ctx.config = (scale, b_block_m, b_block_n, has_alibi)
 
 
 def _autograd_backward(ctx, dout, dlse):
@@ -664,48 +670,74 @@ def _autograd_backward(ctx, dout, dlse):
     if dlse is None:
         dlse = torch.zeros_like(lse)
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, *plan, *ctx.config)
-    return (dq, dk, dv) + (None,) * (_N_PLAN + 4)
+    return (dq, dk, dv) + (None,) * (_N_FWD_PLAN + _N_BWD_PLAN + 7)
 
 
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _check_plan(plan: BlockPlan, mask, Nq: int, Nk: int, block_m, block_n, split_tiles) -> None:
+def _check_plan(name: str, plan: BlockPlan, mask, Nq: int, Nk: int) -> None:
     """A plan given by the caller must be the one for this call: same mask object and sizes."""
     if plan.mask is not mask or (plan.Nq, plan.Nk) != (Nq, Nk):
-        raise ValueError(f"plan was built for mask {plan.mask!r} at (Nq, Nk) = ({plan.Nq}, {plan.Nk}); this call has "
-                         f"mask {mask!r} at ({Nq}, {Nk}): build it with make_plan(mask, Nq, Nk, ...) for this call")
-    if block_m is not None or block_n is not None or split_tiles is not None:
-        raise ValueError("block_m, block_n and split_tiles are the plan's: give them to make_plan, not with plan=")
+        raise ValueError(f"{name} was built for mask {plan.mask!r} at (Nq, Nk) = ({plan.Nq}, {plan.Nk}); this call "
+                         f"has mask {mask!r} at ({Nq}, {Nk}): build it with make_plan(mask, Nq, Nk, ...) for this call")
+
+
+def _check_blocks(block_m: int, block_n: int) -> None:
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}={size}: expected a power of two >= 16 (tl.dot needs 16 on the GPU)")
+
+
+def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, plan_bwd,
+               split_tiles) -> tuple[BlockPlan, BlockPlan]:
+    """The forward's and the backward's plans. Given plans are checked; a missing forward plan
+    comes from ``cached_plan`` at block_m x block_n (default ``default_blocks``); a missing
+    backward plan is the forward's when blocks or a plan were given, else ``cached_plan`` at the
+    backward's default blocks, built only when a gradient will be asked for."""
+    D, Nq, Nk = q.shape[-1], q.shape[2], k.shape[2]
+    chosen = plan is not None or block_m is not None or block_n is not None or split_tiles is not None
+    if plan is not None:
+        if block_m is not None or block_n is not None or split_tiles is not None:
+            raise ValueError("block_m, block_n and split_tiles are the plan's: give them to make_plan, not with plan=")
+        _check_plan("plan", plan, mask, Nq, Nk)
+    else:
+        bm, bn = default_blocks(D, q.dtype)
+        bm, bn = block_m or bm, block_n or bn
+        _check_blocks(bm, bn)
+        plan = cached_plan(mask, Nq, Nk, bm, bn, q.device, split_tiles)
+    if plan_bwd is not None:
+        _check_plan("plan_bwd", plan_bwd, mask, Nq, Nk)
+        return plan, plan_bwd
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    bwd_blocks = default_blocks(D, q.dtype, backward=True)
+    if not wants_grad or chosen or bwd_blocks == (plan.block_m, plan.block_n):
+        return plan, plan
+    return plan, cached_plan(mask, Nq, Nk, *bwd_blocks, q.device)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
                      scale: float | None = None, block_m: int | None = None, block_n: int | None = None,
-                     plan: BlockPlan | None = None, split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
+                     plan: BlockPlan | None = None, plan_bwd: BlockPlan | None = None,
+                     split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention with the Triton kernels -> (out (B, Hq, Nq, D), lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
-    ``plan``: a ``make_plan(mask, Nq, Nk, block_m, block_n, device)`` to use; without one, the plan
-    comes from ``cached_plan`` (built once per mask object and sizes, like FlexAttention's block mask).
+    ``plan`` / ``plan_bwd``: ``make_plan(mask, Nq, Nk, block_m, block_n, device)`` for the forward
+    and the backward (which may use other blocks; without plan_bwd it uses ``plan``). Without them
+    plans come from ``cached_plan`` (built once per mask object and sizes, like FlexAttention's
+    block mask), at ``default_blocks`` or block_m x block_n (both passes).
     """
     reason = why_not(q, k, v, mask, bias, 0.0)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}")
-    D = q.shape[-1]
-    if plan is None:
-        bm, bn = default_blocks(D, q.dtype)
-        bm, bn = block_m or bm, block_n or bn
-        for name, size in (("block_m", bm), ("block_n", bn)):
-            if size < 16 or size & (size - 1):
-                raise ValueError(f"{name}={size}: expected a power of two >= 16 (tl.dot needs 16 on the GPU)")
-        plan = cached_plan(mask, q.shape[2], k.shape[2], bm, bn, q.device, split_tiles)
-    else:
-        _check_plan(plan, mask, q.shape[2], k.shape[2], block_m, block_n, split_tiles)
-    bm, bn = plan.block_m, plan.block_n
+    fwd, bwd = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles)
     has_alibi = isinstance(bias, Alibi)
     slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
               else torch.zeros(1, dtype=torch.float32, device=q.device))
-    scale = D ** -0.5 if scale is None else float(scale)
-    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.kv_idx, plan.kv_tile, plan.q_idx,
-                         plan.q_tile, plan.tiles, plan.tiles_t, slopes, plan.q_work, plan.q_slots, plan.k_work, plan.k_slots,
-                         scale, bm, bn, has_alibi)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(),
+                         fwd.kv_idx, fwd.kv_tile, fwd.tiles, fwd.q_work, fwd.q_slots,
+                         bwd.kv_idx, bwd.kv_tile, bwd.q_idx, bwd.q_tile, bwd.tiles, bwd.tiles_t, bwd.q_work,
+                         bwd.q_slots, bwd.k_work, bwd.k_slots,
+                         slopes, scale, fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n, has_alibi)

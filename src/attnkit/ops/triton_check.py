@@ -121,13 +121,14 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
 
 def shipped_configs(archs=(90,)) -> list[dict]:
     """Every configuration a GPU launch can pick: each kernel, dtype and head dim at its default
-    blocks (``flash_triton.gpu_blocks``), and with ALiBi at D = 64."""
+    blocks (``flash_triton.gpu_blocks``, the forward's or the backward's), and with ALiBi at D = 64."""
     out = []
     for arch in archs:
         for dtype in ft.DTYPES:
             for D in ft.HEAD_DIMS:
                 for kernel in KERNELS:
-                    bm, bn = (ft.DELTA_ROWS,) * 2 if kernel == "_bwd_delta" else ft.gpu_blocks(D, dtype)
+                    bm, bn = ((ft.DELTA_ROWS,) * 2 if kernel == "_bwd_delta" else
+                              ft.gpu_blocks(D, dtype, backward=kernel != "_fwd"))
                     for has_alibi in (False, True) if D == 64 and kernel != "_bwd_delta" else (False,):
                         out.append(dict(kernel=kernel, dtype=dtype, D=D, block_m=bm, block_n=bn, arch=arch,
                                         has_alibi=has_alibi))
