@@ -65,14 +65,16 @@ def interpreting() -> bool:
 
 
 def gpu_blocks(D: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) on the GPU, the largest tiles whose kernels compile without register
-    spills on sm_90 (``python -m attnkit.ops.triton_check``): 128 x 64; for the backward at
-    D = 128, 64 x 64 (its dk/dv kernel spills at 128 x 64; the forward does not); 32 x 32 for
-    float32, whose IEEE dots run on the FMA units and hold twice the bytes. Chosen from compiled
-    register counts, not yet from timings."""
+    """(BLOCK_M, BLOCK_N) on the GPU, large tiles whose kernels compile without register spills
+    on sm_90 (``python -m attnkit.ops.triton_check``). Forward: 128 x 64. Backward: 64 x 128 (the
+    dk/dv kernel holds 128 keys and walks 64-row query blocks, as FlashAttention-2's backward;
+    at 128 x 64 it spills), 64 x 64 at D = 128. float32: 32 x 32 (its IEEE dots run on the FMA
+    units and hold twice the bytes). Chosen from compiled register counts, not yet from timings."""
     if dtype == torch.float32:
         return 32, 32
-    return (64, 64) if backward and D >= 128 else (128, 64)
+    if not backward:
+        return 128, 64
+    return (64, 64) if D >= 128 else (64, 128)
 
 
 def default_blocks(D: int, dtype: torch.dtype, backward: bool = False) -> tuple[int, int]:

@@ -71,6 +71,16 @@ def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
     return sig
 
 
+def _attrs(fn, sig: dict[str, str]) -> dict:
+    """The specialization a typical launch gets (triton's ``specialize_impl``): every pointer and
+    every stride 16-byte aligned / divisible by 16 (contiguous (B, H, N, D) tensors, D a multiple
+    of 16), Nq and Nk too (the benchmark's lengths). A launch with a ragged N compiles its own
+    variant without those two hints."""
+    divisible = [["tt.divisibility", 16]]
+    return {(i,): divisible for i, name in enumerate(fn.arg_names)
+            if sig[name].startswith("*") or name in ("Nq", "Nk") or (name[0] == "s" and name[1:] and sig[name] == "i32")}
+
+
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
     """(registers, spill store bytes) from ``ptxas -v`` on the kernel's PTX, with the flags
     triton itself gives ptxas."""
@@ -110,7 +120,8 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     config = {"num_warps": num_warps or config["num_warps"], "num_stages": num_stages or config["num_stages"]}
     constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": has_alibi, "IEEE": dtype == torch.float32}
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, _signature(fn, dtype), constexprs), target=GPUTarget("cuda", arch, 32),
+    sig = _signature(fn, dtype)
+    compiled = triton.compile(ASTSource(fn, sig, constexprs, _attrs(fn, sig)), target=GPUTarget("cuda", arch, 32),
                               options=config)
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_report(ptx, arch)
