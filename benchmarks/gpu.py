@@ -51,6 +51,12 @@ CHECK_ROWS = 64
 TOLERANCE = 0.05  # bf16 outputs against the float32 reference rows
 
 
+def error_text(e: BaseException) -> str:
+    """One line for the report, also for an exception without a message."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def longformer_mask():
     return ak.sliding_window(W) | ak.global_tokens(list(range(G)))
 
@@ -91,7 +97,9 @@ def contenders(kind: str, N: int, D: int, H: int, dev):
                 with sdpa_kernel([be]):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=kind == "causal")
             out[name] = (run, 0.0)
-    flex = torch.compile(flex_attention)
+    # one static graph per case: dynamic=False, and a fresh dynamo per case (measure), so no case
+    # falls back to a dynamic-shape kernel or, past dynamo's recompile limit, to eager flex
+    flex = torch.compile(flex_attention, dynamic=False)
     if kind == "longformer":
         def mod(b, h, qi, ki):
             return ((qi - ki).abs() <= W) | (qi < G) | (ki < G)
@@ -147,6 +155,7 @@ def peak_gib(fn, q, k, v) -> float:
 def measure(kind: str, N: int, D: int, H: int, dev, rows_log: list, log_path: Path) -> None:
     from triton.testing import do_bench
 
+    torch._dynamo.reset()  # each case compiles its own static flex graph (see contenders)
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
                for _ in range(3))
@@ -158,7 +167,7 @@ def measure(kind: str, N: int, D: int, H: int, dev, rows_log: list, log_path: Pa
     except Exception as e:  # e.g. out of memory building a contender: reported, the run goes on
         runs, mask, want = {}, None, None
         entry = {"case": kind, "N": N, "D": D, "H": H, "contender": "(set-up)",
-                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                 "error": error_text(e)}
         rows_log.append(entry)
         with log_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -173,7 +182,7 @@ def measure(kind: str, N: int, D: int, H: int, dev, rows_log: list, log_path: Pa
             entry.update(fwd_ms=ms, fwd_tflops=fwd_flops / ms / 1e9, fwdbwd_ms=msb,
                          fwdbwd_tflops=3.5 * fwd_flops / msb / 1e9, peak_gib=peak_gib(fn, q, k, v))
         except Exception as e:  # a contender that cannot run this case is reported, not fatal
-            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            entry["error"] = error_text(e)
         print(json.dumps(entry), flush=True)
         rows_log.append(entry)
         with log_path.open("a") as f:
@@ -231,7 +240,7 @@ def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path) -> list:
                                     return_mode="median")
                     entry.update(max_err=err, fwd_ms=fwd, bwd_ms=both - fwd)
                 except Exception as e:  # out of shared memory, registers, ...: reported
-                    entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    entry["error"] = error_text(e)
                 finally:
                     flash_triton.launch_config = shipped
                 print(json.dumps(entry), flush=True)

@@ -59,6 +59,11 @@ def test_the_longformer_mask_and_pair_count_match_the_anchors(gpu):
     assert truth[0].all() and truth[:, 0].all() and truth[500, 500 - gpu.W] and not truth[500, 500 - gpu.W - 1]
 
 
+def test_an_exception_without_a_message_is_still_reported(gpu):
+    assert gpu.error_text(AssertionError()) == "AssertionError: "
+    assert gpu.error_text(RuntimeError("out of memory\nmore")) == "RuntimeError: out of memory"
+
+
 def test_reports_render_rows_and_errors(gpu):
     rows = [{"case": "causal", "N": 4096, "D": 64, "H": 16, "contender": "attnkit triton", "fwd_ms": 0.5,
              "fwd_tflops": 300.0, "fwdbwd_ms": 1.5, "fwdbwd_tflops": 350.0, "peak_gib": 0.1, "max_err": 1e-3},

@@ -23,8 +23,11 @@ def test_merge_groups_is_attention_over_each_groups_keys():
     # six partials in four groups: group 2 is one partial that saw nothing, group 3 two of them
     subsets = [list(range(7)), list(range(7, 20)), list(range(20, 21)), [], list(range(21, 40)), []]
     group = torch.tensor([0, 0, 1, 2, 1, 3])
+    gather = torch.tensor([[0, 1], [2, 4], [3, -1], [5, -1]])  # each group's partials, -1 past them
     outs, lses = zip(*(_partial(q, k, v, keys) for keys in subsets))
-    out, lse = merge_groups(torch.stack(outs), torch.stack(lses), group, 4)  # (4, H, N, D), (4, H, N)
+    outs = torch.stack(outs + (torch.full_like(outs[0], float("nan")),))  # a slot no group names:
+    lses = torch.stack(lses + (torch.full_like(lses[0], float("nan")),))  # never read
+    out, lse = merge_groups(outs, lses, gather)  # (4, H, N, D), (4, H, N)
     for g in range(3):
         keys = sorted(x for keys, gg in zip(subsets, group.tolist()) if gg == g for x in keys)
         want, want_lse = _partial(q, k, v, keys)
@@ -42,7 +45,7 @@ def test_merge_groups_keeps_large_scores_finite():
     """Scores of 1e4 would overflow exp(lse): the merge works relative to each group's max."""
     lses = torch.tensor([[1e4], [1e4 + 1.0], [-1e4]])  # (S=3, N=1)
     outs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[5.0, 5.0]]])  # (3, 1, 2)
-    out, lse = merge_groups(outs, lses, torch.tensor([0, 0, 1]), 2)
+    out, lse = merge_groups(outs, lses, torch.tensor([[0, 1], [2, -1]]))
     w = torch.softmax(torch.tensor([0.0, 1.0]), 0)
     torch.testing.assert_close(out[0, 0], w)
     torch.testing.assert_close(lse[0], torch.tensor([1e4 + 1.0 + torch.log1p(torch.exp(torch.tensor(-1.0))).item()]))

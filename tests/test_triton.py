@@ -99,6 +99,23 @@ def test_split_work_covers_each_list_once(split, lists):
         assert sorted(set(slot_q.tolist())) == [0, 12]
 
 
+def test_splits_name_each_partial_once_and_only_rows_inside_n():
+    plan = make_plan(ak.sliding_window(3) | ak.global_tokens([0, 100]), 200, 190, 16, 16, "cpu", split_tiles=2)
+    for split, N in ((plan.q_split, 200), (plan.k_split, 190)):
+        slots = split.slots.long()
+        assert len(slots) > 0 and sorted(split.gather[split.gather >= 0].tolist()) == list(range(len(slots)))
+        blocks = []
+        for row in split.gather.tolist():
+            mine = [x for x in row if x >= 0]
+            assert mine == sorted(mine) and row[len(mine):] == [-1] * (len(row) - len(mine))  # in order, then -1
+            assert len({int(slots[x]) for x in mine}) == 1  # one block per group
+            blocks.append(int(slots[mine[0]]))
+        assert blocks == sorted(set(slots.tolist()))
+        every = [b * 16 + i for b in blocks for i in range(16)]
+        assert split.rows.tolist() == [r for r in every if r < N]
+        assert [every[i] for i in split.keep.tolist()] == split.rows.tolist()
+
+
 def test_split_kv_equals_one_program_per_block():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 90, 32) for _ in range(3))
@@ -151,23 +168,33 @@ def test_auto_on_cuda_leaves_sdpa_the_masks_it_takes_without_materializing(monke
     from attnkit import _dispatch
     from attnkit._validate import validate
     monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: True)
-    q = k = v = torch.randn(2, 2, 40, 16)
+    q = k = v = torch.randn(2, 2, 128, 16)  # B * N * N = 32768: past the small-problem floor
+    one, small = torch.randn(2, 2, 1, 16), torch.randn(1, 2, 64, 16)
     picks = {
         "none": validate(q, k, v),
         "causal": validate(q, k, v, mask=ak.causal()),
         "window": validate(q, k, v, mask=ak.sliding_window(4)),
         "longformer": validate(q, k, v, mask=ak.sliding_window(4) | ak.global_tokens([0])),
-        "padding": validate(q, k, v, mask=ak.key_padding([40, 31])),
-        "documents": validate(q, k, v, mask=ak.causal() & ak.document([0] * 20 + [1] * 20)),
+        "padding": validate(q, k, v, mask=ak.key_padding([128, 31])),
+        "documents": validate(q, k, v, mask=ak.causal() & ak.document([0] * 60 + [1] * 68)),
         "alibi": validate(q, k, v, mask=ak.causal(), bias=ak.alibi(2)),
+        "decode step": validate(one, k, v, mask=ak.causal() & ak.key_padding([128, 31])),
+        "small": validate(small, small, small, mask=ak.sliding_window(4)),
     }
     got = {name: _dispatch.choose(call, "auto").name for name, call in picks.items()}
     assert got == {"none": "sdpa", "causal": "sdpa", "window": "triton", "longformer": "triton",
-                   "padding": "triton", "documents": "triton", "alibi": "triton"}
+                   "padding": "triton", "documents": "triton", "alibi": "triton", "decode step": "sdpa",
+                   "small": "sdpa"}
     reason = _dispatch.auto_reasons(picks["window"])["sdpa"]
     assert "materializing" in reason and "Triton" in reason
     monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: False)  # the CPU: never the interpreter
     assert all(_dispatch.choose(call, "auto").name != "triton" for call in picks.values())
+
+
+def test_more_sequences_and_heads_than_a_grid_column_holds_are_refused():
+    q = torch.randn(1, flash_triton.MAX_BH + 1, 1, 16)  # B * Hq one past CUDA's gridDim.y
+    assert "split the batch" in flash_triton.why_not(q, q, q, None, None, 0.0)
+    assert flash_triton.why_not(q[:, :-1], q[:, :-1], q[:, :-1], None, None, 0.0) is None
 
 
 def test_auto_never_picks_the_interpreter_and_explicit_impl_says_why():

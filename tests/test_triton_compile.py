@@ -40,14 +40,16 @@ def sm90() -> list[dict]:
 
 
 def test_every_shipped_configuration_compiles_for_sm90(sm90):
-    fields = ("kernel", "D", "block_m", "block_n", "has_alibi")
+    fields = ("kernel", "D", "block_m", "block_n", "variant")
     expected = {(triton_check.TRITON_DTYPES[c["dtype"]], *(c[f] for f in fields))
                 for c in triton_check.shipped_configs((90,))}
     assert {(r["dtype"], *(r[f] for f in fields)) for r in sm90} == expected
     every = {(kernel, dtype, D) for kernel in triton_check.KERNELS for dtype in ("fp16", "bf16", "fp32")
              for D in ft.HEAD_DIMS}
     assert {(r["kernel"], r["dtype"], r["D"]) for r in sm90} == every
-    assert {r["kernel"] for r in sm90 if r["has_alibi"]} == {"_fwd", "_bwd_dq", "_bwd_dkdv"}
+    assert {r["kernel"] for r in sm90 if r["variant"] == "alibi"} == {"_fwd", "_bwd_dq", "_bwd_dkdv"}
+    assert {r["kernel"] for r in sm90 if r["variant"] == "gqa"} == {"_bwd_dkdv"}
+    assert {r["kernel"] for r in sm90 if r["variant"] == "ragged"} == set(triton_check.KERNELS)
 
 
 def test_no_configuration_spills_registers(sm90):

@@ -80,6 +80,14 @@ def _triton_auto_why_not(c: Call) -> str | None:
     return None
 
 
+def _small_for_triton(c: Call) -> bool:
+    """Decoding steps and small problems stay with SDPA on CUDA: the Triton kernels' block plan
+    (built on the host, once per mask object and Nk: a decoding step's Nk grows every call) and
+    their 128-row tiles do not pay for themselves there."""
+    B, _, Nq, _ = c.q.shape
+    return Nq == 1 or B * Nq * c.k.shape[2] <= _sdpa.AUTO_SMALL_MASK
+
+
 def _sdpa_cuda_why_not(c: Call) -> str | None:
     """On CUDA, a mask SDPA can take only materialized sends it to its mem-efficient kernel, which
     computes all Nq x Nk pairs and reads an Nq x Nk mask (FlashAttention and cuDNN take no mask);
@@ -142,7 +150,8 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
     why = reasons(c)
     if why["triton"] is None:
         why["triton"] = _triton_auto_why_not(c)
-    if why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
+    if (why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask)
+            and not _small_for_triton(c)):
         why["sdpa"] = _sdpa_cuda_why_not(c)
     if why["sdpa"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
         why["sdpa"] = _sdpa.auto_why_not(

@@ -36,6 +36,7 @@ import dataclasses
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,6 +57,7 @@ LOG2E = 1.4426950408889634
 LOG2E_K = tl.constexpr(LOG2E) if tl is not None else LOG2E
 
 HEAD_DIMS = (16, 32, 64, 128)
+MAX_BH = 65535  # grid axis 1 is B * Hq: CUDA's limit on gridDim.y
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -116,10 +118,36 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
                 "the next of these, or use impl='sdpa' or 'tiled'")
     if q.shape[1] % k.shape[1]:
         return f"Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}"
+    if q.shape[0] * q.shape[1] > MAX_BH:
+        return (f"B*Hq = {q.shape[0] * q.shape[1]} > {MAX_BH}: the kernels run one grid row per sequence and head, "
+                "and CUDA allows 65535; split the batch")
     return None
 
 
 # -- the block plan ---------------------------------------------------------------------------------
+
+class Splits(NamedTuple):
+    """Where the partials of split blocks go (``split_work``), worked out when the plan is built so
+    that merging them reads nothing back from the device. G split blocks, S partial slots."""
+
+    slots: Tensor  # (S,) int32 on the host: the block of each partial slot (its length sizes the buffers)
+    gather: Tensor  # (G, K) int64: each split block's slots in order, -1 past its count
+    keep: Tensor  # (R,) int64: the positions, among the G x block rows of the split blocks, inside N
+    rows: Tensor  # (R,) int64: their row numbers
+
+
+def _splits(slots: Tensor, block: int, N: int, device) -> Splits:
+    """``Splits`` of the partial slots ``slots`` (``split_work``) of blocks of ``block`` rows."""
+    blocks, group = torch.unique(slots.long(), return_inverse=True)  # (G,), (S,)
+    counts = torch.bincount(group, minlength=len(blocks))  # (G,)
+    gather = torch.full((len(blocks), int(counts.max()) if len(blocks) else 0), -1, dtype=torch.long)
+    order = torch.argsort(group, stable=True)  # slots block by block, in their order
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # (S,) each sorted slot's block start
+    gather[group[order], torch.arange(len(order)) - first] = order
+    rows = (blocks[:, None] * block + torch.arange(block)).flatten()  # (G * block,)
+    keep = (rows < N).nonzero().squeeze(1)
+    return Splits(slots, gather.to(device), keep.to(device), rows[keep].to(device))
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -140,11 +168,20 @@ class BlockPlan:
     tiles_t: Tensor  # (Bm, Hm, max(P, 1), BN, ceil(BM / 32)): the same tiles transposed (keys x queries), for dk/dv
     # work items (split-KV, ``split_work``): row w = (block, start, end, slot) runs one block over
     # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
-    # is combined afterwards with the other partials of slots[s]'s block
+    # is combined afterwards with the other partials of its block (``Splits``)
     q_work: Tensor  # (W, 4) int32 over the query blocks' key lists: the forward and dq
-    q_slots: Tensor  # (S,) int32, on the CPU (read by the host only: no device sync)
+    q_split: Splits  # where the query blocks' partials go
     k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
-    k_slots: Tensor  # (S',) int32, on the CPU
+    k_split: Splits
+
+    def forward_tensors(self) -> list[Tensor]:
+        """What the forward kernel and its merge read (``_forward``)."""
+        return [self.kv_idx, self.kv_tile, self.tiles, self.q_work, *self.q_split]
+
+    def backward_tensors(self) -> list[Tensor]:
+        """What the backward kernels and their sums read (``_backward``)."""
+        return [self.kv_idx, self.kv_tile, self.q_idx, self.q_tile, self.tiles, self.tiles_t, self.q_work,
+                *self.q_split, self.k_work, *self.k_split]
 
 
 def _kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
@@ -260,11 +297,12 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     q_work, q_slots = split_work(kv_ptr, split_tiles)
     k_work, k_slots = split_work(q_ptr, split_tiles)
     q_work, k_work = q_work.to(device), k_work.to(device)  # read by the kernels; slots stay on the host
+    q_split, k_split = _splits(q_slots, block_m, Nq, device), _splits(k_slots, block_n, Nk, device)
     return BlockPlan(block_m, block_n, Nq, Nk, mask, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
-                     tiles_t, q_work, q_slots, k_work, k_slots)
+                     tiles_t, q_work, q_split, k_work, k_split)
 
 
-PLAN_CACHE_SIZE = 32
+PLAN_CACHE_SIZE = 64  # plans, up to two per mask (forward and backward blocks)
 _plans: OrderedDict = OrderedDict()  # key -> (mask, plan); the mask is kept so its id stays unique
 
 
@@ -524,51 +562,47 @@ def _launch(kernel: str, block_m: int, block_n: int, q: Tensor) -> dict:
     return launch_config(kernel, block_m, block_n, q.shape[-1], q.dtype) if q.device.type == "cuda" else {}
 
 
-def _slot_rows(slots: Tensor, block: int, N: int, device) -> tuple[Tensor, int, Tensor, Tensor]:
-    """Where split partials go, worked out on the host (no device sync): group (S,) int64, the
-    index of each partial's block among the G split blocks; G; keep (R,), the positions in those
-    blocks' G * block rows that fall inside N; rows (R,), their row numbers."""
-    blocks, group = torch.unique(slots.long(), return_inverse=True)
-    rows = (blocks[:, None] * block + torch.arange(block)).flatten()  # (G * block,)
-    keep = (rows < N).nonzero().squeeze(1)
-    return group.to(device), len(blocks), keep.to(device), rows[keep].to(device)
-
-
-def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, slots: Tensor, block: int) -> None:
+def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, split: Splits, block: int) -> None:
     """Combine each split query block's partials (po (S, B*H, BM, D), plse (S, B*H, BM)) into its
     rows of out (B, H, Nq, D) / lse (B, H, Nq), contiguous, in place, through their lse."""
     B, H, Nq, D = out.shape
-    group, G, keep, rows = _slot_rows(slots, block, Nq, out.device)
-    merged, merged_lse = merge_groups(po[: len(group)], plse[: len(group)], group, G)  # (G, B*H, BM, D), (G, B*H, BM)
-    merged = merged.transpose(0, 1).reshape(B * H, G * block, D).index_select(1, keep)
-    merged_lse = merged_lse.transpose(0, 1).reshape(B * H, G * block).index_select(1, keep)
-    out.view(B * H, Nq, D)[:, rows] = merged.to(out.dtype)
-    lse.view(B * H, Nq)[:, rows] = merged_lse
+    G = split.gather.shape[0]
+    merged, merged_lse = merge_groups(po, plse, split.gather)  # (G, B*H, BM, D), (G, B*H, BM)
+    merged = merged.transpose(0, 1).reshape(B * H, G * block, D).index_select(1, split.keep)
+    merged_lse = merged_lse.transpose(0, 1).reshape(B * H, G * block).index_select(1, split.keep)
+    out.view(B * H, Nq, D)[:, split.rows] = merged.to(out.dtype)
+    lse.view(B * H, Nq)[:, split.rows] = merged_lse
 
 
-def _sum_slots(grad: Tensor, partial: Tensor, slots: Tensor, block: int) -> None:
+def _sum_slots(grad: Tensor, partial: Tensor, split: Splits, block: int) -> None:
     """Sum each split block's partial gradients (partial (S, B*H, block, D) float32) into its rows
-    of grad (B, H, N, D), contiguous, in place."""
+    of grad (B, H, N, D), contiguous, in place, in a fixed order."""
     B, H, N, D = grad.shape
-    group, G, keep, rows = _slot_rows(slots, block, N, grad.device)
-    total = partial.new_zeros(G, *partial.shape[1:]).index_add_(0, group, partial[: len(group)])
-    total = total.transpose(0, 1).reshape(B * H, G * block, D).index_select(1, keep)
-    grad.view(B * H, N, D)[:, rows] = total.to(grad.dtype)
+    G, K = split.gather.shape
+    named = (split.gather >= 0).view(G, K, 1, 1, 1)
+    parts = partial.index_select(0, split.gather.clamp(min=0).flatten()).view(G, K, *partial.shape[1:])
+    total = torch.where(named, parts, 0.0).sum(1)  # (G, B*H, block, D)
+    total = total.transpose(0, 1).reshape(B * H, G * block, D).index_select(1, split.keep)
+    grad.view(B * H, N, D)[:, split.rows] = total.to(grad.dtype)
 
 
 DELTA_ROWS = 64  # rows per program of _bwd_delta
 
 
-def _partials(slots: Tensor, BH: int, rows: int, D: int, device) -> Tensor:
-    return torch.empty(max(slots.numel(), 1), BH, rows, D, dtype=torch.float32, device=device)
+def _partials(split: Splits, BH: int, rows: int, D: int, device) -> Tensor:
+    """(max(S, 1), B*H, rows, D) float32 for the split blocks' partials (never read unwritten)."""
+    return torch.empty(max(split.slots.numel(), 1), BH, rows, D, dtype=torch.float32, device=device)
 
 
-def _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, block_m, block_n, has_alibi):
+def _forward(q, k, v, plan: list[Tensor], slopes, scale, block_m, block_n, has_alibi):
+    """(out, lse) of the forward kernel over ``BlockPlan.forward_tensors``, split blocks merged."""
+    kv_idx, kv_tile, tiles, q_work, *q_split = plan
+    q_split = Splits(*q_split)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    po = _partials(q_slots, B * H, block_m, D, q.device)
+    po = _partials(q_split, B * H, block_m, D, q.device)
     plse = torch.empty(po.shape[:3], dtype=torch.float32, device=q.device)  # (S, B*H, BM)
     stb, sth = _tile_strides(tiles)
     _fwd[(q_work.shape[0], B * H)](
@@ -578,13 +612,15 @@ def _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, bl
         lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
         BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
         **_launch("_fwd", block_m, block_n, q))
-    if q_slots.numel():
-        _merge_slots(out, lse, po, plse, q_slots, block_m)
+    if q_split.slots.numel():
+        _merge_slots(out, lse, po, plse, q_split, block_m)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, slopes, q_work, q_slots,
-              k_work, k_slots, scale, block_m, block_n, has_alibi):
+def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, scale, block_m, block_n, has_alibi):
+    """(dq, dk, dv) of the backward kernels over ``BlockPlan.backward_tensors``."""
+    kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, q_work, *rest = plan
+    q_split, k_work, k_split = Splits(*rest[:4]), rest[4], Splits(*rest[5:])
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous()
@@ -597,8 +633,8 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, til
     dq = torch.empty_like(q)
     dk_h = torch.empty(B, H, Nk, D, dtype=q.dtype if Hkv == H else torch.float32, device=q.device)
     dv_h = torch.empty_like(dk_h)
-    pdq = _partials(q_slots, B * H, block_m, D, q.device)
-    pdk, pdv = _partials(k_slots, B * H, block_n, D, q.device), _partials(k_slots, B * H, block_n, D, q.device)
+    pdq = _partials(q_split, B * H, block_m, D, q.device)
+    pdk, pdv = _partials(k_split, B * H, block_n, D, q.device), _partials(k_split, B * H, block_n, D, q.device)
     common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
     _bwd_dq[(q_work.shape[0], B * H)](
         q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes,
@@ -611,29 +647,24 @@ def _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, til
         v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
         lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H,
         **common, **_launch("_bwd_dkdv", block_m, block_n, q))
-    if q_slots.numel():
-        _sum_slots(dq, pdq, q_slots, block_m)
-    if k_slots.numel():
-        _sum_slots(dk_h, pdk, k_slots, block_n)
-        _sum_slots(dv_h, pdv, k_slots, block_n)
+    if q_split.slots.numel():
+        _sum_slots(dq, pdq, q_split, block_m)
+    if k_split.slots.numel():
+        _sum_slots(dk_h, pdk, k_split, block_n)
+        _sum_slots(dv_h, pdv, k_split, block_n)
     if Hkv != H:  # each kv head's gradient is the sum over the query heads that read it
         dk_h = dk_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(k.dtype)
         dv_h = dv_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(v.dtype)
     return dq, dk_h, dv_h
 
 
-# The op's tensor inputs after q, k, v: the forward's plan (its key lists without their pointers,
-# tiles, work items), the backward's plan (both lists, both tile sets, both work lists: it may use
-# other blocks) and the ALiBi slopes. Pointers are not needed by the kernels: the work items hold
-# ranges.
+# The op's inputs after q, k, v: the forward's plan (``BlockPlan.forward_tensors``), the backward's
+# (``backward_tensors``: it may use other blocks) and the ALiBi slopes.
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor,
-                  kv_idx: Tensor, kv_tile: Tensor, tiles: Tensor, q_work: Tensor, q_slots: Tensor,
-                  b_kv_idx: Tensor, b_kv_tile: Tensor, b_q_idx: Tensor, b_q_tile: Tensor, b_tiles: Tensor,
-                  b_tiles_t: Tensor, b_q_work: Tensor, b_q_slots: Tensor, b_k_work: Tensor, b_k_slots: Tensor,
-                  slopes: Tensor, scale: float, block_m: int, block_n: int, b_block_m: int, b_block_n: int,
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, fwd_plan: list[Tensor], bwd_plan: list[Tensor], slopes: Tensor,
+                  scale: float, block_m: int, block_n: int, b_block_m: int, b_block_n: int,
                   has_alibi: bool) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, kv_idx, kv_tile, tiles, slopes, q_work, q_slots, scale, block_m, block_n, has_alibi)
+    return _forward(q, k, v, fwd_plan, slopes, scale, block_m, block_n, has_alibi)
 
 
 @_attention_op.register_fake
@@ -643,12 +674,9 @@ def _(q, k, v, *rest):
 
 @torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
-                           kv_idx: Tensor, kv_tile: Tensor, q_idx: Tensor, q_tile: Tensor, tiles: Tensor,
-                           tiles_t: Tensor, q_work: Tensor, q_slots: Tensor, k_work: Tensor, k_slots: Tensor,
-                           slopes: Tensor, scale: float, block_m: int, block_n: int,
+                           plan: list[Tensor], slopes: Tensor, scale: float, block_m: int, block_n: int,
                            has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, q, k, v, out, lse, dlse, kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, slopes, q_work,
-                     q_slots, k_work, k_slots, scale, block_m, block_n, has_alibi)
+    return _backward(dout, q, k, v, out, lse, dlse, plan, slopes, scale, block_m, block_n, has_alibi)
 
 
 @_attention_backward_op.register_fake
@@ -656,23 +684,20 @@ def _(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_FWD_PLAN, _N_BWD_PLAN = 5, 10  # plan tensors of _attention_op after q, k, v
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v = inputs[:3]
-    bwd_plan = inputs[3 + _N_FWD_PLAN: 3 + _N_FWD_PLAN + _N_BWD_PLAN]
-    slopes, scale, _, _, b_block_m, b_block_n, has_alibi = inputs[3 + _N_FWD_PLAN + _N_BWD_PLAN:]
-    ctx.save_for_backward(q, k, v, output[0], output[1], *bwd_plan, slopes)
+    q, k, v, fwd_plan, bwd_plan, slopes, scale, _, _, b_block_m, b_block_n, has_alibi = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], slopes, *bwd_plan)
     ctx.config = (scale, b_block_m, b_block_n, has_alibi)
+    ctx.plan_sizes = (len(fwd_plan), len(bwd_plan))
 
 
 def _autograd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, *plan = ctx.saved_tensors
+    q, k, v, out, lse, slopes, *plan = ctx.saved_tensors
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, *plan, *ctx.config)
-    return (dq, dk, dv) + (None,) * (_N_FWD_PLAN + _N_BWD_PLAN + 7)
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, plan, slopes, *ctx.config)
+    n_fwd, n_bwd = ctx.plan_sizes  # the gradient's structure must follow the inputs': one None per plan tensor
+    return dq, dk, dv, [None] * n_fwd, [None] * n_bwd, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -693,12 +718,14 @@ def _check_blocks(block_m: int, block_n: int) -> None:
 
 def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, plan_bwd,
                split_tiles) -> tuple[BlockPlan, BlockPlan]:
-    """The forward's and the backward's plans. Given plans are checked; a missing forward plan
-    comes from ``cached_plan`` at block_m x block_n (default ``default_blocks``); a missing
-    backward plan is the forward's when blocks or a plan were given, else ``cached_plan`` at the
-    backward's default blocks, built only when a gradient will be asked for."""
+    """The forward's and the backward's plans. Given plans are checked. A missing forward plan
+    comes from ``cached_plan`` at block_m x block_n (default ``default_blocks``). A missing
+    backward plan is the forward's when a plan or block sizes were given (a ``plan=`` caller
+    under torch.compile builds plans outside the graph: give ``plan_bwd=`` for other blocks);
+    otherwise ``cached_plan`` at the backward's default blocks and the same split_tiles, built
+    only when a gradient will be asked for."""
     D, Nq, Nk = q.shape[-1], q.shape[2], k.shape[2]
-    chosen = plan is not None or block_m is not None or block_n is not None or split_tiles is not None
+    chosen = plan is not None or block_m is not None or block_n is not None
     if plan is not None:
         if block_m is not None or block_n is not None or split_tiles is not None:
             raise ValueError("block_m, block_n and split_tiles are the plan's: give them to make_plan, not with plan=")
@@ -715,7 +742,7 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
     bwd_blocks = default_blocks(D, q.dtype, backward=True)
     if not wants_grad or chosen or bwd_blocks == (plan.block_m, plan.block_n):
         return plan, plan
-    return plan, cached_plan(mask, Nq, Nk, *bwd_blocks, q.device)
+    return plan, cached_plan(mask, Nq, Nk, *bwd_blocks, q.device, split_tiles)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
@@ -726,9 +753,11 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
 
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
     ``plan`` / ``plan_bwd``: ``make_plan(mask, Nq, Nk, block_m, block_n, device)`` for the forward
-    and the backward (which may use other blocks; without plan_bwd it uses ``plan``). Without them
-    plans come from ``cached_plan`` (built once per mask object and sizes, like FlexAttention's
-    block mask), at ``default_blocks`` or block_m x block_n (both passes).
+    and the backward (which may use other blocks; given ``plan`` alone, the backward uses it too:
+    on the GPU at D = 128 give ``plan_bwd`` at ``default_blocks(D, dtype, backward=True)``, the
+    forward's blocks spill registers there). Without them plans come from ``cached_plan`` (built
+    once per mask object and sizes, like FlexAttention's block mask): at block_m x block_n for
+    both passes when given, else at each pass's ``default_blocks``.
     """
     reason = why_not(q, k, v, mask, bias, 0.0)
     if reason is not None:
@@ -738,8 +767,6 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
               else torch.zeros(1, dtype=torch.float32, device=q.device))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(),
-                         fwd.kv_idx, fwd.kv_tile, fwd.tiles, fwd.q_work, fwd.q_slots,
-                         bwd.kv_idx, bwd.kv_tile, bwd.q_idx, bwd.q_tile, bwd.tiles, bwd.tiles_t, bwd.q_work,
-                         bwd.q_slots, bwd.k_work, bwd.k_slots,
-                         slopes, scale, fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n, has_alibi)
+    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), fwd.forward_tensors(),
+                         bwd.backward_tensors(), slopes, scale, fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n,
+                         has_alibi)

@@ -37,25 +37,28 @@ def merge(out_a: Tensor | None, lse_a: Tensor | None, out_b: Tensor, lse_b: Tens
     return w_a * out_a + w_b * out_b, lse
 
 
-def merge_groups(outs: Tensor, lses: Tensor, group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
-    """Merge many partials at once, by group: partial s joins group ``group[s]``.
+def merge_groups(outs: Tensor, lses: Tensor, gather: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge many partials at once, by group: group g merges partials gather[g, :], -1 = none.
 
-    outs (S, ..., N, Dv) float, lses (S, ..., N) float32, group (S,) int64 in [0, n_groups).
-    Returns (out (n_groups, ..., N, Dv), lse (n_groups, ..., N)) in the dtypes of outs / lses;
-    a group no partial of which saw a key gets out = 0, lse = -inf. One pass of scatter ops
-    whatever S is (split-KV leaves dozens of partials per long row block).
+    outs (S, ..., N, Dv) float, lses (S, ..., N) float32, gather (G, K) int64 indices into S (a
+    group's partials first, -1 after them). Returns (out (G, ..., N, Dv), lse (G, ..., N)) in
+    the dtypes of outs / lses; a group no partial of which saw a key gets out = 0, lse = -inf.
+    Partials not named in gather are never read (they may be uninitialized). A fixed number of
+    ops whatever S is, with sums over K in a fixed order (deterministic, unlike scatter-adds),
+    and no value read back to the host.
     """
-    shape = (n_groups, *lses.shape[1:])
-    index = group.view(-1, *([1] * (lses.dim() - 1))).expand_as(lses)  # (S, ..., N)
-    top = torch.full(shape, float("-inf"), dtype=lses.dtype, device=lses.device)
-    ref = finite_or_zero(top.scatter_reduce(0, index, lses, "amax"))  # (G, ..., N) per-group max
-    w = torch.exp(lses - ref.index_select(0, group))  # (S, ..., N); 0 where a partial saw nothing
-    den = torch.zeros(shape, dtype=lses.dtype, device=lses.device).index_add_(0, group, w)
-    num = torch.zeros(*shape, outs.shape[-1], dtype=outs.dtype, device=outs.device)
-    num.index_add_(0, group, w.unsqueeze(-1).to(outs.dtype) * outs)
+    G, K = gather.shape
+    take = gather.clamp(min=0).flatten()  # (G * K,)
+    named = (gather >= 0).view(G, K, *([1] * (lses.dim() - 1)))  # (G, K, 1, ..., 1)
+    lse = torch.where(named, lses.index_select(0, take).view(G, K, *lses.shape[1:]), float("-inf"))
+    ref = finite_or_zero(lse.amax(1, keepdim=True))  # (G, 1, ..., N) each group's max
+    w = torch.exp(lse - ref)  # (G, K, ..., N); 0 for unnamed partials and those that saw nothing
+    out = torch.where(named.unsqueeze(-1), outs.index_select(0, take).view(G, K, *outs.shape[1:]), 0.0)
+    den = w.sum(1)  # (G, ..., N)
+    num = (w.unsqueeze(-1).to(outs.dtype) * out).sum(1)  # (G, ..., N, Dv)
     seen = den > 0
-    out = num / torch.where(seen, den, torch.ones_like(den)).unsqueeze(-1).to(outs.dtype)
-    return out, torch.where(seen, den.log() + ref, torch.full_like(den, float("-inf")))
+    merged = num / torch.where(seen, den, torch.ones_like(den)).unsqueeze(-1).to(outs.dtype)
+    return merged, torch.where(seen, den.log() + ref.squeeze(1), torch.full_like(den, float("-inf")))
 
 
 def attend_merged_into(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, tile: Tensor,

@@ -46,20 +46,26 @@ class KernelStats:
     block_n: int
     num_warps: int
     num_stages: int
-    has_alibi: bool
+    variant: str  # "", "alibi", "gqa", "ragged" (compile_kernel)
     registers: int  # per thread (255 is the ceiling)
     spill_bytes: int  # spill stores to local memory per thread: 0 unless registers ran out
     shared_bytes: int  # dynamic shared memory per program
     tensor_core_ops: int  # wgmma (sm_90) or mma.sync (sm_80) instructions in the PTX
 
 
-def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
-    """The kernel's argument types as ``triton.compile`` takes them: pointers typed, ints i32."""
+VARIANTS = ("", "alibi", "gqa", "ragged")  # see compile_kernel
+
+
+def _signature(fn, dtype: torch.dtype, gqa: bool = False) -> dict[str, str]:
+    """The kernel's argument types as ``triton.compile`` takes them: pointers typed, ints i32.
+    gqa: dk/dv are float32 buffers (per query head, summed over each group afterwards)."""
     ty = TRITON_DTYPES[dtype]
     sig = {}
     for name in fn.arg_names:
         if name in _CONSTEXPRS:
             sig[name] = "constexpr"
+        elif gqa and name in ("DK", "DV"):
+            sig[name] = "*fp32"
         elif name in _TENSOR_PTRS:
             sig[name] = "*" + ty
         elif name in _INDEX_PTRS:
@@ -71,14 +77,14 @@ def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
     return sig
 
 
-def _attrs(fn, sig: dict[str, str]) -> dict:
-    """The specialization a typical launch gets (triton's ``specialize_impl``): every pointer and
-    every stride 16-byte aligned / divisible by 16 (contiguous (B, H, N, D) tensors, D a multiple
-    of 16), Nq and Nk too (the benchmark's lengths). A launch with a ragged N compiles its own
-    variant without those two hints."""
-    divisible = [["tt.divisibility", 16]]
-    return {(i,): divisible for i, name in enumerate(fn.arg_names)
-            if sig[name].startswith("*") or name in ("Nq", "Nk") or (name[0] == "s" and name[1:] and sig[name] == "i32")}
+def _attrs(fn, sig: dict[str, str], ragged: bool = False) -> dict:
+    """The specialization a launch on contiguous tensors gets (triton's ``specialize_impl``):
+    every pointer 16-byte aligned and every stride divisible by 16 (D is a multiple of 16), and
+    Nq, Nk too unless ``ragged`` (then neither is, nor are the lse strides, H x Nq and Nq)."""
+    off = ("Nq", "Nk", "slb", "slh") if ragged else ()
+    hinted = [name for name in fn.arg_names if name not in off and
+              (sig[name].startswith("*") or name in ("Nq", "Nk") or (name[0] == "s" and sig[name] == "i32"))]
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in hinted}
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
@@ -101,11 +107,14 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_n: int, *, arch: int = 90,
-                   has_alibi: bool = False, num_warps: int | None = None,
-                   num_stages: int | None = None) -> KernelStats:
+                   variant: str = "", num_warps: int | None = None, num_stages: int | None = None) -> KernelStats:
     """Compile ``kernel`` (one of KERNELS) for compute capability ``arch`` with the launch
     configuration attnkit uses (``flash_triton.launch_config``) unless num_warps / num_stages are
-    given. Raises triton's CompilationError where the kernel does not compile."""
+    given. ``variant``: "" (contiguous tensors, N a multiple of 16), "alibi", "gqa" (float32
+    dk/dv buffers), "ragged" (N not a multiple of 16). Raises triton's CompilationError where the
+    kernel does not compile."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -118,21 +127,35 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
                            "(TRITON_INTERPRET=1 when triton was imported); compile in a process without it")
     config = ft.launch_config(kernel, block_m, block_n, D, dtype)
     config = {"num_warps": num_warps or config["num_warps"], "num_stages": num_stages or config["num_stages"]}
-    constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": has_alibi, "IEEE": dtype == torch.float32}
+    constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": variant == "alibi",
+                  "IEEE": dtype == torch.float32}
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    sig = _signature(fn, dtype)
-    compiled = triton.compile(ASTSource(fn, sig, constexprs, _attrs(fn, sig)), target=GPUTarget("cuda", arch, 32),
-                              options=config)
+    sig = _signature(fn, dtype, gqa=variant == "gqa")
+    source = ASTSource(fn, sig, constexprs, _attrs(fn, sig, ragged=variant == "ragged"))
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config)
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_report(ptx, arch)
     mma = ptx.count("wgmma.mma_async") if arch >= 90 else ptx.count("mma.sync")
     return KernelStats(kernel, arch, TRITON_DTYPES[dtype], D, block_m, block_n, config["num_warps"],
-                       config["num_stages"], has_alibi, registers, spills, compiled.metadata.shared, mma)
+                       config["num_stages"], variant, registers, spills, compiled.metadata.shared, mma)
+
+
+def _variants(kernel: str, dtype: torch.dtype, D: int) -> list[str]:
+    """The variants checked besides the plain one: ALiBi at D = 64, GQA for dk/dv in half
+    precision, a ragged N in bfloat16 at D = 64 and 128."""
+    out = [""]
+    if D == 64 and kernel != "_bwd_delta":
+        out.append("alibi")
+    if kernel == "_bwd_dkdv" and dtype != torch.float32:
+        out.append("gqa")
+    if dtype == torch.bfloat16 and D >= 64:
+        out.append("ragged")
+    return out
 
 
 def shipped_configs(archs=(90,)) -> list[dict]:
     """Every configuration a GPU launch can pick: each kernel, dtype and head dim at its default
-    blocks (``flash_triton.gpu_blocks``, the forward's or the backward's), and with ALiBi at D = 64."""
+    blocks (``flash_triton.gpu_blocks``, the forward's or the backward's), in ``_variants``."""
     out = []
     for arch in archs:
         for dtype in ft.DTYPES:
@@ -140,9 +163,9 @@ def shipped_configs(archs=(90,)) -> list[dict]:
                 for kernel in KERNELS:
                     bm, bn = ((ft.DELTA_ROWS,) * 2 if kernel == "_bwd_delta" else
                               ft.gpu_blocks(D, dtype, backward=kernel != "_fwd"))
-                    for has_alibi in (False, True) if D == 64 and kernel != "_bwd_delta" else (False,):
+                    for variant in _variants(kernel, dtype, D):
                         out.append(dict(kernel=kernel, dtype=dtype, D=D, block_m=bm, block_n=bn, arch=arch,
-                                        has_alibi=has_alibi))
+                                        variant=variant))
     return out
 
 
@@ -160,9 +183,9 @@ def check_all(archs=(90,), jobs: int | None = None) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| arch | kernel | dtype | D | ALiBi | BM x BN | warps | stages | registers | spill bytes | shared KiB "
+    head = ("| arch | kernel | dtype | D | variant | BM x BN | warps | stages | registers | spill bytes | shared KiB "
             "| tensor-core ops |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| sm_{s['arch']} | {s['kernel']} | {s['dtype']} | {s['D']} | {'yes' if s['has_alibi'] else ''} | "
+    lines = [f"| sm_{s['arch']} | {s['kernel']} | {s['dtype']} | {s['D']} | {s['variant']} | "
              f"{s['block_m']} x {s['block_n']} | "
              f"{s['num_warps']} | {s['num_stages']} | {s['registers']} | {s['spill_bytes']} | "
              f"{s['shared_bytes'] / 1024:.1f} | {s['tensor_core_ops']} |" for s in rows]
