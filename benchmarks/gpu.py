@@ -209,12 +209,12 @@ TUNE_WARPS = (4, 8)
 TUNE_STAGES = (2, 3)
 
 
-def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path) -> list:
+def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path, dtype=torch.bfloat16) -> list:
     """attnkit at every (blocks, warps, stages): rows with fwd_ms and bwd_ms, or an error."""
     from triton.testing import do_bench
 
     g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype, generator=g).requires_grad_()
                for _ in range(3))
     grad_out = torch.randn(q.shape, device=dev, dtype=q.dtype, generator=g)
     mask = None if kind == "dense" else ak.causal() if kind == "causal" else longformer_mask()

@@ -78,3 +78,22 @@ def test_reports_render_rows_and_errors(gpu):
     md = gpu.tune_markdown(tune, "NVIDIA H100")
     fastest, second = (md.index(f"| {bm} x 64 | 8 | 2 |") for bm in (64, 128))
     assert fastest < second and "OutOfResources" in md
+
+
+def test_the_tuning_sweep_runs_end_to_end(gpu, monkeypatch, tmp_path):
+    """--tune's loop on the CPU: the interpreter for the kernels, a stand-in for do_bench (which
+    needs CUDA); launch_config is restored after the sweep."""
+    if not flash_triton.interpreting():
+        pytest.skip("the CPU run needs Triton's interpreter")
+    import triton.testing
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu, "TUNE_BLOCKS", ((16, 16), (32, 16)))
+    monkeypatch.setattr(gpu, "TUNE_WARPS", (4,))
+    monkeypatch.setattr(gpu, "TUNE_STAGES", (2,))
+    shipped = flash_triton.launch_config
+    rows = gpu.tune_case("longformer", 40, 16, 2, "cpu", tmp_path / "tune.jsonl", dtype=torch.float16)
+    assert flash_triton.launch_config is shipped
+    assert [(r["block_m"], r["block_n"]) for r in rows] == [(16, 16), (32, 16)]
+    assert all("error" not in r and r["max_err"] < 1e-2 and r["fwd_ms"] == 1.0 for r in rows), rows
+    assert len((tmp_path / "tune.jsonl").read_text().splitlines()) == 2
