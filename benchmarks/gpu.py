@@ -4,6 +4,8 @@
     python benchmarks/gpu.py --quick          # small sizes only: a smoke test of the script
     python benchmarks/gpu.py --out DIR        # where the JSON and markdown go (default benchmarks/results)
     python benchmarks/gpu.py --tune           # sweep attnkit's block sizes, warps and stages instead
+    python benchmarks/gpu.py --acceptance     # only the three cases of issue 6's acceptance
+    python benchmarks/gpu.py --kinds longformer --ns 65536,131072   # a subset (one device call is 10 min)
 
 In one process, on the same bf16 inputs (B=1):
 - dense and causal, H=16, D = 64 and 128, N = 1k, 4k, 16k: attnkit triton, SDPA FLASH / CUDNN /
@@ -271,13 +273,28 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="N up to 4096 only")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tune", action="store_true", help="sweep attnkit's blocks, warps and stages instead")
+    p.add_argument("--acceptance", action="store_true",
+                   help="only the issue's acceptance cases: Longformer N=65536, dense D=128 N=16384, causal D=64 N=16384")
+    p.add_argument("--kinds", default="dense,causal,longformer", help="comma-separated subset of the cases")
+    p.add_argument("--ns", default=None, help="comma-separated sequence lengths instead of each kind's defaults")
+    p.add_argument("--ds", default="64,128", help="head dims of the dense and causal cases")
     args = p.parse_args()
+    kinds = args.kinds.split(",")
+    unknown = set(kinds) - {"dense", "causal", "longformer"}
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {sorted(unknown)}; choose from dense, causal, longformer")
+    ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else None
+    dense_n = ns or ((1024, 4096) if args.quick else (1024, 4096, 16384))
+    lf_n = ns or ((4096,) if args.quick else (4096, 16384, 65536, 131072))
+    cases = [(kind, N, int(D), 16) for kind in ("dense", "causal") if kind in kinds
+             for D in args.ds.split(",") for N in dense_n]
+    cases += [("longformer", N, 64, 12) for N in lf_n if "longformer" in kinds]
+    if args.acceptance:
+        cases = [("longformer", 65536, 64, 12), ("dense", 16384, 128, 16), ("causal", 16384, 64, 16)]
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")
     dev = torch.device("cuda")
     device = torch.cuda.get_device_name(dev)
-    dense_n = (1024, 4096) if args.quick else (1024, 4096, 16384)
-    lf_n = (4096,) if args.quick else (4096, 16384, 65536, 131072)
     rows: list = []
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M")
     out = Path(args.out)
@@ -291,12 +308,8 @@ def main() -> None:
         (out / f"tune_{stamp}.md").write_text(tune_markdown(rows, device))
         print(tune_markdown(rows, device))
         return
-    for kind in ("dense", "causal"):
-        for D in (64, 128):
-            for N in dense_n:
-                measure(kind, N, D, 16, dev, rows, log_path)
-    for N in lf_n:
-        measure("longformer", N, 64, 12, dev, rows, log_path)
+    for kind, N, D, H in cases:
+        measure(kind, N, D, H, dev, rows, log_path)
     meta = {"date": stamp, "device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
     (out / f"gpu_{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"gpu_{stamp}.md").write_text(markdown(rows, device))
