@@ -16,10 +16,13 @@ The mask never reaches the kernel as an expression. On the host it becomes a *bl
 So causal, windows, global tokens, padding, documents and any combination run the same kernel;
 ALiBi is computed in the kernel from its slopes (``-slope_h * |p_i - j|``, p_i = i + Nk - Nq).
 
-Kernels (``_fwd``, ``_bwd_dq``, ``_bwd_dkdv``): online softmax in the log2 domain with fp32
-accumulators; the backward recomputes P from the saved lse (rows that attend nowhere have
-lse = -inf, out = 0, and get zero gradients). GQA: each query head reads kv head h // (Hq/Hkv);
-dk/dv are computed per query head and summed over each group.
+Kernels (``_fwd``, ``_bwd_delta``, ``_bwd_dq``, ``_bwd_dkdv``): online softmax in the log2 domain
+with fp32 accumulators; the backward recomputes P from the saved lse (rows that attend nowhere
+have lse = -inf, out = 0, and get zero gradients); dk/dv works on transposed (key x query) tiles.
+GQA: each query head reads kv head h // (Hq/Hkv); dk/dv are computed per query head and summed
+over each group. The forward and the backward may use plans of different block sizes
+(``gpu_blocks``). ``attnkit.ops.triton_check`` compiles every configuration for sm_90 without a
+GPU and reads its registers and spills.
 
 ``triton_attention`` is a ``torch.library`` custom op with autograd, so ``torch.compile`` sees one
 opaque node. Without a CUDA device the kernels run in Triton's interpreter when
