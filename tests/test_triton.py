@@ -20,6 +20,7 @@ if flash_triton.triton is None:
 from attnkit.ops.flash_triton import (
     make_plan,
     pack_bits,
+    split_key_lengths,
     split_work,
     triton_attention,
     unpack_bits,
@@ -30,6 +31,7 @@ MASKS = {
     "causal": lambda B, N: ak.causal(),
     "window-global": lambda B, N: ak.sliding_window(7) | ak.global_tokens([0, N // 2]),
     "padding-documents": lambda B, N: ak.key_padding([N, N // 3]) & ak.document(torch.arange(N) * 3 // N),
+    "bool-padding": lambda B, N: ak.key_padding(torch.arange(N)[None, :] % 5 != 1) & ak.causal(),  # stays in tiles
     "dilated-heads": lambda B, N: ak.sliding_window(4, dilation=(1, 3)),
 }
 
@@ -54,21 +56,27 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
     plan = make_plan(mask, Nq, Nk, bm, bn, "cpu")
     visits = lists(plan.kv_ptr, plan.kv_idx, plan.kv_tile)
     assert visits == {(c, r): t for (r, c), t in lists(plan.q_ptr, plan.q_idx, plan.q_tile).items()}  # transposed
+    # the kernels mask keys j >= kv_len[b] themselves (a key_padding(lengths) factor of the mask)
+    key_ok = (torch.arange(Nk)[None, :] < plan.kv_len.long()[:, None]).expand(B, Nk)[:, None, None]  # (B, 1, 1, Nk)
     nQ, nK = -(-Nq // bm), -(-Nk // bn)
     for qb in range(nQ):
         for kb in range(nK):
             region = truth[:, :, qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]  # (B, H, <=bm, <=bn)
+            live = key_ok[..., kb * bn:(kb + 1) * bn].expand_as(region)
             if (qb, kb) not in visits:
                 assert not region.any(), f"tile {(qb, kb)} holds allowed pairs but is never visited"
                 continue
             tile = visits[(qb, kb)]
-            if tile < 0:  # run unmasked: every pair allowed, for every sample and head, and no ragged key
-                assert region.all() and region.shape[-1] == bn, f"tile {(qb, kb)} is run unmasked but is not full"
+            if tile < 0:  # run unmasked but for the key lengths: every live pair allowed, no ragged key
+                assert torch.equal(region, live) and region.shape[-1] == bn, f"tile {(qb, kb)} is not full"
                 continue
             stored = unpack_bits(plan.tiles[:, :, tile], bn).expand(B, H, bm, bn)
             rows, cols = region.shape[-2:]
-            assert torch.equal(stored[:, :, :rows, :cols], region), f"partial tile {(qb, kb)} differs from the mask"
+            got = stored[:, :, :rows, :cols] & live
+            assert torch.equal(got, region), f"partial tile {(qb, kb)} differs from the mask"
             assert not stored[:, :, :, cols:].any() and not stored[:, :, rows:].any()  # outside N: nothing
+    if name == "padding-documents":  # per-sample lengths cost no per-sample tiles
+        assert plan.tiles.shape[0] == 1 and plan.kv_len.tolist() == [Nk, Nk // 3]
 
 
 @pytest.mark.parametrize("bn", [8, 16, 32, 33, 64, 128])
@@ -114,6 +122,41 @@ def test_splits_name_each_partial_once_and_only_rows_inside_n():
         every = [b * 16 + i for b in blocks for i in range(16)]
         assert split.rows.tolist() == [r for r in every if r < N]
         assert [every[i] for i in split.keep.tolist()] == split.rows.tolist()
+
+
+def test_key_lengths_leave_the_mask_only_where_they_are_a_factor():
+    lengths = torch.tensor([5, 3])
+    pad = ak.key_padding(lengths)
+    assert split_key_lengths(pad) == (None, lengths)
+    rest, got = split_key_lengths(ak.causal() & pad)
+    assert repr(rest) == "causal()" and got is lengths
+    rest, got = split_key_lengths((ak.causal() & ak.sliding_window(2)) & (ak.document([0, 0, 1, 1, 1]) & pad))
+    assert got is lengths and "key_padding" not in repr(rest) and "document" in repr(rest) and "causal" in repr(rest)
+    for kept in (pad | ak.global_tokens([0]), ~pad, ak.key_padding(torch.ones(2, 5, dtype=torch.bool)) & ak.causal()):
+        assert split_key_lengths(kept) == (kept, None)
+
+
+def test_key_lengths_are_applied_in_the_kernels():
+    """Per-sample lengths (one of them 0: a sample with no key) go to the kernels, not the tiles;
+    forward, lse and gradients against the reference, with GQA and every list split."""
+    torch.manual_seed(0)
+    N = 50
+    q = torch.randn(3, 4, N, 16, requires_grad=True)
+    k, v = (torch.randn(3, 2, N, 16, requires_grad=True) for _ in range(2))
+    mask = ak.sliding_window(9) & ak.key_padding([50, 17, 0])
+    plan = make_plan(mask, N, N, 16, 16, "cpu", split_tiles=1)
+    assert plan.tiles.shape[:2] == (1, 1)  # no per-sample tiles
+    got, lse = triton_attention(q, k, v, mask=mask, plan=plan)
+    want, want_lse = ak.attention(q, k, v, mask=mask, impl="reference", return_lse=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse)) and torch.isneginf(lse[2]).all()
+    torch.testing.assert_close(lse[:2], want_lse[:2], atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    mine = torch.autograd.grad((got * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * g).sum(), (q, k, v))
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not mine[1][1, :, 17:].any() and not mine[1][2].any()  # padding keys get no gradient
 
 
 def test_split_kv_equals_one_program_per_block():
@@ -261,7 +304,7 @@ def test_plans_are_cached_per_mask_and_never_stale():
     assert cached_plan(mask, 30, 31, 16, 16, "cpu") is not first  # other sizes, other plan
     lengths[1] = 2  # changed in place: the old plan would mask the wrong keys
     fresh = cached_plan(mask, 30, 30, 16, 16, "cpu")
-    assert fresh is not first and not torch.equal(fresh.tiles, first.tiles)
+    assert fresh is not first and fresh.kv_len.tolist() == [30, 2] and first.kv_len.tolist() == [30, 12]
     q = k = v = torch.randn(2, 1, 30, 16)
     got = triton_attention(q, k, v, mask=mask)[0]
     assert torch.allclose(got, ak.attention(q, k, v, mask=mask, impl="reference"), atol=1e-5)

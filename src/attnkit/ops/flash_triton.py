@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..bias import Alibi, Bias
-from ..masks import EMPTY, FULL, PARTIAL, Mask
+from ..masks import EMPTY, FULL, PARTIAL, And, KeyPadding, Mask
 from .merge import merge_groups
 
 try:  # optional: attnkit imports and runs without triton
@@ -172,6 +172,7 @@ class BlockPlan:
     # work items (split-KV, ``split_work``): row w = (block, start, end, slot) runs one block over
     # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
     # is combined afterwards with the other partials of its block (``Splits``)
+    kv_len: Tensor  # (B,) or (1,) int32: keys j >= kv_len[b] are padding (``split_key_lengths``); Nk if none
     q_work: Tensor  # (W, 4) int32 over the query blocks' key lists: the forward and dq
     q_split: Splits  # where the query blocks' partials go
     k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
@@ -179,12 +180,12 @@ class BlockPlan:
 
     def forward_tensors(self) -> list[Tensor]:
         """What the forward kernel and its merge read (``_forward``)."""
-        return [self.kv_idx, self.kv_tile, self.tiles, self.q_work, *self.q_split]
+        return [self.kv_idx, self.kv_tile, self.tiles, self.kv_len, self.q_work, *self.q_split]
 
     def backward_tensors(self) -> list[Tensor]:
         """What the backward kernels and their sums read (``_backward``)."""
-        return [self.kv_idx, self.kv_tile, self.q_idx, self.q_tile, self.tiles, self.tiles_t, self.q_work,
-                *self.q_split, self.k_work, *self.k_split]
+        return [self.kv_idx, self.kv_tile, self.q_idx, self.q_tile, self.tiles, self.tiles_t, self.kv_len,
+                self.q_work, *self.q_split, self.k_work, *self.k_split]
 
 
 def _kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
@@ -286,11 +287,35 @@ def split_work(ptr: Tensor, split_tiles: int | None) -> tuple[Tensor, Tensor]:
     return items_t, torch.tensor(slots, dtype=torch.int32)
 
 
+def split_key_lengths(mask: Mask | None) -> tuple[Mask | None, Tensor | None]:
+    """mask = rest & key_padding(lengths) -> (rest, lengths (B,)); (mask, None) where the mask has
+    no such factor (padding given as a bool mask, or under | or ~, stays in the tiles). The
+    kernels apply the lengths themselves, per sample (keys j >= lengths[b] masked), so per-sample
+    padding costs the plan no per-sample tiles."""
+    if isinstance(mask, KeyPadding) and mask.lengths is not None:
+        return None, mask.lengths
+    if isinstance(mask, And):
+        for this, other in ((mask.a, mask.b), (mask.b, mask.a)):
+            rest, lengths = split_key_lengths(this)
+            if lengths is not None:
+                return (other if rest is None else rest & other), lengths
+    return mask, None
+
+
 def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
               split_tiles: int | None = None) -> BlockPlan:
     """The block plan of ``mask`` for an (Nq, Nk) problem (module docstring); ``split_tiles``: see
-    ``split_work``."""
+    ``split_work``. A key_padding(lengths) factor of the mask goes to the kernels as ``kv_len``
+    (``split_key_lengths``); key blocks past every sample's length are not visited."""
+    whole = mask
+    mask, lengths = split_key_lengths(mask)
     kinds = _kinds(mask, Nq, Nk, block_m, block_n, device)  # (nQ, nK)
+    if lengths is not None:  # key blocks no sample reaches: empty
+        reach = -(-int(lengths.max()) // block_n) if lengths.numel() else 0
+        kinds[:, reach:] = EMPTY
+        kv_len = lengths.to(device=device, dtype=torch.int32)
+    else:
+        kv_len = torch.full((1,), Nk, dtype=torch.int32, device=device)
     partial = kinds == PARTIAL
     tile_id = torch.full(kinds.shape, -1, dtype=torch.int64, device=device)
     tile_id[partial] = torch.arange(int(partial.sum()), device=device)
@@ -301,8 +326,8 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     k_work, k_slots = split_work(q_ptr, split_tiles)
     q_work, k_work = q_work.to(device), k_work.to(device)  # read by the kernels; slots stay on the host
     q_split, k_split = _splits(q_slots, block_m, Nq, device), _splits(k_slots, block_n, Nk, device)
-    return BlockPlan(block_m, block_n, Nq, Nk, mask, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
-                     tiles_t, q_work, q_split, k_work, k_split)
+    return BlockPlan(block_m, block_n, Nq, Nk, whole, kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile, tiles,
+                     tiles_t, kv_len, q_work, q_split, k_work, k_split)
 
 
 PLAN_CACHE_SIZE = 64  # plans, up to two per mask (forward and backward blocks)
@@ -390,8 +415,8 @@ if triton is not None:
         return ((word >> (c % 32)[None, :]) & 1) != 0
 
     @triton.jit
-    def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES,
-             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth,
+    def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
              H, GROUP, Nq, Nk, scale_log2, BH,
              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
         """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
@@ -405,6 +430,7 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
+        kv_len = tl.load(KV_LEN + b * len_b)  # keys j >= kv_len are padding
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -416,6 +442,8 @@ if triton is not None:
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
             s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
                         IEEE)
+            if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
+                s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
             p = tl.exp2(s - m_safe[:, None])
@@ -453,8 +481,8 @@ if triton is not None:
         tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1) - dlse, mask=rows_ok)
 
     @triton.jit
-    def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth,
+    def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth, len_b,
                 H, GROUP, Nq, Nk, scale_log2, scale, BH,
                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
         """dQ of one work item: sum over its key blocks of dS K * scale, into DQ (slot -1) or into
@@ -474,6 +502,7 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
+        kv_len = tl.load(KV_LEN + b * len_b)  # keys j >= kv_len are padding
         dq = tl.zeros([BM, D], tl.float32)
         for t in range(start, end):
             kb = tl.load(KV_IDX + t)
@@ -483,6 +512,8 @@ if triton is not None:
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
             s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
                         IEEE)
+            if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
+                s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             if IEEE:
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -499,8 +530,8 @@ if triton is not None:
             tl.store(PDQ + ((slot.to(tl.int64) * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
 
     @triton.jit
-    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth,
+    def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES, KV_LEN,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth, len_b,
                   H, GROUP, Nq, Nk, scale_log2, scale, BH,
                   BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
         """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
@@ -516,8 +547,10 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
+        kv_len = tl.load(KV_LEN + b * len_b)  # keys j >= kv_len are padding
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
+        end = tl.where(kb * BN < kv_len, end, start)  # a block of padding keys only: dk = dv = 0
         for t in range(start, end):
             qb = tl.load(Q_IDX + t)
             tile = tl.load(Q_TILE + t)
@@ -531,6 +564,8 @@ if triton is not None:
             # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
             s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, BN, BM,
                           HAS_ALIBI, IEEE)
+            if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
+                s_t = tl.where((offs_n < kv_len)[:, None], s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
             if IEEE:
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
@@ -558,6 +593,11 @@ if triton is not None:
 def _tile_strides(tiles: Tensor) -> tuple[int, int]:
     """Batch and head strides of the partial tiles, 0 where the mask broadcasts."""
     return (tiles.stride(0) if tiles.shape[0] > 1 else 0), (tiles.stride(1) if tiles.shape[1] > 1 else 0)
+
+
+def _len_stride(kv_len: Tensor) -> int:
+    """Batch stride of the key lengths: 0 where one length serves every sample."""
+    return 1 if kv_len.shape[0] > 1 else 0
 
 
 def _launch(kernel: str, block_m: int, block_n: int, q: Tensor) -> dict:
@@ -599,7 +639,7 @@ def _partials(split: Splits, BH: int, rows: int, D: int, device) -> Tensor:
 
 def _forward(q, k, v, plan: list[Tensor], slopes, scale, block_m, block_n, has_alibi):
     """(out, lse) of the forward kernel over ``BlockPlan.forward_tensors``, split blocks merged."""
-    kv_idx, kv_tile, tiles, q_work, *q_split = plan
+    kv_idx, kv_tile, tiles, kv_len, q_work, *q_split = plan
     q_split = Splits(*q_split)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -609,10 +649,10 @@ def _forward(q, k, v, plan: list[Tensor], slopes, scale, block_m, block_n, has_a
     plse = torch.empty(po.shape[:3], dtype=torch.float32, device=q.device)  # (S, B*H, BM)
     stb, sth = _tile_strides(tiles)
     _fwd[(q_work.shape[0], B * H)](
-        q, k, v, out, lse, po, plse, q_work, kv_idx, kv_tile, tiles, slopes,
+        q, k, v, out, lse, po, plse, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), stb, sth, H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
+        lse.stride(0), lse.stride(1), stb, sth, _len_stride(kv_len), H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
         BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
         **_launch("_fwd", block_m, block_n, q))
     if q_split.slots.numel():
@@ -622,7 +662,7 @@ def _forward(q, k, v, plan: list[Tensor], slopes, scale, block_m, block_n, has_a
 
 def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, scale, block_m, block_n, has_alibi):
     """(dq, dk, dv) of the backward kernels over ``BlockPlan.backward_tensors``."""
-    kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, q_work, *rest = plan
+    kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, kv_len, q_work, *rest = plan
     q_split, k_work, k_split = Splits(*rest[:4]), rest[4], Splits(*rest[5:])
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -640,15 +680,15 @@ def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, scale, 
     pdk, pdv = _partials(k_split, B * H, block_n, D, q.device), _partials(k_split, B * H, block_n, D, q.device)
     common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
     _bwd_dq[(q_work.shape[0], B * H)](
-        q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes,
+        q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), *_tile_strides(tiles),
-        H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common, **_launch("_bwd_dq", block_m, block_n, q))
+        _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common, **_launch("_bwd_dq", block_m, block_n, q))
     _bwd_dkdv[(k_work.shape[0], B * H)](
-        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles_t, slopes,
+        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles_t, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
-        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H,
+        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H,
         **common, **_launch("_bwd_dkdv", block_m, block_n, q))
     if q_split.slots.numel():
         _sum_slots(dq, pdq, q_split, block_m)
