@@ -57,7 +57,8 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
     visits = lists(plan.kv_ptr, plan.kv_idx, plan.kv_tile)
     assert visits == {(c, r): t for (r, c), t in lists(plan.q_ptr, plan.q_idx, plan.q_tile).items()}  # transposed
     # the kernels mask keys j >= kv_len[b] themselves (a key_padding(lengths) factor of the mask)
-    key_ok = (torch.arange(Nk)[None, :] < plan.kv_len.long()[:, None]).expand(B, Nk)[:, None, None]  # (B, 1, 1, Nk)
+    kv_len = plan.kv_len.long() if plan.kv_len.numel() else torch.tensor([Nk])  # (0,): no lengths
+    key_ok = (torch.arange(Nk)[None, :] < kv_len[:, None]).expand(B, Nk)[:, None, None]  # (B, 1, 1, Nk)
     nQ, nK = -(-Nq // bm), -(-Nk // bn)
     for qb in range(nQ):
         for kb in range(nK):
@@ -157,6 +158,14 @@ def test_key_lengths_are_applied_in_the_kernels():
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not mine[1][1, :, 17:].any() and not mine[1][2].any()  # padding keys get no gradient
+
+
+def test_per_sample_mask_parts_must_fit_the_batch():
+    q = k = v = torch.randn(4, 1, 20, 16)
+    for mask in (ak.key_padding([20, 5]), ak.key_padding(torch.arange(20)[None, :].expand(2, 20) < 9) & ak.causal()):
+        with pytest.raises(ValueError, match="for 2 samples; this call has B=4"):
+            triton_attention(q, k, v, mask=mask)
+    assert make_plan(ak.causal(), 20, 20, 16, 16, "cpu").kv_len.numel() == 0  # no lengths: the kernels skip them
 
 
 def test_split_kv_equals_one_program_per_block():

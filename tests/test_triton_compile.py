@@ -48,6 +48,7 @@ def test_every_shipped_configuration_compiles_for_sm90(sm90):
              for D in ft.HEAD_DIMS}
     assert {(r["kernel"], r["dtype"], r["D"]) for r in sm90} == every
     assert {r["kernel"] for r in sm90 if r["variant"] == "alibi"} == {"_fwd", "_bwd_dq", "_bwd_dkdv"}
+    assert {r["kernel"] for r in sm90 if r["variant"] == "padding"} == {"_fwd", "_bwd_dq", "_bwd_dkdv"}
     assert {r["kernel"] for r in sm90 if r["variant"] == "gqa"} == {"_bwd_dkdv"}
     assert {r["kernel"] for r in sm90 if r["variant"] == "ragged"} == set(triton_check.KERNELS)
 

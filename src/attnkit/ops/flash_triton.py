@@ -11,7 +11,9 @@ The mask never reaches the kernel as an expression. On the host it becomes a *bl
   int32 words along the keys, per sample and head where the mask differs by them), evaluated by
   the mask itself: a partial tile is masked by BM x ceil(BN / 32) word loads and shifts, a full
   tile is never masked, an empty tile is never visited. A ragged last key block is partial
-  (its keys past Nk are masked out in its tile).
+  (its keys past Nk are masked out in its tile);
+- a ``key_padding(lengths)`` factor of the mask (``split_key_lengths``) stays out of the tiles:
+  the kernels mask keys j >= lengths[b] on the tiles that cross it (``kv_len``).
 
 So causal, windows, global tokens, padding, documents and any combination run the same kernel;
 ALiBi is computed in the kernel from its slopes (``-slope_h * |p_i - j|``, p_i = i + Nk - Nq).
@@ -167,12 +169,13 @@ class BlockPlan:
     q_ptr: Tensor  # (nK + 1,) int32: key block j is visited by q_idx[q_ptr[j]:q_ptr[j + 1]]
     q_idx: Tensor  # (T,) int32 query block indices
     q_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
+    # tiles hold the mask without its key_padding(lengths) factor, which the kernels apply from kv_len
     tiles: Tensor  # (Bm, Hm, max(P, 1), BM, ceil(BN / 32)) int32 words: bit c % 32 of word c // 32 = may attend
     tiles_t: Tensor  # (Bm, Hm, max(P, 1), BN, ceil(BM / 32)): the same tiles transposed (keys x queries), for dk/dv
     # work items (split-KV, ``split_work``): row w = (block, start, end, slot) runs one block over
     # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
     # is combined afterwards with the other partials of its block (``Splits``)
-    kv_len: Tensor  # (B,) or (1,) int32: keys j >= kv_len[b] are padding (``split_key_lengths``); Nk if none
+    kv_len: Tensor  # (B,) or (1,) int32: keys j >= kv_len[b] are padding (``split_key_lengths``); (0,) if none
     q_work: Tensor  # (W, 4) int32 over the query blocks' key lists: the forward and dq
     q_split: Splits  # where the query blocks' partials go
     k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
@@ -315,7 +318,7 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
         kinds[:, reach:] = EMPTY
         kv_len = lengths.to(device=device, dtype=torch.int32)
     else:
-        kv_len = torch.full((1,), Nk, dtype=torch.int32, device=device)
+        kv_len = torch.empty(0, dtype=torch.int32, device=device)
     partial = kinds == PARTIAL
     tile_id = torch.full(kinds.shape, -1, dtype=torch.int64, device=device)
     tile_id[partial] = torch.arange(int(partial.sum()), device=device)
@@ -418,7 +421,8 @@ if triton is not None:
     def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
              H, GROUP, Nq, Nk, scale_log2, BH,
-             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+             HAS_KV_LEN: tl.constexpr):
         """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
         final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
         qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
@@ -430,7 +434,9 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
-        kv_len = tl.load(KV_LEN + b * len_b)  # keys j >= kv_len are padding
+        kv_len = Nk
+        if HAS_KV_LEN:  # keys j >= kv_len[b] are padding
+            kv_len = tl.load(KV_LEN + b * len_b)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -442,8 +448,9 @@ if triton is not None:
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
             s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
                         IEEE)
-            if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
-                s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+            if HAS_KV_LEN:
+                if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
+                    s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
             p = tl.exp2(s - m_safe[:, None])
@@ -484,7 +491,8 @@ if triton is not None:
     def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth, len_b,
                 H, GROUP, Nq, Nk, scale_log2, scale, BH,
-                BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+                HAS_KV_LEN: tl.constexpr):
         """dQ of one work item: sum over its key blocks of dS K * scale, into DQ (slot -1) or into
         the float32 partial PDQ (S, B*H, BM, D) (summed afterwards). Q, DO, DQ share strides (sq*);
         LSE, DELTA share (sl*)."""
@@ -502,7 +510,9 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
-        kv_len = tl.load(KV_LEN + b * len_b)  # keys j >= kv_len are padding
+        kv_len = Nk
+        if HAS_KV_LEN:  # keys j >= kv_len[b] are padding
+            kv_len = tl.load(KV_LEN + b * len_b)
         dq = tl.zeros([BM, D], tl.float32)
         for t in range(start, end):
             kb = tl.load(KV_IDX + t)
@@ -512,8 +522,9 @@ if triton is not None:
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
             s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
                         IEEE)
-            if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
-                s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+            if HAS_KV_LEN:
+                if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
+                    s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             if IEEE:
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -533,7 +544,8 @@ if triton is not None:
     def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES, KV_LEN,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth, len_b,
                   H, GROUP, Nq, Nk, scale_log2, scale, BH,
-                  BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_KV_LEN: tl.constexpr):
         """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
         sum over the query blocks of one work item. DK, DV are (B, Hq, Nk, D) with strides sg*
         (slot -1); slot s >= 0 writes float32 partials PDK, PDV (S', B*H, BN, D) instead."""
@@ -547,10 +559,13 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
-        kv_len = tl.load(KV_LEN + b * len_b)  # keys j >= kv_len are padding
+        kv_len = Nk
+        if HAS_KV_LEN:  # keys j >= kv_len[b] are padding
+            kv_len = tl.load(KV_LEN + b * len_b)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
-        end = tl.where(kb * BN < kv_len, end, start)  # a block of padding keys only: dk = dv = 0
+        if HAS_KV_LEN:
+            end = tl.where(kb * BN < kv_len, end, start)  # a block of padding keys only: dk = dv = 0
         for t in range(start, end):
             qb = tl.load(Q_IDX + t)
             tile = tl.load(Q_TILE + t)
@@ -564,8 +579,9 @@ if triton is not None:
             # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
             s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, BN, BM,
                           HAS_ALIBI, IEEE)
-            if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
-                s_t = tl.where((offs_n < kv_len)[:, None], s_t, float("-inf"))
+            if HAS_KV_LEN:
+                if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
+                    s_t = tl.where((offs_n < kv_len)[:, None], s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
             if IEEE:
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
@@ -654,7 +670,7 @@ def _forward(q, k, v, plan: list[Tensor], slopes, scale, block_m, block_n, has_a
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), stb, sth, _len_stride(kv_len), H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
         BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
-        **_launch("_fwd", block_m, block_n, q))
+        HAS_KV_LEN=kv_len.numel() > 0, **_launch("_fwd", block_m, block_n, q))
     if q_split.slots.numel():
         _merge_slots(out, lse, po, plse, q_split, block_m)
     return out, lse
@@ -678,7 +694,8 @@ def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, scale, 
     dv_h = torch.empty_like(dk_h)
     pdq = _partials(q_split, B * H, block_m, D, q.device)
     pdk, pdv = _partials(k_split, B * H, block_n, D, q.device), _partials(k_split, B * H, block_n, D, q.device)
-    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32)
+    common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
+                  HAS_KV_LEN=kv_len.numel() > 0)
     _bwd_dq[(q_work.shape[0], B * H)](
         q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -753,6 +770,15 @@ def _check_plan(name: str, plan: BlockPlan, mask, Nq: int, Nk: int) -> None:
                          f"has mask {mask!r} at ({Nq}, {Nk}): build it with make_plan(mask, Nq, Nk, ...) for this call")
 
 
+def _check_batch(plan: BlockPlan, B: int) -> None:
+    """The mask's per-sample parts (key lengths, tiles) must have one entry or one per sample:
+    the kernels index them by sample without a bound."""
+    for name, n in (("key lengths", plan.kv_len.shape[0]), ("partial tiles", plan.tiles.shape[0])):
+        if n not in (0, 1, B):
+            raise ValueError(f"mask {plan.mask!r} has {name} for {n} samples; this call has B={B}: give one per "
+                             "batch element (or one for all)")
+
+
 def _check_blocks(block_m: int, block_n: int) -> None:
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
@@ -778,8 +804,10 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
         bm, bn = block_m or bm, block_n or bn
         _check_blocks(bm, bn)
         plan = cached_plan(mask, Nq, Nk, bm, bn, q.device, split_tiles)
+    _check_batch(plan, q.shape[0])
     if plan_bwd is not None:
         _check_plan("plan_bwd", plan_bwd, mask, Nq, Nk)
+        _check_batch(plan_bwd, q.shape[0])
         return plan, plan_bwd
     wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     bwd_blocks = default_blocks(D, q.dtype, backward=True)

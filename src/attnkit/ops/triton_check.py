@@ -26,7 +26,7 @@ from . import flash_triton as ft
 
 KERNELS = ("_fwd", "_bwd_delta", "_bwd_dq", "_bwd_dkdv")
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (bytes) on H100 / A100
-_CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE")
+_CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE", "HAS_KV_LEN")
 _SCALARS_F32 = ("scale_log2", "scale")
 _INDEX_PTRS = ("WORK", "KV_IDX", "KV_TILE", "Q_IDX", "Q_TILE", "TILES", "TILES_T", "KV_LEN")
 _TENSOR_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")  # in the input dtype (DK / DV: float32 under GQA)
@@ -53,7 +53,7 @@ class KernelStats:
     tensor_core_ops: int  # wgmma (sm_90) or mma.sync (sm_80) instructions in the PTX
 
 
-VARIANTS = ("", "alibi", "gqa", "ragged")  # see compile_kernel
+VARIANTS = ("", "alibi", "gqa", "ragged", "padding")  # see compile_kernel
 
 
 def _signature(fn, dtype: torch.dtype, gqa: bool = False) -> dict[str, str]:
@@ -111,7 +111,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     """Compile ``kernel`` (one of KERNELS) for compute capability ``arch`` with the launch
     configuration attnkit uses (``flash_triton.launch_config``) unless num_warps / num_stages are
     given. ``variant``: "" (contiguous tensors, N a multiple of 16), "alibi", "gqa" (float32
-    dk/dv buffers), "ragged" (N not a multiple of 16). Raises triton's CompilationError where the
+    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths). Raises triton's CompilationError where the
     kernel does not compile."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
@@ -128,7 +128,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     config = ft.launch_config(kernel, block_m, block_n, D, dtype)
     config = {"num_warps": num_warps or config["num_warps"], "num_stages": num_stages or config["num_stages"]}
     constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": variant == "alibi",
-                  "IEEE": dtype == torch.float32}
+                  "IEEE": dtype == torch.float32, "HAS_KV_LEN": variant == "padding"}
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     sig = _signature(fn, dtype, gqa=variant == "gqa")
     source = ASTSource(fn, sig, constexprs, _attrs(fn, sig, ragged=variant == "ragged"))
@@ -141,11 +141,11 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
 
 
 def _variants(kernel: str, dtype: torch.dtype, D: int) -> list[str]:
-    """The variants checked besides the plain one: ALiBi at D = 64, GQA for dk/dv in half
-    precision, a ragged N in bfloat16 at D = 64 and 128."""
+    """The variants checked besides the plain one: ALiBi and key lengths at D = 64, GQA for dk/dv
+    in half precision, a ragged N in bfloat16 at D = 64 and 128."""
     out = [""]
     if D == 64 and kernel != "_bwd_delta":
-        out.append("alibi")
+        out += ["alibi", "padding"]
     if kernel == "_bwd_dkdv" and dtype != torch.float32:
         out.append("gqa")
     if dtype == torch.bfloat16 and D >= 64:
