@@ -390,11 +390,13 @@ if triton is not None:
                        other=0.0)
 
     @triton.jit
-    def _scores(a, b, pos_a, pos_b, slope, tile, TILES, scale_log2,
-                RA: tl.constexpr, RB: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+    def _scores(a, b, pos_a, pos_b, slope, tile, TILES, scale_log2, kb, kv_len,
+                RA: tl.constexpr, RB: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+                HAS_KV_LEN: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
         """(RA, RB) scores a b^T * scale * log2(e) in the log2 domain, ALiBi (-slope |pos_a - pos_b|,
-        positions on the key axis) and partial tile ``tile`` of TILES (-1: a full tile). a / b are
-        q / k for (query, key) tiles and k / q for the transposed tiles of dk/dv."""
+        positions on the key axis), partial tile ``tile`` of TILES (-1: a full tile) and, where key
+        block ``kb`` crosses this sample's key length ``kv_len``, the padding keys. a / b are q / k
+        for (query, key) tiles and k / q for the transposed tiles of dk/dv (KEYS_ON_ROWS)."""
         if IEEE:
             s = tl.dot(a, tl.trans(b), input_precision="ieee") * scale_log2
         else:
@@ -403,7 +405,22 @@ if triton is not None:
             s -= slope * LOG2E_K * tl.abs(pos_a[:, None] - pos_b[None, :]).to(tl.float32)
         if tile >= 0:
             s = tl.where(_tile_bits(TILES, tile, RA, RB), s, float("-inf"))
+        if HAS_KV_LEN:
+            if KEYS_ON_ROWS:
+                if (kb + 1) * RA > kv_len:
+                    s = tl.where((pos_a < kv_len)[:, None], s, float("-inf"))
+            else:
+                if (kb + 1) * RB > kv_len:
+                    s = tl.where((pos_b < kv_len)[None, :], s, float("-inf"))
         return s
+
+    @triton.jit
+    def _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN: tl.constexpr):
+        """Sample b's key length (keys j >= it are padding, ``split_key_lengths``); Nk without one."""
+        kv_len = Nk
+        if HAS_KV_LEN:
+            kv_len = tl.load(KV_LEN + b * len_b)
+        return kv_len
 
     @triton.jit
     def _tile_bits(TILES, tile, BM: tl.constexpr, BN: tl.constexpr):
@@ -434,9 +451,7 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
-        kv_len = Nk
-        if HAS_KV_LEN:  # keys j >= kv_len[b] are padding
-            kv_len = tl.load(KV_LEN + b * len_b)
+        kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
@@ -446,11 +461,8 @@ if triton is not None:
             offs_n = kb * BN + tl.arange(0, BN)
             k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
-            s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
-                        IEEE)
-            if HAS_KV_LEN:
-                if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
-                    s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+            s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
+                        BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
             p = tl.exp2(s - m_safe[:, None])
@@ -510,9 +522,7 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
-        kv_len = Nk
-        if HAS_KV_LEN:  # keys j >= kv_len[b] are padding
-            kv_len = tl.load(KV_LEN + b * len_b)
+        kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
         dq = tl.zeros([BM, D], tl.float32)
         for t in range(start, end):
             kb = tl.load(KV_IDX + t)
@@ -520,11 +530,8 @@ if triton is not None:
             offs_n = kb * BN + tl.arange(0, BN)
             k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
             v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
-            s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, BM, BN, HAS_ALIBI,
-                        IEEE)
-            if HAS_KV_LEN:
-                if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
-                    s = tl.where((offs_n < kv_len)[None, :], s, float("-inf"))
+            s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
+                        BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
             p = tl.exp2(s - lse[:, None])
             if IEEE:
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -559,9 +566,7 @@ if triton is not None:
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h)
         t_base = b * stb + h * sth
-        kv_len = Nk
-        if HAS_KV_LEN:  # keys j >= kv_len[b] are padding
-            kv_len = tl.load(KV_LEN + b * len_b)
+        kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         if HAS_KV_LEN:
@@ -577,11 +582,8 @@ if triton is not None:
             lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K
             delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
             # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
-            s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, BN, BM,
-                          HAS_ALIBI, IEEE)
-            if HAS_KV_LEN:
-                if kb * BN + BN > kv_len:  # keys past this sample's length (key_padding): masked
-                    s_t = tl.where((offs_n < kv_len)[:, None], s_t, float("-inf"))
+            s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, kb, kv_len,
+                          BN, BM, HAS_ALIBI, IEEE, HAS_KV_LEN, True)
             p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
             if IEEE:
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
@@ -700,13 +702,14 @@ def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, scale, 
         q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), *_tile_strides(tiles),
-        _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common, **_launch("_bwd_dq", block_m, block_n, q))
+        _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common,
+        **_launch("_bwd_dq", block_m, block_n, q))
     _bwd_dkdv[(k_work.shape[0], B * H)](
         q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles_t, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
-        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H,
-        **common, **_launch("_bwd_dkdv", block_m, block_n, q))
+        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), _len_stride(kv_len), H, H // Hkv, Nq, Nk,
+        scale * LOG2E, scale, B * H, **common, **_launch("_bwd_dkdv", block_m, block_n, q))
     if q_split.slots.numel():
         _sum_slots(dq, pdq, q_split, block_m)
     if k_split.slots.numel():

@@ -111,8 +111,8 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     """Compile ``kernel`` (one of KERNELS) for compute capability ``arch`` with the launch
     configuration attnkit uses (``flash_triton.launch_config``) unless num_warps / num_stages are
     given. ``variant``: "" (contiguous tensors, N a multiple of 16), "alibi", "gqa" (float32
-    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths). Raises triton's CompilationError where the
-    kernel does not compile."""
+    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths).
+    Raises triton's CompilationError where the kernel does not compile."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     import triton
