@@ -42,6 +42,7 @@ import torch
 
 import attnkit as ak
 
+from ..cli._paths import OutputPathError, prepare_output_dir
 from .process import peak_rss_mb, reset_peak_rss
 
 GB = 1e9
@@ -392,28 +393,49 @@ def format_row(row: dict) -> str:
             f"extra peak {row['extra_peak_mb']:8.1f} MB  peak RSS {row['peak_rss_mb']:8.1f} MB")
 
 
-def _csv(kind: Callable[[str], object]) -> Callable[[str], tuple]:
-    """argparse type for a comma-separated list."""
-    return lambda s: tuple(kind(x.strip()) for x in s.split(",") if x.strip())
+class CommaList:
+    """argparse type for a comma-separated list (``"1024,4096"`` -> ``(1024, 4096)``); empty items are dropped."""
+
+    def __init__(self, kind: Callable[[str], object]):
+        self.kind = kind
+        self.__name__ = f"comma-separated {kind.__name__}"  # argparse names it in "invalid ... value"
+
+    def __call__(self, text: str) -> tuple:
+        return tuple(self.kind(x.strip()) for x in text.split(",") if x.strip())
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options of ``python -m attnkit.bench.cpu``."""
+def _choices(names: Sequence[str]) -> str:
+    return "{" + ",".join(names) + "}"  # as argparse shows choices
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options of ``python -m attnkit.bench.cpu`` (and ``attnkit bench``)."""
     p = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu", description=__doc__.split("\n")[0])
-    p.add_argument("--ns", type=_csv(int), default=(1024, 4096, 16384), help="sequence lengths")
-    p.add_argument("--impls", type=_csv(str), default=IMPLS, help="backends")
-    p.add_argument("--masks", type=_csv(str), default=MASKS, help="dense, causal and/or window (sliding_window(256))")
-    p.add_argument("--modes", type=_csv(str), default=MODES, help="fwd and/or fwd+bwd")
+    p.add_argument("--ns", metavar="N,...", type=CommaList(int), default=(1024, 4096, 16384),
+                   help="sequence lengths, comma-separated (default 1024,4096,16384)")
+    p.add_argument("--impls", metavar="IMPL,...", type=CommaList(str), default=IMPLS,
+                   help=f"backends, comma-separated, from {_choices(IMPLS)} (default {','.join(IMPLS)})")
+    p.add_argument("--masks", metavar="MASK,...", type=CommaList(str), default=MASKS,
+                   help=f"masks, comma-separated, from {_choices(MASK_CHOICES)} (window: sliding_window({WINDOW})) "
+                        f"(default {','.join(MASKS)})")
+    p.add_argument("--modes", metavar="MODE,...", type=CommaList(str), default=MODES,
+                   help=f"passes, comma-separated, from {_choices(MODES)} (default {','.join(MODES)})")
     p.add_argument("--reps", type=int, default=3, help="timed calls per case (after one warm-up)")
     p.add_argument("--heads", type=int, default=H, help=f"attention heads H (default {H})")
-    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON/markdown go")
+    p.add_argument("--out-dir", default="benchmarks/results",
+                   help="where the JSON/markdown go; created if missing, before the first case")
     p.add_argument("--mem-budget-gb", type=float, default=16.0,
                    help="skip reference cases whose score matrices need more than this")
     p.add_argument("--as-limit-gb", type=float, default=20.0,
                    help="address-space limit of each child (0: none)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before 'timeout'")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (child process)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options of ``python -m attnkit.bench.cpu``."""
+    return build_parser().parse_args(argv)
 
 
 def _check_choices(args: argparse.Namespace) -> None:
@@ -431,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.case is not None:
         return child_main(args.case)
     _check_choices(args)
+    try:  # before the first case: the results are written after each one
+        prepare_output_dir(args.out_dir, "--out-dir")
+    except OutputPathError as e:
+        print(f"attnkit bench: error: {e}", file=sys.stderr)
+        return 2
     print(f"attnkit CPU benchmark: {len(args.ns) * len(args.impls) * len(args.masks) * len(args.modes)} "
           f"cases, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     head = header()

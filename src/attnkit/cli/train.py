@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import attnkit as ak
+from attnkit.cli._paths import OutputPathError, check_output_file
 from attnkit.nn import (DecoderLM, FeedForward, LearnedPositionalEmbedding, MultiHeadAttention, PreNormBlock,
                         RMSNorm, RotaryEmbedding, SinusoidalPositionalEncoding, TokenEmbeddings)
 
@@ -292,11 +293,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="at most this many steps per run")
     p.add_argument("--time-budget", type=float, default=TrainConfig.time_budget,
                    help="wall-clock seconds per run, evaluation included (default 180)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed; several space-separated, e.g. --seed 0 1 2 (default 0)")
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between evaluations")
     p.add_argument("--embed-dim", type=int, default=ModelConfig.embed_dim)
     p.add_argument("--layers", type=int, default=ModelConfig.num_layers)
-    p.add_argument("--out", default=None, help="write every run's record (config, history, results) as JSON")
+    p.add_argument("--out", default=None, help="write every run's record (config, history, results) as JSON to "
+                   "this file; its directory must exist (checked before training starts)")
 
 
 def _environment() -> dict:
@@ -331,6 +333,11 @@ def run_train(args: argparse.Namespace, command: str = "attnkit train") -> int:
     if args.steps < 1 or args.time_budget <= 0 or args.eval_every < 1:
         raise SystemExit(f"attnkit train: --steps and --eval-every must be >= 1 and --time-budget > 0, got "
                          f"{args.steps}, {args.eval_every}, {args.time_budget}")
+    try:  # before any training: a bad --out would otherwise lose the run at the end
+        out = None if args.out is None else check_output_file(args.out, "--out")
+    except OutputPathError as e:
+        print(f"attnkit train: error: {e}", file=sys.stderr)
+        return 2
     task = make_task(args.task, args.length, args.num_symbols)
     model_cfg = ModelConfig(embed_dim=args.embed_dim, num_layers=args.layers, positional=args.positional)
     cfg = TrainConfig(steps=args.steps, time_budget=args.time_budget, eval_every=args.eval_every)
@@ -339,12 +346,12 @@ def run_train(args: argparse.Namespace, command: str = "attnkit train") -> int:
           f"{1 / task.num_symbols:.1%}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     runs = [run_variant(task, v, model_cfg, cfg, seed) for seed in args.seed for v in variants]
     print(summary_table(runs))
-    if args.out:
+    if out is not None:
         doc = {"task": asdict(task), "model": asdict(model_cfg), "train": asdict(cfg),
                "environment": _environment(), "command": command, "runs": runs}
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             json.dump(doc, f, indent=1)
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
     return 0
 
 

@@ -1,0 +1,88 @@
+"""Output paths of the command line, checked before any work starts.
+
+A command that writes files calls one of these first, so that a typo in a path costs a second
+rather than the run (``attnkit train --out missing/dir/run.json`` used to fail only when writing,
+after the training). The convention, the same for every command:
+
+- an output **file** (``train --out``, ``viz --out`` / ``--png``): its directory must already exist
+  and be writable; it is not created, because a misspelt directory would otherwise quietly grow a
+  new tree (as shell redirection and ``open`` do). The file itself may exist (it is replaced) but
+  must not be a directory.
+- an output **directory** (``bench --out-dir``): created with its parents when missing (it is the
+  command's own folder of results, as ``mkdir -p``), then checked writable.
+
+Both raise :class:`OutputPathError` (a ``ValueError``) naming the option, the path and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["OutputPathError", "check_output_file", "prepare_output_dir"]
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message says which and what to do."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (``.`` at worst, for a relative path)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def _check_writable_dir(directory: Path, option: str, path: Path) -> None:
+    if not os.access(directory, os.W_OK | os.X_OK):  # also EROFS on a read-only file system
+        raise OutputPathError(f"{option} {str(path)!r}: the directory {str(directory)!r} is not writable; "
+                              "choose a path in a directory you can write to")
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Check that the file ``path`` (given as ``option``) can be written, before the work; the Path.
+
+    Raises:
+        OutputPathError: ``path`` is a directory, its directory is missing or is not a directory,
+            or the directory or an existing file there is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {str(path)!r} is a directory; expected a file name, e.g. "
+                              f"{str(path / 'out.json')!r}")
+    parent = path.parent
+    if not parent.exists():
+        existing = _nearest_existing(parent)
+        hint = (f"create it first (mkdir -p {parent}) or choose an existing directory" if existing.is_dir()
+                else f"{str(existing)!r} is a file, not a directory; choose another path")
+        raise OutputPathError(f"{option} {str(path)!r}: the directory {str(parent)!r} does not exist; {hint}")
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a directory; "
+                              "choose another path")
+    _check_writable_dir(parent, option, path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {str(path)!r} exists and is not writable; choose another path "
+                              "or make it writable")
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Create the directory ``path`` (given as ``option``) with its parents if missing; the Path.
+
+    Raises:
+        OutputPathError: ``path`` or one of its parents is a file, it cannot be created, or it is
+            not writable.
+    """
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise OutputPathError(f"{option} {str(path)!r}: {str(existing)!r} is a file, not a directory; "
+                              "choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"{option} {str(path)!r}: cannot create the directory ({e.strerror}); "
+                              "choose a path in a directory you can write to") from e
+    _check_writable_dir(path, option, path)
+    return path
