@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .merge import attend_merged_into, lse_for_recompute
 from .pattern import Pattern, parse
-from .precision import compute_dtype, expand_kv, reduce_kv_grad
+from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
 from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, use_fused
 
 PIECE_ELEMENTS = 1 << 22  # heads x blocks x c x S per kernel call: bounds the window-gradient buffers
@@ -462,4 +462,6 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float,
     if isinstance(pattern, str):
         raise ValueError(f"banded cannot run mask {mask!r}: {pattern}")
     fused = use_fused("banded", kernel, q, v)
+    if fused:  # torch's CPU flash kernel needs stride(-1) == 1 (k, v are re-laid per block anyway)
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     return _BandedFunction.apply(q, k, v, pattern, scale, fused)

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..bias import Bias, DenseBias
 from ..masks import Causal, Dense, Mask
 from .merge import mark_rows_without_keys
-from .precision import compute_dtype, expand_kv
+from .precision import compute_dtype, expand_kv, unit_stride
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
@@ -115,8 +115,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: 
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             zero = torch.zeros((), dtype=compute_dtype(q.dtype))
             attn_mask = torch.where(attn_mask, zero, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), 0.0, is_causal,
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(  # needs stride(-1) == 1
+            unit_stride(q), unit_stride(expand_kv(k, q.shape[1])), unit_stride(expand_kv(v, q.shape[1])), 0.0, is_causal,
             attn_mask=attn_mask, scale=scale)
     else:
         if attn_mask is not None and attn_mask.is_floating_point():

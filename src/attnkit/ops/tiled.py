@@ -28,7 +28,7 @@ from torch import Tensor
 from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
 from .merge import lse_for_recompute, merge
-from .precision import compute_dtype, expand_kv, reduce_kv_grad
+from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
 from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, use_fused
 
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
@@ -261,4 +261,6 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias:
     plan = (choose_plan(mask, bias, Nq, Nk, block_k, q.device) if block_q is None
             else make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device))
     prob = Problem(mask, bias, scale, Nq, Nk)
+    if fused:  # torch's CPU flash kernel needs stride(-1) == 1: copy once here, not per tile
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     return _TiledFunction.apply(q, k, v, prob, plan, fused, block_k)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .merge import lse_of_scores, mark_rows_without_keys, probabilities
-from .precision import compute_dtype
+from .precision import compute_dtype, unit_stride
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -33,6 +33,8 @@ def rows_with_no_key(tile: Tensor | None) -> Tensor | None:
 def fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float,
                is_causal: bool = False) -> tuple[Tensor, Tensor]:
     """torch's CPU flash kernel on one span. q (B, H, r, D), k/v (B, H, c, D/Dv) expanded heads."""
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)  # a no-op when the caller did it once
+    tile = None if tile is None else unit_stride(tile)
     out, lse = _cpu_flash(q, k, v, 0.0, is_causal, attn_mask=tile, scale=scale)  # (B,H,r,Dv), (B,H,r)
     return mark_rows_without_keys(out.to(lse.dtype), lse, rows_with_no_key(tile))
 
@@ -52,6 +54,8 @@ def fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, is_causal=F
 
     The kernel recomputes delta = rowsum(dout * out) itself from the final out it is given.
     """
+    q, k, v, out = unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(out)
+    tile = None if tile is None else unit_stride(tile)
     return _cpu_flash_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), 0.0, is_causal,
                                attn_mask=tile, scale=scale)
 
