@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -272,3 +273,124 @@ def test_constructor_errors():
         aknn.MultiHeadAttention(32, 4, positional=aknn.RotaryEmbedding(16))
     with pytest.raises(ValueError, match="num_heads=8"):
         aknn.MultiHeadAttention(32, 4, positional=aknn.ALiBi(8))
+
+
+# -- issue 13: prompts padded on any side, max_new_tokens, the encoder's mask ----------------------
+
+def _pad(prompts: list[torch.Tensor], layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch prompts with padding (id 0) on the left, on the right, between tokens, or one row each."""
+    P = max(len(p) for p in prompts) + 2
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        side = layout if layout != "mixed" else ("left", "right", "inner")[b % 3]
+        if side == "left":
+            cols = torch.arange(P - len(p), P)
+        elif side == "right":
+            cols = torch.arange(len(p))
+        else:  # inner: one pad column after the first token, the rest at the end
+            cols = torch.cat([torch.tensor([0]), torch.arange(2, len(p) + 1)])
+        ids[b, cols], mask[b, cols] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "inner", "mixed"])
+@pytest.mark.parametrize("pos,window", [("rope", None), ("alibi", None), ("learned", None), ("rope", 4)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padded_prompts_continue_like_each_prompt_alone(layout, pos, window, use_cache):
+    """Each row continues from its true last token, wherever the padding sits; the prompt part of
+    the output is the input as given."""
+    model = decoder(pos, window=window)
+    torch.manual_seed(12)
+    prompts = [torch.randint(1, V, (n,)) for n in (7, 3, 5)]
+    ids, mask = _pad(prompts, layout)
+    out = model.generate(ids, 6, attention_mask=mask, use_cache=use_cache)
+    assert out.shape == (3, ids.shape[1] + 6) and torch.equal(out[:, :ids.shape[1]], ids)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], 6)
+        assert torch.equal(out[b, ids.shape[1]:], alone[0, len(p):]), f"{layout}: sample {b} differs"
+
+
+def test_right_padded_prompts_with_eos_and_sampling():
+    model = decoder("rope")
+    torch.manual_seed(13)
+    prompts = [torch.randint(1, V, (n,)) for n in (4, 6)]
+    ids, mask = _pad(prompts, "right")
+    left, left_mask = _pad(prompts, "left")
+    for kw in ({"temperature": 0.9, "top_k": 5}, {"eos_token_id": int(model.generate(prompts[0][None], 3)[0, -1])}):
+        got = model.generate(ids, 5, attention_mask=mask, generator=torch.Generator().manual_seed(3), **kw)
+        want = model.generate(left, 5, attention_mask=left_mask, generator=torch.Generator().manual_seed(3), **kw)
+        assert torch.equal(got[:, ids.shape[1]:], want[:, left.shape[1]:]), kw
+
+
+@pytest.mark.parametrize("bad", [-1, -5, 2.5, 3.0, "3", None, True, torch.tensor(2.0)])
+def test_max_new_tokens_must_be_a_nonnegative_int(bad):
+    model, seq2seq = decoder("rope"), encoder_decoder()
+    prompt = torch.randint(0, V, (2, 4))
+    start = torch.zeros(2, 1, dtype=torch.long)
+    calls = {"DecoderLM.generate": lambda: model.generate(prompt, bad),
+             "left-padded": lambda: model.generate(prompt, bad, attention_mask=torch.ones(2, 4)),
+             "EncoderDecoder.generate": lambda: seq2seq.generate(prompt, start, bad),
+             "generate_tokens": lambda: aknn.generate_tokens(lambda ids, c: model(ids), list, prompt, bad)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0 .*got"):
+            call()
+            pytest.fail(f"{name} accepted max_new_tokens={bad!r}")
+
+
+@pytest.mark.parametrize("count", [0, 2, np.int64(2), torch.tensor(2)])
+def test_max_new_tokens_accepts_integers_and_zero_returns_the_prompt(count):
+    model = decoder("rope")
+    prompt = torch.randint(0, V, (2, 4))
+    out = model.generate(prompt, count)
+    assert out.shape == (2, 4 + int(count)) and torch.equal(out[:, :4], prompt)
+
+
+@pytest.mark.parametrize("mask,match", [(torch.ones(2, 3), r"expected \(B, N\) = \(2, 4\)"),
+                                        (torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]), r"rows \[1\] hold no real token")])
+def test_generate_refuses_masks_that_do_not_fit(mask, match):
+    with pytest.raises(ValueError, match=match):
+        decoder("rope").generate(torch.randint(1, V, (2, 4)), 2, attention_mask=mask)
+
+
+def _dense(kind: str, N: int) -> torch.Tensor:
+    """The encoder masks of the table below, written with torch ops: (N, N) bool, True = may attend."""
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    return {"window": (i - j).abs() <= 2, "causal": j <= i,
+            "window|global": ((i - j).abs() <= 1) | (i == 0) | (j == 0)}[kind]
+
+
+ENCODER_MASKS = {"window": ak.sliding_window(2), "causal": ak.causal(),
+                 "window|global": ak.sliding_window(1) | ak.global_tokens([0])}
+
+
+@pytest.mark.parametrize("kind", list(ENCODER_MASKS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_encoder_mask_combines_with_padding_like_the_dense_computation(kind, padded):
+    """Encoder(mask=...) & attention_mask equals the blocks run by hand on a dense bool mask."""
+    base = encoder_decoder().encoder
+    model = aknn.Encoder(base.embeddings, list(base.blocks), base.norm, mask=ENCODER_MASKS[kind]).eval()
+    B, N = 2, 9
+    ids = torch.randint(1, V, (B, N))
+    lengths = torch.tensor([N, 6 if padded else N])
+    valid = torch.arange(N)[None, :] < lengths[:, None]  # (B, N)
+    dense = _dense(kind, N)[None, None] & valid[:, None, None, :]  # (B, 1, N, N)
+    with torch.no_grad():
+        got = model(ids, valid.long())
+        x = base.embeddings(ids)
+        for block in base.blocks:
+            x = block(x, aknn.Context(mask=dense))
+        unmasked = base(ids, valid.long())
+    close(got, x)
+    assert (got - unmasked).abs().max() > 1e-3, "the mask changed nothing"
+
+
+@pytest.mark.parametrize("build", [
+    lambda: aknn.Encoder(aknn.TokenEmbeddings(V, E), [], mask="causal"),
+    lambda: aknn.Encoder(aknn.TokenEmbeddings(V, E), [], mask=torch.ones(4, 4, dtype=torch.bool)),
+    lambda: aknn.DecoderLM(aknn.TokenEmbeddings(V, E), [], None, nn.Linear(E, V), mask=None),
+    lambda: aknn.DecoderLM(aknn.TokenEmbeddings(V, E), [], None, nn.Linear(E, V), mask="causal"),
+])
+def test_model_masks_must_be_attnkit_masks(build):
+    with pytest.raises(TypeError, match=r"mask must be an attnkit Mask.*got"):
+        build()
