@@ -222,14 +222,29 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: Tensor, memory: Tensor | None = None, value: Tensor | None = None, *,
                 mask: Mask | Tensor | None = None, bias: Bias | Tensor | None = None,
                 cache: KVCache | MemoryKVCache | None = None, positions: Tensor | None = None) -> Tensor:
-        """x (B, N, E); memory (B, M, kdim) for cross-attention -> (B, N, E).
+        """Attend: x (B, N, E), memory (B, M, kdim) for cross-attention -> (B, N, E).
 
-        ``value`` (B, M, vdim): a separate value input (torch's ``mha(query, key, value)``);
-        default: the memory. ``positions`` (N,) or (B, N): where the new tokens sit, for the
-        positional module (default: after the cached ones, ``cache.position + arange(N)``).
+        Args:
+            x: (B, N, E) the queries' input (batch first), float in the module's dtype.
+            memory: (B, M, kdim) keys' input for cross-attention; None: self-attention over x.
+            value: (B, M, vdim) a separate value input (torch's ``mha(query, key, value)``);
+                default: the memory.
+            mask, bias: ``attnkit.attention``'s, over (N, keys): keys are the cached ones followed
+                by the new ones (self-attention, L + N), or the memory (cross-attention, M). A bool
+                mask tensor broadcasts to (B, Hq, N, keys), True = may attend; a float bias adds.
+            cache: ``KVCache`` (self-attention: appends this call's keys/values) or
+                ``MemoryKVCache`` (cross-attention: projects the memory once), updated in place.
+            positions: (N,) or (B, N) integer positions of the new tokens, for the positional
+                module (default: after the cached ones, ``cache.position + arange(N)``).
 
-        ``mask`` / ``bias`` are ``attnkit.attention``'s, over (N, keys): keys are the cached ones
-        followed by the new ones (self-attention), or the memory (cross-attention).
+        Returns:
+            (B, N, E) in x's dtype.
+
+        Raises:
+            ValueError: x not (B, N, E); memory / value of mismatched shapes; value= without
+                memory=; a bounded cache whose mask reaches a dropped key; a cache filled from
+                another memory; ``attnkit.attention``'s errors (mask, bias, an impl that cannot run).
+            TypeError: the wrong kind of cache for self- / cross-attention.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"MultiHeadAttention: expected x of shape (B, N, E={self.embed_dim}), got "

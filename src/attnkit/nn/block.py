@@ -33,6 +33,11 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:  # dropout on the output is the block's (one per sublayer)
+        """x (B, N, E) -> (B, N, E) in x's dtype (any leading dims: (..., E) -> (..., E)).
+
+        Raises:
+            RuntimeError: x's last dim is not E (from nn.Linear).
+        """
         return self.fc2(self.activation(self.fc1(x)))
 
 
@@ -46,6 +51,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, N, E) -> (B, N, E) in x's dtype (any leading dims: (..., E) -> (..., E)).
+
+        Raises:
+            RuntimeError: x's last dim is not E (from nn.Linear).
+        """
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -61,6 +71,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """x (B, N, E) -> (B, N, E) (any leading dims), normalized over the last dim E.
+
+        The mean of squares is taken in float32 (float64 for float64 x); the result is cast back
+        to x's dtype, then scaled by ``weight`` (so it follows torch's type promotion of the two).
+
+        Raises:
+            RuntimeError: x's last dim is not ``dim`` (the weight does not broadcast).
+        """
         work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         normed = work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -113,6 +131,19 @@ class PostNormBlock(_Block):
     """Residual then norm, after each sublayer (the original Transformer, BERT)."""
 
     def forward(self, x: Tensor, ctx: Context = Context(), cache: BlockCache | None = None) -> Tensor:
+        """One post-norm block: x (B, N, E) -> (B, N, E) in x's dtype.
+
+        Args:
+            x: (B, N, E) the residual stream; with ``cache``, the N tokens after the cached ones.
+            ctx: what every block of a stack shares: the self-attention ``mask`` / ``bias`` over
+                (N, L + N) keys, per-token ``positions`` (N,) / (B, N), and for cross-attention the
+                encoder's ``memory`` (B, M, E) and ``memory_mask`` over (N, M).
+            cache: this block's ``BlockCache`` (KV-cache decoding), updated in place.
+
+        Raises:
+            ValueError: a block with cross-attention and no ``ctx.memory``; the attention layers'
+                errors (shapes, masks, a bounded cache whose mask reaches a dropped key).
+        """
         x = self.norm1(x + self._self(x, ctx, cache))  # (B, N, E)
         if self.cross_attn is not None:
             x = self.norm_cross(x + self._cross(x, ctx, cache))
@@ -123,6 +154,19 @@ class PreNormBlock(_Block):
     """Norm before each sublayer, residual stream untouched (GPT-2, Llama); add a final norm."""
 
     def forward(self, x: Tensor, ctx: Context = Context(), cache: BlockCache | None = None) -> Tensor:
+        """One pre-norm block: x (B, N, E) -> (B, N, E) in x's dtype.
+
+        Args:
+            x: (B, N, E) the residual stream; with ``cache``, the N tokens after the cached ones.
+            ctx: what every block of a stack shares: the self-attention ``mask`` / ``bias`` over
+                (N, L + N) keys, per-token ``positions`` (N,) / (B, N), and for cross-attention the
+                encoder's ``memory`` (B, M, E) and ``memory_mask`` over (N, M).
+            cache: this block's ``BlockCache`` (KV-cache decoding), updated in place.
+
+        Raises:
+            ValueError: a block with cross-attention and no ``ctx.memory``; the attention layers'
+                errors (shapes, masks, a bounded cache whose mask reaches a dropped key).
+        """
         x = x + self._self(self.norm1(x), ctx, cache)  # (B, N, E)
         if self.cross_attn is not None:
             x = x + self._cross(self.norm_cross(x), ctx, cache)

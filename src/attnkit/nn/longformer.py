@@ -254,6 +254,15 @@ class LongformerSelfAttention(nn.Module):
                 (B, N). A position that is also padding counts as padding.
 
         Padding rows come out 0, as in HF. Without any mask every token is real and local.
+
+        Returns:
+            (B, N, E) in hidden_states' dtype (E = H * D, head h in channels h*D .. (h+1)*D - 1).
+
+        Raises:
+            TypeError: hidden_states or attention_mask not a tensor.
+            ValueError: hidden_states not (B, N, E) with N >= 1; a mask of another shape, values
+                other than 0/1/2, lengths or indices out of range; attention_mask together with
+                key_padding= / global_indices=.
         """
         B, N = self._check_hidden(hidden_states)
         roles = token_roles(B, N, hidden_states.device, attention_mask, key_padding, global_indices)

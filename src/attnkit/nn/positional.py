@@ -65,6 +65,16 @@ class SinusoidalPositionalEncoding(nn.Module):
         return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).float()  # sin, cos interleaved
 
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """x (B, N, E) -> x + PE (B, N, E) in x's dtype (the encodings are computed in float64).
+
+        Args:
+            x: (B, N, E) token embeddings.
+            offset: the position of the first token (int >= 0, e.g. a KV cache's length), or
+                integer positions (N,) / (B, N) per token (left-padded batches).
+
+        Raises:
+            ValueError: x not (B, N, E); offset negative, not an int, or positions of another shape.
+        """
         _check_tokens("SinusoidalPositionalEncoding", x, self.embed_dim)
         return x + self.encoding(_positions(offset, x.shape[0], x.shape[1], x.device)).to(x.dtype)
 
@@ -82,6 +92,16 @@ class LearnedPositionalEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """x (B, N, E) -> x + weight[positions] (B, N, E) in x's dtype.
+
+        Args:
+            x: (B, N, E) token embeddings.
+            offset: the position of the first token (int >= 0, e.g. a KV cache's length), or
+                integer positions (N,) / (B, N) per token (left-padded batches).
+
+        Raises:
+            ValueError: x not (B, N, E); a position at or beyond ``max_positions``; a bad offset.
+        """
         _check_tokens("LearnedPositionalEmbedding", x, self.embed_dim)
         positions = _positions(offset, x.shape[0], x.shape[1], x.device)  # (B?, N)
         if positions.numel() and int(positions.max()) >= self.max_positions:
@@ -107,6 +127,12 @@ class AttentionPositional(nn.Module):
     def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
         """q (B, Hq, Nq, D), k (B, Hkv, Nk, D) -> rotated q, k (same shapes)."""
         return q, k
+
+    def forward(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``rotate``: q (B, Hq, Nq, D), k (B, Hkv, Nk, D) -> q, k with positions applied (same
+        shapes and dtypes). ``q_positions`` (Nq,) / (B, Nq), ``k_positions`` (Nk,) / (B, Nk) are
+        integer positions. This base class returns q and k unchanged."""
+        return self.rotate(q, k, q_positions, k_positions)
 
     def bias(self) -> Bias | None:
         """A structured bias for ``attnkit.attention`` (bottom-right aligned), or None."""
@@ -174,6 +200,20 @@ class RotaryEmbedding(AttentionPositional):
     def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.apply(q, q_positions), self.apply(k, k_positions)
 
+    def forward(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotate q and k by their positions: q (B, Hq, Nq, D), k (B, Hkv, Nk, D) -> the same
+        shapes and dtypes (``rotate``; ``apply`` rotates one tensor).
+
+        Args:
+            q, k: queries and keys, D = ``head_dim``; only the first ``rotary_dim`` features turn.
+            q_positions, k_positions: integer positions (Nq,) / (B, Nq) and (Nk,) / (B, Nk).
+                Angles are computed in float32 (float64 for float64 inputs).
+
+        Raises:
+            ValueError: D is not ``head_dim``, or positions are not (N,) / (B, N).
+        """
+        return self.rotate(q, k, q_positions, k_positions)
+
     def extra_repr(self) -> str:
         layout = "interleaved (GPT-J)" if self.interleaved else "half-split (Llama/NeoX)"
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base:g}, {layout}"
@@ -192,7 +232,17 @@ class ALiBi(AttentionPositional):
         self.register_buffer("slopes", slopes)  # (H,)
 
     def bias(self) -> Bias:
+        """The structured ``ak.alibi(slopes)`` bias (-slope_h * |i - j| per head, never N x N)."""
         return alibi(self.slopes)
+
+    def forward(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
+        """q (B, H, Nq, D), k (B, Hkv, Nk, D) -> q, k unchanged (same shapes and dtypes).
+
+        ALiBi does not touch q and k: its positions enter the scores through ``bias()``, which
+        ``MultiHeadAttention`` adds to the user's bias (H must equal the layer's query heads).
+        ``q_positions`` / ``k_positions`` are accepted for the common interface and not read.
+        """
+        return self.rotate(q, k, q_positions, k_positions)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"
