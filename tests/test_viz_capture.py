@@ -329,3 +329,19 @@ def test_capture_at_32768_stays_under_2_gb():
     assert got["pooled_shape"] == [1, 1, 64, 64]
     assert max(abs(s - 1) for s in got["pooled_row_sums"]) < 1e-4  # every causal row sums to 1
     assert max(abs(s - 1) for s in got["rows_sums"]) < 1e-4 and abs(got["first_row_first"] - 1) < 1e-6
+
+
+@pytest.mark.parametrize("model", [nn.Linear(8, 8), nn.Sequential(),
+                                   nn.TransformerEncoderLayer(16, 2, batch_first=True)],  # torch's own attention
+                         ids=["linear", "empty", "torch-transformer"])
+def test_a_model_without_attnkit_attention_layers_is_refused_at_entry(model):
+    with pytest.raises(ValueError, match=r"no attnkit attention layers found in this model \(\w+\); capture "
+                                         r"records attnkit.nn.MultiHeadAttention and attnkit.nn.LongformerSelfAttention"):
+        with capture(model):
+            pytest.fail("capture entered a model it can record nothing of")
+
+
+def test_capture_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="expected a torch nn.Module, got function"):
+        with capture(lambda x: x):
+            pass

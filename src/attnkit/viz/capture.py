@@ -260,8 +260,22 @@ def _observer(cap: Capture, name: str, module: nn.Module) -> Callable[..., None]
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[str] | None = None) -> Iterator[Capture]:
     """Record the calls of ``model``'s attnkit ``MultiHeadAttention`` and ``LongformerSelfAttention``
-    layers (or only the named ones, by ``model.named_modules()`` names) while the block runs."""
+    layers (or only the named ones, by ``model.named_modules()`` names) while the block runs.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the model holds no attnkit attention layer (nothing could ever be recorded), or
+            ``layers`` names one it does not have.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture: expected a torch nn.Module, got {type(model).__name__}")
     found = {name: m for name, m in model.named_modules() if isinstance(m, RECORDED)}
+    if not found:
+        raise ValueError(f"capture: no attnkit attention layers found in this model ({type(model).__name__}); "
+                         "capture records attnkit.nn.MultiHeadAttention and attnkit.nn.LongformerSelfAttention "
+                         "layers, not torch.nn.MultiheadAttention or other attention code. Build the model from "
+                         "attnkit.nn (MultiHeadAttention.from_torch, LongformerSelfAttention.from_hf, "
+                         "attnkit.pretrained.load_bert / load_llama) and capture that")
     wanted = list(found) if layers is None else list(layers)
     unknown = [name for name in wanted if name not in found]
     if unknown:
