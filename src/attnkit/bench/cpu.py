@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 import attnkit as ak
 
 from ..cli._paths import OutputPathError, prepare_output_dir
+from ..cli._progress import progress_bar
 from .process import peak_rss_mb, reset_peak_rss
 
 GB = 1e9
@@ -458,13 +460,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputPathError as e:
         print(f"attnkit bench: error: {e}", file=sys.stderr)
         return 2
-    print(f"attnkit CPU benchmark: {len(args.ns) * len(args.impls) * len(args.masks) * len(args.modes)} "
-          f"cases, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    total = len(args.ns) * len(args.impls) * len(args.masks) * len(args.modes)
+    print(f"attnkit CPU benchmark: {total} cases, torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
     head = header()
-    rows = run_suite(args.ns, args.impls, args.masks, args.modes, args.reps, args.out_dir,
-                     mem_budget_gb=args.mem_budget_gb, as_limit_gb=args.as_limit_gb,
-                     timeout_s=args.timeout, heads=args.heads, head=head,
-                     on_row=lambda r: print(format_row(r), flush=True))
+    with progress_bar("bench", total, unit="case") as bar:  # on stderr; the rows go to stdout
+        def on_row(row: dict) -> None:
+            tqdm.write(format_row(row), file=sys.stdout)  # above a terminal's bar, not through it
+            sys.stdout.flush()
+            bar.set_postfix_str(f"last N={row['N']} {row['mask']} {row['mode']} {row['impl']}", refresh=False)
+            bar.update(1)
+
+        rows = run_suite(args.ns, args.impls, args.masks, args.modes, args.reps, args.out_dir,
+                         mem_budget_gb=args.mem_budget_gb, as_limit_gb=args.as_limit_gb,
+                         timeout_s=args.timeout, heads=args.heads, head=head, on_row=on_row)
     json_path, md_path = write_results(args.out_dir, head, rows, args.impls)
     print(f"wrote {json_path} and {md_path}", flush=True)
     return 0

@@ -28,13 +28,15 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, TextIO
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 import attnkit as ak
 from attnkit.cli._paths import OutputPathError, check_output_file
+from attnkit.cli._progress import progress_bar
 from attnkit.nn import (DecoderLM, FeedForward, LearnedPositionalEmbedding, MultiHeadAttention, PreNormBlock,
                         RMSNorm, RotaryEmbedding, SinusoidalPositionalEncoding, TokenEmbeddings)
 
@@ -207,24 +209,9 @@ def evaluate(model: nn.Module, ids: Tensor, answers: Tensor, chunk: int = 1000) 
     return loss / ids.shape[0], correct / ids.shape[0]
 
 
-class ProgressBar:
-    """One line on stderr, redrawn in place: ``label [#####.....] step 1200 31s loss 0.41 acc 87.5%``."""
-
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 24):
-        self.label, self.stream, self.width = label, sys.stderr if stream is None else stream, width
-        self._last = 0
-
-    def update(self, fraction: float, text: str) -> None:
-        filled = round(self.width * min(max(fraction, 0.0), 1.0))
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"{self.label} [{bar}] {text}"
-        self.stream.write("\r" + line.ljust(self._last))  # pad over a longer previous line
-        self._last = len(line)
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+def _progress(label: str, total: int) -> tqdm:
+    """The default progress of a run: tqdm over its steps, one short line per 30 s in a log."""
+    return progress_bar(label, total, unit="step")
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -232,12 +219,15 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, seed: int, *, label: str = "train",
-          progress: Callable[[str], ProgressBar] = ProgressBar) -> dict:
-    """Train until held-out accuracy >= target, ``cfg.steps`` or ``cfg.time_budget``; return the record."""
+          progress: Callable[[str, int], tqdm] = _progress) -> dict:
+    """Train until held-out accuracy >= target, ``cfg.steps`` or ``cfg.time_budget``; return the record.
+
+    ``progress(label, total_steps)`` makes the progress bar (a tqdm; ``tqdm(disable=True)`` for none).
+    """
     g_train = torch.Generator().manual_seed(seed)
     held_ids, held_ans = task.sample(cfg.eval_size, torch.Generator().manual_seed(10_000 + seed))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    bar, history, step, t0 = progress(label), [], 0, time.perf_counter()
+    bar, history, step, t0 = progress(label, cfg.steps), [], 0, time.perf_counter()
     loss = torch.tensor(float("nan"))
     while True:
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -245,8 +235,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, seed: int, *, label: s
             ev_loss, ev_acc = evaluate(model, held_ids, held_ans)
             history.append({"step": step, "seconds": round(seconds, 3), "train_loss": round(float(loss.detach()), 5),
                             "loss": round(ev_loss, 5), "accuracy": round(ev_acc, 5)})
-            bar.update(max(step / cfg.steps, seconds / cfg.time_budget),
-                       f"step {step} {seconds:.0f}s loss {ev_loss:.3f} acc {ev_acc:.1%}")
+            bar.set_postfix_str(f"loss {ev_loss:.3f} acc {ev_acc:.1%} budget {cfg.time_budget:.0f}s", refresh=False)
+            bar.update(step - bar.n)  # redraws at most every mininterval
             if ev_acc >= cfg.target or step >= cfg.steps or seconds >= cfg.time_budget:
                 break
         for group in opt.param_groups:
@@ -293,7 +283,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=TrainConfig.steps, help="at most this many steps per run")
     p.add_argument("--time-budget", type=float, default=TrainConfig.time_budget,
                    help="wall-clock seconds per run, evaluation included (default 180)")
-    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed; several space-separated, e.g. --seed 0 1 2 (default 0)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one run per seed; several space-separated, e.g. --seed 0 1 2 (default 0)")
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between evaluations")
     p.add_argument("--embed-dim", type=int, default=ModelConfig.embed_dim)
     p.add_argument("--layers", type=int, default=ModelConfig.num_layers)
