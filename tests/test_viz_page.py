@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 import attnkit as ak
 from attnkit.nn import MultiHeadAttention
 from attnkit.viz import attention_rollout, capture, head_entropy, mean_attention_distance, special_token_attention
-from attnkit.viz.page import page_data, render_html, write_html
+from attnkit.viz.page import ROLLOUT_LIMIT, page_data, render_html, write_html
 
 INJECTION = "<img src=x onerror=alert(1)>"
 
@@ -113,6 +115,76 @@ def test_rollout_is_attention_rollout(order):
     idx = unpack(roll["idx"], roll["idx_bits"]).reshape(N, N)
     assert torch.allclose(want.gather(-1, idx), w, atol=1e-4)
     assert torch.allclose(w.sum(-1), torch.ones(N, dtype=torch.float64), atol=N * 1e-4)
+
+
+ONE_LAYER = "it composes the maps of several layers and this page shows one"
+TOO_LONG = "it multiplies dense N x N maps and N = {N} > {limit}"
+
+
+@pytest.mark.parametrize("N,shown,rollout,reasons", [
+    (12, "all", None, []),
+    (12, "one", None, [ONE_LAYER]),  # was: "N = 12 > 2048"
+    (12, "all", False, ["rollout=False was given"]),  # was: "N = 12 > 2048"
+    (12, "one", True, []),  # asked for: a rollout of the one layer
+    (ROLLOUT_LIMIT + 1, "all", None, [TOO_LONG]),
+    (ROLLOUT_LIMIT + 1, "one", None, [ONE_LAYER, TOO_LONG]),
+])
+def test_the_rollout_note_gives_the_true_reason(N, shown, rollout, reasons):
+    cap = run(N, ak.causal() & ak.sliding_window(8, 0), B=1)
+    layers = cap.names if shown == "all" else cap.names[1:2]
+    data = page_data(cap, tokens(N), layers=layers, heads=[0], rollout=rollout)
+    included = [L for L in data["layers"] if L.get("rollout")]
+    assert len(included) == (not reasons), data["note"]
+    if not reasons:
+        assert data["note"] == ""
+        return
+    note = data["note"]
+    assert note.startswith("attention rollout is left out: ")
+    for reason in reasons:
+        assert reason.format(N=N, limit=ROLLOUT_LIMIT) in note, note
+    if N <= ROLLOUT_LIMIT:
+        assert str(ROLLOUT_LIMIT) not in note and ">" not in note  # not the length, when the length is fine
+    if shown == "one" and rollout is None:
+        assert repr(cap.names[1]) in note and "rollout=True" in note  # which layer, and how to get it anyway
+
+
+def test_notices_are_shown_as_text(tmp_path):
+    cap = run(8)
+    notices = ["Input cut short: 600 word pieces, 510 shown.", INJECTION]
+    data = page_data(cap, tokens(8), notices=notices)
+    assert data["notices"] == notices and page_data(cap, tokens(8))["notices"] == []
+    page = render_html(cap, tokens(8), notices=notices)
+    assert "<img" not in page and json.loads(re.search(r'id="ak-data">(.*?)</script>', page, re.S)[1])["notices"] \
+        == notices
+    for bad in ("one notice", [3]):
+        with pytest.raises(ValueError, match="notices: expected a list of strings"):
+            page_data(cap, tokens(8), notices=bad)
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal (tqdm draws its bar only on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_nothing_in_a_log(monkeypatch):
+    N = 40
+    cap = run(N, B=1)
+    layers, heads = len(cap.names), cap[cap.names[0]].shape[1]
+    total = layers * heads + layers  # every head's map, then one step per layer of the rollout
+    tty = Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    want = page_data(cap, tokens(N))
+    assert tty.getvalue() == ""  # progress is asked for, never on by default
+    assert page_data(cap, tokens(N), progress=True) == want
+    bar = tty.getvalue()
+    assert re.search(rf"attention page, {N} tokens: .*\b0/{total} ", bar), bar
+    assert "\r" in bar and "\n" not in bar.rstrip("\n")  # one line redrawn in place (and cleared: leave=False)
+    log = io.StringIO()  # a file or a pipe: not a terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    assert page_data(cap, tokens(N), progress=True) == want
+    assert log.getvalue() == ""
 
 
 def test_long_inputs_keep_top_k_and_pool_and_skip_rollout():

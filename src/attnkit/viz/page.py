@@ -6,10 +6,16 @@
 
 The page has
 - a head view: query tokens on the left, key tokens on the right, a line per link coloured by
-  head (BertViz's picture); hover a token to see only its links, click to pin it;
-- a model view: layers x heads thumbnails of the maps, click one to enlarge it, with the head's
-  statistics (entropy, mean attention distance, attention to special tokens);
-- attention rollout (Abnar & Zuidema 2020) as one more "layer" when the input is short enough.
+  head (BertViz's picture); hover a token to see only its links, click to pin it. It opens on one
+  head and each token's 3 strongest links (every head's every link at once is a tangle);
+- a model view: layers x heads thumbnails of the maps, click one to enlarge it (token labels on
+  both axes up to 64 tokens), with the head's statistics (entropy, mean attention distance,
+  attention to special tokens);
+- token text in its own direction: each label is an isolated run with dir=auto, so Arabic and
+  Hebrew word pieces read right to left and never mix with the numbers beside them;
+- attention rollout (Abnar & Zuidema 2020) as one more "layer" when the page shows several layers
+  and the input is short enough (the page's note says which of the two left it out);
+- notices at the top (``notices=``), e.g. that the caller cut the input short.
 
 Long inputs (2,000+ tokens) stay usable because the page never holds N x N numbers: per query
 token it keeps the ``top_k`` strongest keys of each head (all keys for short inputs), and the
@@ -125,13 +131,16 @@ def summarize_dense(m: Tensor, *, top_k: int, block: int) -> MapSummary:
     return MapSummary(idx, vals, pool.result())
 
 
-def _rollout(records, batch: int) -> Tensor:
-    """(N, N) rollout of the layers' head-mean maps for one batch element."""
+def _rollout(records, batch: int, bar=None) -> Tensor:
+    """(N, N) rollout of the layers' head-mean maps for one batch element (``bar``: a progress bar
+    advanced once per layer)."""
     per_layer = []
     for rec in records:
         H = rec.shape[1]
         mean = sum(rec.weights(heads=[h], batch=[batch])[0, 0].double().cpu() for h in range(H)) / H  # (N, N)
         per_layer.append(mean[None, None])
+        if bar is not None:
+            bar.update()
     return attention_rollout(per_layer)[0]
 
 
@@ -186,10 +195,34 @@ def _check_tokens(tokens: Sequence[str], n: int) -> list[str]:
     return [str(t) for t in tokens]
 
 
+def _rollout_choice(rollout: bool | None, records, n: int) -> tuple[bool, str]:
+    """Whether the page gets a rollout, and if not, the note that says why (the true reason)."""
+    if rollout is not None:
+        return bool(rollout), "" if rollout else "attention rollout is left out: rollout=False was given"
+    reasons = []
+    if len(records) < 2:
+        reasons.append(f"it composes the maps of several layers and this page shows one ({records[0].name!r})")
+    if n > ROLLOUT_LIMIT:
+        reasons.append(f"it multiplies dense N x N maps and N = {n} > {ROLLOUT_LIMIT}")
+    if not reasons:
+        return True, ""
+    return False, f"attention rollout is left out: {'; and '.join(reasons)} (rollout=True includes it anyway)"
+
+
+def _progress_bar(total: int, enabled: bool, n: int):
+    """A tqdm bar over the maps summarized, on stderr; tqdm leaves it out where stderr is not a
+    terminal (disable=None), so logs and pipes get no carriage-return lines."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"attention page, {n} tokens", unit="map", file=sys.stderr, leave=False,
+                disable=None if enabled else True)
+
+
 def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | None = None,
               heads: Sequence[int] | None = None, batch: int = 0, top_k: int | None = None,
               overview: int = 128, special: Sequence[int] | None = None, valid: Sequence[bool] | Tensor | None = None,
-              rollout: bool | None = None, focus: int | None = None, title: str = "attention") -> dict:
+              rollout: bool | None = None, focus: int | None = None, title: str = "attention",
+              notices: Sequence[str] = (), progress: bool = False) -> dict:
     """The page's JSON payload (see ``render_html`` for the arguments)."""
     records = _self_attention_records(cap, layers)
     B, H, N, _ = records[0].shape
@@ -207,9 +240,11 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
     top_k = (N if N <= SHORT else DEFAULT_TOP_K) if top_k is None else int(top_k)
     if top_k < 1:
         raise ValueError(f"top_k: expected >= 1 links per token, got {top_k}")
+    if isinstance(notices, str) or not all(isinstance(t, str) for t in notices):
+        raise ValueError(f"notices: expected a list of strings (one notice each), got {notices!r}")
     block = -(-N // overview)
     flags = None if special is None else special_flags(list(special), 1, N)[0]  # (N,) bool
-    rollout = (N <= ROLLOUT_LIMIT) if rollout is None else rollout
+    rollout, note = _rollout_choice(rollout, records, N)
     if valid is not None:
         valid = torch.as_tensor(valid).bool().cpu()
         if tuple(valid.shape) != (N,):
@@ -217,6 +252,7 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
                              f"token, e.g. attention_mask[{batch}]), got {tuple(valid.shape)}")
 
     out_layers, stats = [], {"entropy": [], "distance": [], "special": [] if flags is not None else None}
+    bar = _progress_bar(len(records) * (len(heads) + rollout), progress, N)
     for rec in records:
         summaries, per_head = [], []
         for h in heads:
@@ -224,22 +260,21 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
                                               valid=valid)
             summaries.append(summary)
             per_head.append(numbers)
+            bar.update()
         out_layers.append({"name": rec.name or "(the model)", "index": cap.names.index(rec.name), "heads": heads,
                            **_pack_maps(summaries, N)})
         stats["entropy"].append([p[0] for p in per_head])
         stats["distance"].append([p[1] for p in per_head])
         if flags is not None:
             stats["special"].append([p[2] for p in per_head])
-    note = ""
     if rollout:
-        summary = summarize_dense(_rollout(records, batch), top_k=top_k, block=block)
+        summary = summarize_dense(_rollout(records, batch, bar), top_k=top_k, block=block)
         shown = "all layers" if len(records) == len(cap.names) else f"layers {[r['index'] for r in out_layers]}"
         out_layers.append({"name": f"rollout over {shown}, all heads", "index": -1, "heads": [0], "rollout": True,
                            **_pack_maps([summary], N)})
-    else:
-        note = f"attention rollout is left out: it multiplies dense N x N maps and N = {N} > {ROLLOUT_LIMIT}"
+    bar.close()
     return {"title": str(title), "tokens": tokens, "n": N, "k": min(top_k, N), "block": block, "m": -(-N // block),
-            "layers": out_layers, "stats": stats, "focus": focus, "note": note,
+            "layers": out_layers, "stats": stats, "focus": focus, "note": note, "notices": list(notices),
             "special": None if flags is None else flags.nonzero().flatten().tolist()}
 
 
@@ -253,8 +288,12 @@ def render_html(cap: Capture, tokens: Sequence[str], **options) -> str:
     - ``special``: positions of special tokens ([CLS], [SEP]) for the special-attention statistic;
     - ``valid``: (N,) True at real tokens of that sequence (e.g. its attention_mask row): the
       statistics leave padding queries out;
-    - ``rollout``: include attention rollout (default when N <= 2048);
-    - ``focus``: a token pinned when the page opens; ``title``: the page's title.
+    - ``rollout``: include attention rollout (default when the page shows two or more layers and
+      N <= 2048; the page's note gives the reason when it is left out);
+    - ``focus``: a token pinned when the page opens; ``title``: the page's title;
+    - ``notices``: lines shown at the top of the page, e.g. that the input was cut short;
+    - ``progress``: a tqdm progress bar on stderr while the maps are summarized (only where stderr
+      is a terminal; nothing is written to logs or pipes).
     """
     data = page_data(cap, tokens, **options)
     script = _asset("page.js")

@@ -7,6 +7,11 @@
   const N = DATA.n, K = DATA.k, M = DATA.m;
   const ROW = 18;            // px per token row in the head view
   const MIN_W = 0.004;       // links weaker than this are not drawn
+  // The head view opens readable: one head and each token's few strongest links (every head with every
+  // link is a tangle of H x N x k lines; the controls add heads and links, hovering isolates a token).
+  const START_LINKS = 3;
+  const LARGE = 560;         // px per side of the enlarged map
+  const LABEL_LIMIT = 64;    // the enlarged map labels its axes up to this many tokens (one cell each)
   const LAYERS = DATA.layers;
   const $ = (id) => document.getElementById(id);
 
@@ -43,8 +48,8 @@
   // -- state --------------------------------------------------------------------------------
   const state = {
     layer: 0,
-    heads: new Set(LAYERS[0].heads.map((_, slot) => slot)),  // head slots shown
-    k: K,
+    heads: new Set([0]),           // head slots shown: the first one to start with
+    k: Math.min(K, START_LINKS),
     hover: null,                   // {side: "q" | "k", i}
     pinned: DATA.focus === null ? null : {side: "q", i: DATA.focus},
   };
@@ -62,6 +67,16 @@
     return [first, last];
   }
 
+  // a token as text (never markup) in an isolated run with its own direction, so right-to-left word
+  // pieces (Arabic, Hebrew) read right to left and never mix with the numbers or text beside them
+  function tokenText(token) {
+    const span = document.createElement("span");
+    span.className = "ak-text";
+    span.dir = "auto";
+    span.textContent = token;
+    return span;
+  }
+
   function tokenRow(side, i, shade) {
     const div = document.createElement("div");
     div.className = "ak-tok";
@@ -70,10 +85,9 @@
     div.style.top = `${i * ROW}px`;
     const pos = document.createElement("span");
     pos.className = "ak-pos";
+    pos.dir = "ltr";
     pos.textContent = String(i);
-    const text = document.createElement("span");
-    text.className = "ak-text";
-    text.textContent = DATA.tokens[i];           // text, never markup
+    const text = tokenText(DATA.tokens[i]);
     if (side === "q") div.append(text, pos); else div.append(pos, text);
     div.title = `${DATA.tokens[i]} (token ${i})`;
     if (shade > 0) div.style.background = `rgba(255, 140, 0, ${Math.min(1, shade).toFixed(3)})`;
@@ -132,8 +146,10 @@
     const A = layerArrays(state.layer), H = LAYERS[state.layer].heads.length, f = focus();
     const y = (i) => i * ROW + ROW / 2 - scroll.scrollTop;
     let spread = 0;                // each head's lines end at its own height within the row
+    let count = 0;
     const line = (i, j, w) => {
       if (w < MIN_W) return;
+      count++;
       ctx.globalAlpha = Math.min(1, f ? 0.15 + Math.sqrt(w) : 0.7 * Math.sqrt(w));  // sqrt: weak links stay visible
       ctx.beginPath();
       ctx.moveTo(2, y(i) + spread);
@@ -153,6 +169,7 @@
       }
     }
     ctx.globalAlpha = 1;
+    links.dataset.lines = String(count);  // how many links are drawn (the tests read it)
   }
 
   function renderHeadView() {
@@ -161,10 +178,21 @@
     drawLinks(first, last);
     drawOverviewFrame();
     const f = focus();
-    $("ak-focus").textContent = f
-      ? `${state.pinned ? "Pinned" : "Focus"}: ${JSON.stringify(DATA.tokens[f.i])} (token ${f.i}) as ${f.side === "q" ? "query: the keys it attends to" : "key: the queries that attend to it"}` +
-        (state.pinned ? ". Click it again to unpin." : ".")
-      : "Hover a token to see only its links; click it to pin it.";
+    if (f) {
+      const role = f.side === "q" ? "query: the keys it attends to" : "key: the queries that attend to it";
+      $("ak-focus").replaceChildren(`${state.pinned ? "Pinned" : "Focus"}: "`, tokenText(DATA.tokens[f.i]),
+        `" (token ${f.i}) as ${role}` + (state.pinned ? ". Click it again to unpin." : "."));
+    } else {
+      const perToken = `up to ${state.k} strongest link${state.k === 1 ? "" : "s"} per token`;
+      $("ak-focus").textContent = `Showing ${shownHeads()}, ${perToken} (add heads and links above). ` +
+        "Hover a token to see only its links; click it to pin it.";
+    }
+  }
+  function shownHeads() {
+    const L = LAYERS[state.layer];
+    if (L.rollout) return "the rollout";
+    const heads = [...state.heads].sort((a, b) => a - b).map((slot) => L.heads[slot]);
+    return heads.length === 1 ? `head ${heads[0]}` : `${heads.length} of ${L.heads.length} heads`;
   }
 
   let frame = 0;
@@ -200,7 +228,9 @@
   });
   layerSelect.addEventListener("change", () => {
     state.layer = Number(layerSelect.value);
-    state.heads = new Set(LAYERS[state.layer].heads.map((_, slot) => slot));
+    const count = LAYERS[state.layer].heads.length;  // the same heads, where this layer has them
+    state.heads = new Set([...state.heads].filter((slot) => slot < count));
+    if (!state.heads.size) state.heads.add(0);
     buildHeadChips();
     drawOverview();
     renderHeadView();
@@ -331,34 +361,45 @@
   });
 
   const modal = $("ak-modal");
-  // the enlarged map: the pooled cells scaled up, token labels on both axes when each cell is one token
-  function paintLarge(canvas, l, slot) {
+  // The enlarged map: the pooled cells scaled up, token labels on both axes when each cell is one token.
+  // The labels are text elements, not canvas text, so each keeps its own direction (Arabic, Hebrew) and
+  // the browser lays out its box: row labels end left of the map; column labels are turned a quarter
+  // turn counter-clockwise about their top-left corner, so they start at the map's top edge and read
+  // upwards, away from it.
+  function paintLarge(figure, canvas, l, slot) {
     const cells = document.createElement("canvas");
     paintMap(cells, l, [slot]);
-    const labels = DATA.block === 1 && N <= 64, margin = labels ? 110 : 0, side = 560;
+    const labels = DATA.block === 1 && N <= LABEL_LIMIT, margin = labels ? 110 : 0, gap = 4;
     const dpr = window.devicePixelRatio || 1;
-    canvas.style.width = canvas.style.height = `${side + margin}px`;
-    canvas.width = canvas.height = Math.round((side + margin) * dpr);
+    figure.style.width = figure.style.height = `${LARGE + margin}px`;
+    canvas.style.left = canvas.style.top = `${margin}px`;
+    canvas.style.width = canvas.style.height = `${LARGE}px`;
+    canvas.width = canvas.height = Math.round(LARGE * dpr);
     const ctx = canvas.getContext("2d");
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.imageSmoothingEnabled = false;
-    ctx.drawImage(cells, margin, margin, side, side);
+    ctx.drawImage(cells, 0, 0, canvas.width, canvas.height);
+    figure.replaceChildren(canvas);
     if (!labels) return;
-    const cell = side / N, clip = (t) => (t.length > 14 ? t.slice(0, 13) + "\u2026" : t);
-    ctx.fillStyle = "#222";
-    ctx.font = `${Math.min(12, cell * 0.8)}px ui-monospace, monospace`;
-    ctx.textAlign = "right";
-    ctx.textBaseline = "middle";
-    DATA.tokens.forEach((t, i) => ctx.fillText(clip(t), margin - 4, margin + (i + 0.5) * cell));
-    ctx.save();
-    ctx.rotate(-Math.PI / 2);
-    DATA.tokens.forEach((t, j) => ctx.fillText(clip(t), -(margin - 4), margin + (j + 0.5) * cell));
-    ctx.restore();
+    const cell = LARGE / N, font = Math.min(12, cell * 0.8);
+    DATA.tokens.forEach((t, i) => {
+      figure.append(axisLabel("ak-axis-row", t, i, 0, margin + i * cell, margin - gap, cell, font),
+                    axisLabel("ak-axis-col", t, i, margin + i * cell, margin - gap, margin - gap, cell, font));
+    });
+  }
+  function axisLabel(kind, token, i, left, top, width, height, font) {
+    const div = document.createElement("div");
+    div.className = `ak-axis ${kind}`;
+    div.dataset.i = String(i);
+    Object.assign(div.style, {left: `${left}px`, top: `${top}px`, width: `${width}px`, height: `${height}px`,
+                              lineHeight: `${height}px`, fontSize: `${font}px`});
+    div.title = `${token} (token ${i})`;
+    div.append(tokenText(token));
+    return div;
   }
 
   function openModal(l, slot) {
     const L = LAYERS[l];
-    paintLarge($("ak-modal-map"), l, slot);
+    paintLarge($("ak-modal-figure"), $("ak-modal-map"), l, slot);
     const about = L.rollout ? "Abnar & Zuidema (2020): 0.5 A + 0.5 I per layer, heads averaged." : `${statText(l, slot)}.`;
     $("ak-modal-title").textContent = L.rollout ? `Attention ${L.name}` : `Layer ${L.index} (${L.name}), head ${L.heads[slot]}`;
     $("ak-modal-stats").textContent = `${about} Rows: queries, columns: keys` +
@@ -425,6 +466,12 @@
     (K < N ? `The ${K} strongest keys of each token are kept per head; ` : "Every link is kept; ") +
     (DATA.block > 1 ? `thumbnails average ${DATA.block} x ${DATA.block} token blocks.` : "thumbnails are the exact maps.");
   $("ak-note").textContent = DATA.note;
+  $("ak-notices").replaceChildren(...(DATA.notices || []).map((text) => {
+    const p = document.createElement("p");
+    p.className = "ak-notice";
+    p.textContent = text;
+    return p;
+  }));
   buildHeadChips();
   drawOverview();
   if (STATS.length) renderStats();
