@@ -10,6 +10,10 @@
 disk with no network); ``--layer`` / ``--head`` keep those layers and heads in it, ``--token`` pins
 that token. With neither ``--out`` nor ``--png``, the picture goes to attention.png.
 
+The model reads at most 512 positions ([CLS] and [SEP] included): a longer text is cut there, and
+then a warning on stderr and on the page says so, and the page's title holds only the text shown.
+For long inputs the page shows a tqdm progress bar while it summarizes the maps (on a terminal only).
+
 The model runs through ``attnkit.pretrained.load_bert``; ``attnkit.viz.capture`` records each
 layer's q and k, and only the maps the picture needs are computed.
 """
@@ -17,6 +21,7 @@ layer's q and k, and only the maps the picture needs are computed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -69,6 +74,31 @@ def _check_outputs(args: argparse.Namespace) -> None:
                          "alone")
 
 
+def _shown_text(tokenizer, text: str) -> tuple[str, str | None]:
+    """The part of ``text`` the model reads (the tokenizer cuts it at its max_length) and, when
+    that is not all of it, a warning that says how much was left out."""
+    encoding = tokenizer.encode(text)
+    if not encoding.overflowing:
+        return text, None
+    whole = type(tokenizer).from_str(tokenizer.to_str())  # a copy that does not truncate
+    whole.no_truncation()
+    whole.no_padding()
+    total = len(whole.encode(text, add_special_tokens=False).ids)
+    kept = [end for (_, end), special in zip(encoding.offsets, encoding.special_tokens_mask) if not special]
+    shown, rest = text[:max(kept)], text[max(kept):].strip()
+    return shown, (f"the text is {total} word pieces but the model reads at most {len(encoding.ids)} positions, "
+                   f"[CLS] and [SEP] included: only the first {len(kept)} pieces are shown, up to "
+                   f"{_ellipsis(shown, -40)!r}; the rest ({len(rest)} characters from {_ellipsis(rest, 40)!r}) is "
+                   "left out. Shorten the text or split it into parts")
+
+
+def _ellipsis(text: str, n: int) -> str:
+    """The first n (last -n when n < 0) characters of text, with "..." where it was cut."""
+    if len(text) <= abs(n):
+        return text
+    return text[:n] + "..." if n > 0 else "..." + text[n:]
+
+
 def run_viz(args: argparse.Namespace) -> int:
     from ..pretrained import load_bert, minilm_path
     from ..viz import capture
@@ -77,6 +107,9 @@ def run_viz(args: argparse.Namespace) -> int:
     bundle = load_bert(minilm_path())
     ids, valid = bundle.encode([args.text])  # (1, N)
     tokens = bundle.tokens(args.text)
+    shown, warning = _shown_text(bundle.tokenizer, args.text)
+    if warning is not None:
+        print(f"attnkit viz: warning: {warning}", file=sys.stderr)
     with torch.no_grad(), capture(bundle.model) as cap:
         bundle.model(ids, valid)
     L, H = len(cap.names), cap[cap.names[0]].shape[1]
@@ -86,20 +119,22 @@ def run_viz(args: argparse.Namespace) -> int:
     heads = list(range(H)) if args.head is None else [args.head]
     query = None if args.token is None else _token_index(args.token, tokens)
     if args.out is not None:
-        _write_page(cap, tokens, layers, heads, query, args.out, args.text)
+        _write_page(cap, tokens, layers, heads, query, args.out, shown, warning)
     if args.png is not None:
         _write_picture(cap, tokens, layers, heads, query, args.png, (L, H))
     return 0
 
 
 def _write_page(cap, tokens: list[str], layers: list[int], heads: list[int], query: int | None, out: str,
-                text: str) -> None:
-    from ..viz.page import write_html
+                shown: str, warning: str | None) -> None:
+    """The page; ``shown`` is the text the model read (its title), ``warning`` says what was cut."""
+    from ..viz.page import SHORT, write_html
 
     special = [i for i, t in enumerate(tokens) if t in ("[CLS]", "[SEP]")]
+    title = f"all-MiniLM-L6-v2 attention: {shown}" + (f" ... (cut at {len(tokens)} positions)" if warning else "")
     path = write_html(cap, tokens, out, layers=[cap.names[l_i] for l_i in layers], heads=heads, special=special,
-                      focus=query, rollout=len(layers) == len(cap.names),
-                      title=f"all-MiniLM-L6-v2 attention: {text}")
+                      focus=query, title=title, notices=[f"Input cut short: {warning}."] if warning else [],
+                      progress=len(tokens) > SHORT)
     print(f"wrote {path} ({len(tokens)} tokens, layers {layers}, heads {heads}; open it in a browser, "
           "no network needed)")
 
