@@ -163,6 +163,13 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
     return why
 
 
+def check_impl_name(impl: str) -> None:
+    """Raise ValueError unless ``impl`` is "auto" or a backend's name."""
+    if impl != "auto" and impl not in BACKENDS:
+        raise ValueError(f"impl={impl!r} is not a backend; choose one of 'auto', "
+                         + ", ".join(repr(n) for n in BACKENDS))
+
+
 def choose(c: Call, impl: str) -> Backend:
     """The backend for ``impl`` (or the first capable one for "auto"); raises with reasons."""
     if impl == "auto":
@@ -171,9 +178,7 @@ def choose(c: Call, impl: str) -> Backend:
             if why[name] is None:
                 return BACKENDS[name]
         raise ValueError("no backend can run this call: " + "; ".join(f"{n}: {r}" for n, r in why.items()))
-    if impl not in BACKENDS:
-        raise ValueError(f"impl={impl!r} is not a backend; choose one of 'auto', "
-                         + ", ".join(repr(n) for n in BACKENDS))
+    check_impl_name(impl)
     reason = BACKENDS[impl].why_not(c)
     if reason is not None:
         raise ValueError(f"impl={impl!r} cannot run this call: {reason}")

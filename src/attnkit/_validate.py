@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class Call:
     scale: float
     dropout_p: float
     need_lse: bool
+    lse_shift: Tensor | None = None  # (Bb, Hb, Nqb): rows of a dense bias shifted by validate, added back to lse
 
     @property
     def shape(self) -> dict[str, int]:
@@ -37,6 +39,10 @@ def _check_tensors(q: object, k: object, v: object) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D), got {type(t).__name__}")
+        if t.is_nested:
+            raise TypeError(f"{name} is a nested (jagged) tensor; attnkit takes dense (B, H, N, D) tensors. Pad the "
+                            "sequences to one length and pass mask=ak.key_padding(lengths), or pack them into one "
+                            "sequence and pass mask=ak.document(ids) (each sequence attends within itself)")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)} ({t.dim()}-D); "
                              "for (B, N, H, D) inputs use .transpose(1, 2)")
@@ -53,8 +59,6 @@ def _check_tensors(q: object, k: object, v: object) -> None:
         raise ValueError(f"head dims differ: q has D={D}, k has D={Dk}; q and k must share D (v may differ)")
     if Hkv != Hv or Nk != Nv:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hkv, Nk)")
-    if q.shape[2] == 0 or Nk == 0:
-        raise ValueError(f"empty sequence: Nq={q.shape[2]}, Nk={Nk}; attention needs at least one query and one key")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads; "
                          "GQA/MQA needs Hq % Hkv == 0")
@@ -85,6 +89,19 @@ def _normalize_bias(bias: object, q: Tensor) -> Bias | None:
     raise TypeError(f"bias must be None, a float tensor or a structured bias (ak.alibi), got {type(bias).__name__}")
 
 
+def _real(name: str, x: object) -> float:
+    """A real number of any numeric type (Python, NumPy, a one-element tensor without grad) as a float."""
+    if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool:
+        if x.requires_grad:
+            raise ValueError(f"{name} is a tensor that requires grad; attnkit computes no gradient for {name}: "
+                             f"pass float({name}) or {name}.detach()")
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name} must be a real number (int, float, NumPy scalar or one-element tensor), "
+                         f"got {x!r} of type {type(x).__name__}")
+    return float(x)
+
+
 def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_lse=False) -> Call:
     """Check every argument of ``ak.attention`` and return the normalized call."""
     _check_tensors(q, k, v)
@@ -94,12 +111,14 @@ def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_l
     bias_n = _normalize_bias(bias, q)
     if mask_n is not None:
         mask_n.check(B, Hq, Nq, Nk)
+    lse_shift = None
     if bias_n is not None:
         bias_n.check(B, Hq, Nq, Nk)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        bias_n, lse_shift = bias_n.stabilized()
+    scale = 1.0 / math.sqrt(D) if scale is None and D > 0 else 1.0 if scale is None else _real("scale", scale)
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (None means 1/sqrt(D)), got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    dropout_p = _real("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    return Call(q, k, v, mask_n, bias_n, float(scale), float(dropout_p), bool(need_lse))
+    return Call(q, k, v, mask_n, bias_n, float(scale), float(dropout_p), bool(need_lse), lse_shift)

@@ -16,6 +16,10 @@ from torch import Tensor
 from .masks import check_broadcastable, query_positions
 
 
+SHIFT_THRESHOLD = 2.0 ** 15  # |row max| of a dense bias beyond which its row is shifted to max 0;
+# below it every value fits float16 (max 65504) and the lse keeps at least 2^-9 absolute precision
+
+
 class Bias:
     """Base of additive biases. ``evaluate`` returns float (Bm, Hm, len(rows), len(cols))."""
 
@@ -33,6 +37,10 @@ class Bias:
     def requires_grad(self) -> bool:
         """True if a gradient must flow into this bias's parameters."""
         return False
+
+    def stabilized(self) -> tuple[Bias, Tensor | None]:
+        """This bias with huge rows shifted, and the shift (see ``DenseBias.stabilized``)."""
+        return self, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +84,27 @@ class DenseBias(Bias):
     def requires_grad(self) -> bool:
         return self.tensor.requires_grad
 
+    def stabilized(self) -> tuple[Bias, Tensor | None]:
+        """The bias minus its row max on rows whose max is huge, and that shift (Bb, Hb, Nqb) or None.
+
+        softmax(s + b) does not change when a row of b moves by a constant, but every kernel that
+        keeps only the log-sum-exp (FlashAttention's merge of partials and its backward's
+        recompute P = exp(s - lse)) does: where every key of a row has a bias of finfo.min (how
+        transformers pads a sample with no real token), lse = m + log(l) rounds back to m and
+        the row sums to Nk instead of 1. Shifted, such a row holds 0 at its max and the kernels
+        see ordinary scores; the caller adds the shift back to the returned lse. Rows whose max
+        stays within +-SHIFT_THRESHOLD are left bit for bit as given (no copy at all when every
+        row is). The shift is detached: the output does not depend on it, and the gradient of the
+        lse reaches the bias through the shifted bias.
+        """
+        t = self.tensor.reshape((1,) * (4 - self.tensor.dim()) + tuple(self.tensor.shape))  # (Bb, Hb, Nqb, Nkb)
+        row_max = t.detach().amax(-1, keepdim=True)  # (Bb, Hb, Nqb, 1)
+        huge = torch.isfinite(row_max) & (row_max.abs() > SHIFT_THRESHOLD)
+        if not bool(huge.any()):
+            return self, None
+        shift = torch.where(huge, row_max, torch.zeros_like(row_max))
+        return DenseBias(t - shift), shift.squeeze(-1)
+
     def check(self, B, H, Nq, Nk):
         check_broadcastable("bias", self.tensor, (B, H, Nq, Nk))
         if torch.isnan(self.tensor).any():
@@ -103,6 +132,17 @@ class SumBias(Bias):
 
     def requires_grad(self) -> bool:
         return any(part.requires_grad() for part in self.parts)
+
+    def stabilized(self) -> tuple[Bias, Tensor | None]:
+        """Each part stabilized (``DenseBias.stabilized``); the shifts add up."""
+        pairs = [part.stabilized() for part in self.parts]
+        shifts = [shift for _, shift in pairs if shift is not None]
+        if not shifts:
+            return self, None
+        total = shifts[0]
+        for shift in shifts[1:]:
+            total = total + shift
+        return SumBias(tuple(part for part, _ in pairs)), total
 
     def check(self, B, H, Nq, Nk):
         for part in self.parts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from . import _dispatch
@@ -11,6 +12,7 @@ from ._validate import validate
 from .bias import Bias
 from .masks import Mask
 from .ops import reference as _reference
+from .ops.precision import compute_dtype, expand_kv
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = None,
@@ -36,8 +38,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
         (float64 for float64 inputs). A query that may attend to no key gets out = 0, lse = -inf.
     """
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
-    out, lse = _dispatch.choose(call, impl).run(call)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        _dispatch.check_impl_name(impl)
+        out, lse = _empty_attention(call.q, call.k, call.v)
+    else:
+        out, lse = _dispatch.choose(call, impl).run(call)
+    if return_lse and call.lse_shift is not None:  # the rows validate shifted (DenseBias.stabilized)
+        lse = lse + call.lse_shift.to(lse.dtype)
     return (out, lse) if return_lse else out
+
+
+def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Nq = 0: an empty output; Nk = 0: every query sees no key, so out = 0 and lse = -inf (the
+    rule for a row with nothing to attend to), as torch's SDPA gives. Written as (q k^T) v over the
+    empty dimension so that autograd gives q, k, v zero gradients of their own shapes."""
+    empty = q @ expand_kv(k, q.shape[1]).transpose(-1, -2)  # (B, Hq, Nq, Nk), one dim 0
+    out = empty @ expand_kv(v, q.shape[1])  # (B, Hq, Nq, Dv): zeros, or nothing
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+    return out, lse
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor | None = None, *, mask: Mask | Tensor | None = None,

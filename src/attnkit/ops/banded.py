@@ -41,7 +41,7 @@ from torch import Tensor
 from .merge import attend_merged_into, lse_for_recompute
 from .pattern import Pattern, parse
 from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
-from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, use_fused
+from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, upcast_for_partials, use_fused
 
 PIECE_ELEMENTS = 1 << 22  # heads x blocks x c x S per kernel call: bounds the window-gradient buffers
 # (2026-11-23, N=16384, H=12, fwd+bwd: 2^24 -> 2.73 s, 403 MB extra; 2^22 -> 1.96 s, 242 MB; 2^20 -> 2.09 s)
@@ -426,6 +426,7 @@ class _BandedFunction(torch.autograd.Function):
         pattern, scale, fused, Hkv, valid, parts = ctx.cfg
         ct = compute_dtype(q.dtype)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        q, k, v, dout, out = upcast_for_partials(fused, ct, q, k, v, dout, out)
         delta = (dout.to(ct) * out.to(ct)).sum(-1)  # (B, H, Nq): rowsum(dout * out)
         if dlse is not None:
             delta = delta - dlse.to(ct)  # d lse / d s = P folds into the row term
@@ -437,7 +438,8 @@ class _BandedFunction(torch.autograd.Function):
         dq, dk, dv = _band_all_backward(dout_loc, q, k, v, out, lse_bwd, delta_loc, valid, pattern, scale, fused)
         _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc, parts, scale, fused)
         dk, dv = reduce_kv_grad(dk, Hkv), reduce_kv_grad(dv, Hkv)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dtype = ctx.saved_tensors[0].dtype
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None
 
 
 def why_not(mask, bias, dropout_p: float) -> str | None:

@@ -83,21 +83,27 @@ def attend_merged_into(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor
     lse.copy_(lse_new)
 
 
-def lse_of_scores(scores: Tensor) -> Tensor:
-    """Row log-sum-exp of masked scores (..., Nk) -> (...), -inf for rows that are all -inf.
+def _row_max_and_sum(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """m = the row max (0 on rows that are all -inf) and l = sum(exp(s - m)): the two halves of
+    the log-sum-exp, kept apart. scores (..., Nk) -> m (..., 1), l (...,)."""
+    m = finite_or_zero(scores.amax(-1, keepdim=True).detach())  # (..., 1); softmax ignores its gradient
+    return m, torch.exp(scores - m).sum(-1)
 
-    Unlike ``torch.logsumexp`` its gradient is 0 (not NaN) on such rows.
+
+def softmax_of_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Row softmax of masked scores (..., Nk) and its log-sum-exp (...): ``exp(s - m) / l``.
+
+    The probabilities are normalized by the row sum itself, never as ``exp(s - lse)``: where every
+    score of a row is huge (a bias of finfo.min on every key, as transformers pads), ``lse = m +
+    log(l)`` rounds back to ``m`` and ``exp(s - lse)`` sums to the number of keys instead of 1.
+    Rows that are all -inf get probabilities 0 and lse -inf.
     """
-    m = scores.amax(-1, keepdim=True).detach()  # (..., 1)
-    m = finite_or_zero(m)
-    total = torch.exp(scores - m).sum(-1)  # (...,); 0 on empty rows
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(total > 0, torch.log(safe) + m.squeeze(-1), torch.full_like(total, float("-inf")))
-
-
-def probabilities(scores: Tensor, lse: Tensor) -> Tensor:
-    """softmax rows from scores (..., Nk) and their lse (...): exp(s - lse), 0 on empty rows."""
-    return torch.exp(scores - finite_or_zero(lse).unsqueeze(-1)).masked_fill(torch.isneginf(scores), 0.0)
+    m, total = _row_max_and_sum(scores)
+    seen = total > 0
+    safe = torch.where(seen, total, torch.ones_like(total))
+    p = torch.exp(scores - m) / safe.unsqueeze(-1)  # (..., Nk); 0 where masked, rows sum to 1
+    lse = torch.where(seen, torch.log(safe) + m.squeeze(-1), torch.full_like(total, float("-inf")))
+    return p, lse
 
 
 def mark_rows_without_keys(out: Tensor, lse: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..bias import Bias
 from ..masks import Mask
-from .merge import lse_of_scores, probabilities
+from .merge import softmax_of_scores
 from .precision import compute_dtype, expand_kv
 
 
@@ -33,8 +33,7 @@ def scores(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: fl
 
 def attention_weights(q: Tensor, k: Tensor, mask: Mask | None, bias: Bias | None, scale: float) -> Tensor:
     """Probabilities (B, Hq, Nq, Nk) in the compute dtype; rows that may attend nowhere are 0."""
-    s = scores(q, k, mask, bias, scale)
-    return probabilities(s, lse_of_scores(s))
+    return softmax_of_scores(scores(q, k, mask, bias, scale))[0]
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
@@ -45,8 +44,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, b
     ``upcast=False`` keeps half inputs in their dtype throughout (for the numerics contract).
     """
     s = scores(q, k, mask, bias, scale, upcast)  # (B, Hq, Nq, Nk)
-    lse = lse_of_scores(s)  # (B, Hq, Nq)
-    p = probabilities(s, lse)
+    p, lse = softmax_of_scores(s)  # (B, Hq, Nq, Nk), (B, Hq, Nq)
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     out = p @ expand_kv(v, q.shape[1]).to(s.dtype)  # (B, Hq, Nq, Dv)

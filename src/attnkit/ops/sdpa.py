@@ -29,7 +29,7 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
     if bias is not None and not isinstance(bias, DenseBias):
         return f"bias {bias!r} is structured; torch SDPA needs it materialized (impl='tiled' computes it per tile)"
     if not need_lse:
-        return None
+        return _bias_precision_why_not(q, bias)
     if q.device.type != "cpu":
         return "return_lse: torch SDPA returns no log-sum-exp on this device (impl='tiled' does)"
     if q.shape[-1] != v.shape[-1]:
@@ -41,6 +41,19 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
         return ("return_lse under autograd: torch's kernel returns an lse with no gradient "
                 "(impl='tiled' differentiates it)")
     return None
+
+
+def _bias_precision_why_not(q: Tensor, bias: DenseBias | None) -> str | None:
+    """torch's public SDPA takes a float mask only in q's dtype: a wider bias with half inputs would
+    be rounded, and values past the half type's range (65504 for float16) become inf and NaN.
+    attnkit adds a float bias in float32 (the compute dtype), so this path refuses such a call.
+    (The lse path calls torch's CPU kernel with the bias in float32 and is not affected.)"""
+    if bias is None or q.dtype not in (torch.float16, torch.bfloat16) or bias.tensor.dtype == q.dtype:
+        return None
+    return (f"bias is {bias.tensor.dtype} but q is {q.dtype}: torch SDPA adds a float mask in q's dtype, which would "
+            f"round this bias and turn values past {torch.finfo(q.dtype).max:.0f} into inf; attnkit keeps the "
+            f"bias's precision (scores in float32) with impl='tiled' or 'reference', or cast the bias to {q.dtype} "
+            "yourself to use sdpa")
 
 
 AUTO_MATERIALIZE_LIMIT = 1 << 24  # elements of a materialized mask auto accepts (16 MiB of bool)

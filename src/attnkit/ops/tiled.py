@@ -29,7 +29,7 @@ from ..bias import Bias
 from ..masks import EMPTY, FULL, PARTIAL, Mask
 from .merge import lse_for_recompute, merge
 from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
-from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, use_fused
+from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, upcast_for_partials, use_fused
 
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
 # its span, so big query blocks are cheaper for dense work (benchmarks/results/tiled_blocks_*.md);
@@ -197,6 +197,7 @@ def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> t
 def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: bool, block_k: int):
     """dq, dk, dv (compute dtype) for expanded heads; see the module docstring for the algebra."""
     ct = compute_dtype(q.dtype)
+    q, k, v, dout, out = upcast_for_partials(fused, ct, q, k, v, dout, out)
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)
     dk = torch.zeros(k.shape, dtype=ct, device=q.device)
     dv = torch.zeros(v.shape, dtype=ct, device=q.device)

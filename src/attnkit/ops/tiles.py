@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .merge import lse_of_scores, mark_rows_without_keys, probabilities
+from .merge import mark_rows_without_keys, softmax_of_scores
 from .precision import compute_dtype, unit_stride
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -45,8 +45,8 @@ def math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float
     s = q.to(ct) @ k.to(ct).transpose(-1, -2) * scale  # (B, H, r, c)
     if tile is not None:
         s = s + tile
-    lse = lse_of_scores(s)  # (B, H, r)
-    return probabilities(s, lse) @ v.to(ct), lse  # (B, H, r, Dv)
+    p, lse = softmax_of_scores(s)  # (B, H, r, c), (B, H, r)
+    return p @ v.to(ct), lse  # (B, H, r, Dv)
 
 
 def fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, is_causal=False):
@@ -70,6 +70,20 @@ def math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
     p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, r, c); 0 where masked or the row is empty
     ds = p * (dout @ v.transpose(-1, -2) - delta.unsqueeze(-1))  # (B, H, r, c)
     return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ dout
+
+
+def upcast_for_partials(fused: bool, ct: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The backward's inputs in the compute dtype when the fused kernel runs them.
+
+    torch's CPU flash backward returns each call's dq, dk, dv in its input dtype: with half inputs
+    every (query block, key span) partial would be rounded to fp16/bf16 before the partials are
+    summed, an error the plain formula does not make (FlashAttention's test bound, 3x the naive
+    error, failed on dk at 3.3x for Nq=1024, Nk=1023, bf16). In float32 the partials are summed
+    in float32 and rounded once. The math kernel computes in float32 already.
+    """
+    if not fused or all(t.dtype == ct for t in tensors):
+        return tensors
+    return tuple(t.to(ct) for t in tensors)
 
 
 def fused_available(q: Tensor, v: Tensor) -> bool:
