@@ -52,22 +52,25 @@ def test_a_cut_text_is_said_on_stderr_and_on_the_page(tmp_path, capsys, tokenize
     data = page_data(out)
     cut = len(pieces) + 2 > 512
     assert cut == (words == 700)  # the table holds one text longer than the model reads, one shorter
+    # the title: the text up to the end of the last piece shown (a long one by its start and end)
+    shown = text[:tokenizer.encode(text, add_special_tokens=False).offsets[min(len(pieces), 510) - 1][1]]
+    assert data["title"].startswith(PREFIX) and data["title"].endswith(" [cut at 512 positions]" if cut else "")
+    body = data["title"][len(PREFIX):].removesuffix(" [cut at 512 positions]")
+    head, _, tail = body.partition(" ... ")
+    assert (body == shown) if not tail else (shown.startswith(head) and shown.endswith(tail) and len(head) >= 40
+                                             and len(tail) >= 20 and len(body) < len(shown)), (body, shown)
     if not cut:
-        assert err == "" and data["notices"] == [] and data["title"] == PREFIX + text
+        assert err == "" and data["notices"] == [] and shown == text
         assert data["tokens"] == ["[CLS]", *pieces, "[SEP]"]
         return
+    assert len(shown) < len(text) and tokenizer.encode(shown, add_special_tokens=False).tokens == pieces[:510]
     assert data["tokens"] == ["[CLS]", *pieces[:510], "[SEP]"]  # what the model read
     # stderr: a warning with the counts and what to do
     assert err.count("attnkit viz: warning: ") == 1, err
     assert f"the text is {len(pieces)} word pieces but the model reads at most 512 positions" in err
     assert "only the first 510 pieces are shown" in err and "Shorten the text or split it" in err
-    # the page: the same warning at the top, and a title with only the text that was shown
+    # the page: the same warning at the top
     assert len(data["notices"]) == 1 and "only the first 510 pieces are shown" in data["notices"][0]
-    title = data["title"]
-    assert title.startswith(PREFIX) and title.endswith(" ... (cut at 512 positions)")
-    shown = title[len(PREFIX):-len(" ... (cut at 512 positions)")]
-    assert text.startswith(shown) and len(shown) < len(text)
-    assert tokenizer.encode(shown, add_special_tokens=False).tokens == pieces[:510]  # exactly the pieces shown
     assert main(["viz", text, "--png", str(tmp_path / "only.png"), *one]) == 0  # the picture alone warns too
     assert "attnkit viz: warning: the text is" in capsys.readouterr().err
 

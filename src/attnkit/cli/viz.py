@@ -11,7 +11,8 @@ disk with no network); ``--layer`` / ``--head`` keep those layers and heads in i
 that token. With neither ``--out`` nor ``--png``, the picture goes to attention.png.
 
 The model reads at most 512 positions ([CLS] and [SEP] included): a longer text is cut there, and
-then a warning on stderr and on the page says so, and the page's title holds only the text shown.
+then a warning on stderr and on the page says so, and the page's title holds only the text shown
+(a long one by its start and its end).
 For long inputs the page shows a tqdm progress bar while it summarizes the maps (on a terminal only).
 
 The model runs through ``attnkit.pretrained.load_bert``; ``attnkit.viz.capture`` records each
@@ -92,6 +93,16 @@ def _shown_text(tokenizer, text: str) -> tuple[str, str | None]:
                    "left out. Shorten the text or split it into parts")
 
 
+TITLE_HEAD, TITLE_TAIL = 80, 40  # characters of a long text's start and end in the page's title
+
+
+def _title(shown: str, cut_at: int | None) -> str:
+    """The page's title: the text the model read (its start and end when long), and where it was cut."""
+    if len(shown) > TITLE_HEAD + TITLE_TAIL + 5:
+        shown = f"{shown[:TITLE_HEAD]} ... {shown[-TITLE_TAIL:]}"
+    return f"all-MiniLM-L6-v2 attention: {shown}" + ("" if cut_at is None else f" [cut at {cut_at} positions]")
+
+
 def _ellipsis(text: str, n: int) -> str:
     """The first n (last -n when n < 0) characters of text, with "..." where it was cut."""
     if len(text) <= abs(n):
@@ -131,7 +142,7 @@ def _write_page(cap, tokens: list[str], layers: list[int], heads: list[int], que
     from ..viz.page import SHORT, write_html
 
     special = [i for i, t in enumerate(tokens) if t in ("[CLS]", "[SEP]")]
-    title = f"all-MiniLM-L6-v2 attention: {shown}" + (f" ... (cut at {len(tokens)} positions)" if warning else "")
+    title = _title(shown, len(tokens) if warning else None)
     path = write_html(cap, tokens, out, layers=[cap.names[l_i] for l_i in layers], heads=heads, special=special,
                       focus=query, title=title, notices=[f"Input cut short: {warning}."] if warning else [],
                       progress=len(tokens) > SHORT)
