@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .bias import Bias, DenseBias
+from .bias import Bias, DenseBias, row_stabilized
 from .masks import Mask, dense_mask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,7 +27,7 @@ class Call:
     scale: float
     dropout_p: float
     need_lse: bool
-    lse_shift: Tensor | None = None  # (Bb, Hb, Nqb): rows of a dense bias shifted by validate, added back to lse
+    lse_shift: Tensor | None = None  # (Bx, Hx, Nq or 1): rows of the bias shifted by validate, added back to lse
 
     @property
     def shape(self) -> dict[str, int]:
@@ -53,15 +53,19 @@ def _check_tensors(q: object, k: object, v: object) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     (B, Hq, _, D), (Bk, Hkv, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
-    if not (B == Bk == Bv):
-        raise ValueError(f"batch sizes differ: q has B={B}, k has {Bk}, v has {Bv}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"  # every message names all three
+    if not (B == Bk == Bv):  # never broadcast, not even a batch of 1
+        raise ValueError(f"batch sizes differ: q has B={B}, k has {Bk}, v has {Bv} ({shapes}); q, k and v "
+                         "need one batch size B in dim 0: expand or repeat the one that differs")
     if D != Dk:
-        raise ValueError(f"head dims differ: q has D={D}, k has D={Dk}; q and k must share D (v may differ)")
-    if Hkv != Hv or Nk != Nv:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share (B, Hkv, Nk)")
+        raise ValueError(f"head dims differ: q has D={D}, k has D={Dk} ({shapes}); q and k must share D "
+                         "in dim 3 (v's Dv may differ): project them to one head dim")
+    if Hkv != Hv or Nk != Nv:  # v is never broadcast over k's heads or keys
+        raise ValueError(f"k and v must share (B, Hkv, Nk): k has Hkv={Hkv}, Nk={Nk}, v has Hkv={Hv}, Nk={Nv} "
+                         f"({shapes}); give v one (Nk, Dv) slice per key/value head of k")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads; "
-                         "GQA/MQA needs Hq % Hkv == 0")
+        raise ValueError(f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads ({shapes}); "
+                         "GQA/MQA needs Hkv >= 1 and Hq % Hkv == 0: use a number of k/v heads that divides Hq")
 
 
 def _normalize_mask(mask: object) -> Mask | None:
@@ -114,7 +118,7 @@ def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_l
     lse_shift = None
     if bias_n is not None:
         bias_n.check(B, Hq, Nq, Nk)
-        bias_n, lse_shift = bias_n.stabilized()
+        bias_n, lse_shift = row_stabilized(bias_n, mask_n, Nq, Nk, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None and D > 0 else 1.0 if scale is None else _real("scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (None means 1/sqrt(D)), got {scale!r}")

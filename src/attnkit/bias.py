@@ -16,10 +16,6 @@ from torch import Tensor
 from .masks import check_broadcastable, query_positions
 
 
-SHIFT_THRESHOLD = 2.0 ** 15  # |row max| of a dense bias beyond which its row is shifted to max 0;
-# below it every value fits float16 (max 65504) and the lse keeps at least 2^-9 absolute precision
-
-
 class Bias:
     """Base of additive biases. ``evaluate`` returns float (Bm, Hm, len(rows), len(cols))."""
 
@@ -37,10 +33,6 @@ class Bias:
     def requires_grad(self) -> bool:
         """True if a gradient must flow into this bias's parameters."""
         return False
-
-    def stabilized(self) -> tuple[Bias, Tensor | None]:
-        """This bias with huge rows shifted, and the shift (see ``DenseBias.stabilized``)."""
-        return self, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,27 +76,6 @@ class DenseBias(Bias):
     def requires_grad(self) -> bool:
         return self.tensor.requires_grad
 
-    def stabilized(self) -> tuple[Bias, Tensor | None]:
-        """The bias minus its row max on rows whose max is huge, and that shift (Bb, Hb, Nqb) or None.
-
-        softmax(s + b) does not change when a row of b moves by a constant, but every kernel that
-        keeps only the log-sum-exp (FlashAttention's merge of partials and its backward's
-        recompute P = exp(s - lse)) does: where every key of a row has a bias of finfo.min (how
-        transformers pads a sample with no real token), lse = m + log(l) rounds back to m and
-        the row sums to Nk instead of 1. Shifted, such a row holds 0 at its max and the kernels
-        see ordinary scores; the caller adds the shift back to the returned lse. Rows whose max
-        stays within +-SHIFT_THRESHOLD are left bit for bit as given (no copy at all when every
-        row is). The shift is detached: the output does not depend on it, and the gradient of the
-        lse reaches the bias through the shifted bias.
-        """
-        t = self.tensor.reshape((1,) * (4 - self.tensor.dim()) + tuple(self.tensor.shape))  # (Bb, Hb, Nqb, Nkb)
-        row_max = t.detach().amax(-1, keepdim=True)  # (Bb, Hb, Nqb, 1)
-        huge = torch.isfinite(row_max) & (row_max.abs() > SHIFT_THRESHOLD)
-        if not bool(huge.any()):
-            return self, None
-        shift = torch.where(huge, row_max, torch.zeros_like(row_max))
-        return DenseBias(t - shift), shift.squeeze(-1)
-
     def check(self, B, H, Nq, Nk):
         check_broadcastable("bias", self.tensor, (B, H, Nq, Nk))
         if torch.isnan(self.tensor).any():
@@ -133,23 +104,98 @@ class SumBias(Bias):
     def requires_grad(self) -> bool:
         return any(part.requires_grad() for part in self.parts)
 
-    def stabilized(self) -> tuple[Bias, Tensor | None]:
-        """Each part stabilized (``DenseBias.stabilized``); the shifts add up."""
-        pairs = [part.stabilized() for part in self.parts]
-        shifts = [shift for _, shift in pairs if shift is not None]
-        if not shifts:
-            return self, None
-        total = shifts[0]
-        for shift in shifts[1:]:
-            total = total + shift
-        return SumBias(tuple(part for part, _ in pairs)), total
-
     def check(self, B, H, Nq, Nk):
         for part in self.parts:
             part.check(B, H, Nq, Nk)
 
     def __repr__(self) -> str:
         return " + ".join(repr(part) for part in self.parts)
+
+
+# -- rows whose scores are all huge ---------------------------------------------------------------
+
+SHIFT_THRESHOLD = 2.0 ** 15  # |visible row max| of a bias beyond which its row is shifted to max 0:
+# below it the row's lse keeps at least 2^-9 absolute precision in float32
+ROW_CHUNK_ELEMENTS = 1 << 22  # bias entries evaluated at once when looking for the visible row max
+
+
+@dataclass(frozen=True, eq=False)
+class RowShiftedBias(Bias):
+    """``base - shift[row]``: a bias with a constant taken off some rows (see ``row_stabilized``)."""
+
+    base: Bias
+    shift: Tensor  # (Bx, Hx, Nq)
+
+    def evaluate(self, rows, cols, Nq, Nk):
+        shift = self.shift.to(rows.device)[:, :, rows, None]  # (Bx, Hx, r, 1)
+        return self.base.evaluate(rows, cols, Nq, Nk) - shift
+
+    def requires_grad(self) -> bool:
+        return self.base.requires_grad()
+
+    def check(self, B, H, Nq, Nk):
+        self.base.check(B, H, Nq, Nk)
+
+    def __repr__(self) -> str:
+        return repr(self.base)
+
+
+def _may_be_huge(bias: Bias, Nq: int, Nk: int) -> bool:
+    """False when no entry of the bias can exceed SHIFT_THRESHOLD in magnitude (cheap checks only)."""
+    if isinstance(bias, DenseBias):
+        t = bias.tensor.detach()
+        return bool((torch.isfinite(t) & (t.abs() > SHIFT_THRESHOLD)).any())
+    if isinstance(bias, Alibi):
+        return float(bias.slopes.detach().abs().max()) * max(Nq, Nk) > SHIFT_THRESHOLD
+    if isinstance(bias, SumBias):
+        return any(_may_be_huge(part, Nq, Nk) for part in bias.parts)
+    return True  # an unknown kind: look
+
+
+def _visible_row_max(bias: Bias, mask, Nq: int, Nk: int, device) -> Tensor:
+    """(Bx, Hx, Nq) the max of each row of the bias over the keys the mask lets it see (-inf: none),
+    evaluated a chunk of rows at a time (never all Nq x Nk at once)."""
+    cols = torch.arange(Nk, device=device)
+    parts, r0, step = [], 0, 1
+    while r0 < Nq:
+        rows = torch.arange(r0, min(Nq, r0 + step), device=device)
+        b = bias.evaluate(rows, cols, Nq, Nk).detach()  # (Bb, Hb, r, Nk)
+        if mask is not None:
+            b = b.masked_fill(~mask.evaluate(rows, cols, Nq, Nk), float("-inf"))  # (Bx, Hx, r, Nk)
+        parts.append(b.amax(-1))  # (Bx, Hx, r)
+        r0 += len(rows)
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, b.shape[0] * b.shape[1] * Nk))
+    return torch.cat(parts, -1)
+
+
+def row_stabilized(bias: Bias | None, mask, Nq: int, Nk: int, device) -> tuple[Bias | None, Tensor | None]:
+    """The bias with each row whose visible scores are all huge moved to max 0, and the shift
+    (Bx, Hx, Nq) to add back to the lse (None when no row needs it: the bias is returned as is).
+
+    softmax(s + b) does not change when a row of b moves by a constant, but every kernel that keeps
+    only the log-sum-exp does (FlashAttention's merge of partials, the backward's recompute
+    P = exp(s - lse)): where every key a query may see has a bias of finfo.min (transformers'
+    padding of a sample without real tokens, or a padded window), lse = m + log(l) rounds back to
+    m and the row sums to its number of keys instead of 1. Shifted, the row's largest visible bias
+    is 0 and every kernel sees ordinary scores; q k^T keeps its precision, which the plain formula
+    in float32 (and at finfo.min even in float64) rounds away: the result is the exact
+    softmax(q k^T * scale + bias) of real arithmetic. Only rows whose visible max exceeds
+    SHIFT_THRESHOLD in magnitude move; looking for them costs one pass over the bias when it holds
+    such values (Nq x Nk evaluations, in chunks), nothing otherwise. The shift is detached: the
+    output does not depend on it, and the lse's gradient reaches the bias through the shifted bias.
+    """
+    if bias is None or not _may_be_huge(bias, Nq, Nk):
+        return bias, None
+    if mask is None and isinstance(bias, DenseBias):
+        t = bias.tensor.detach()
+        m = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)).amax(-1)  # (Bb, Hb, Nqb)
+    else:
+        m = _visible_row_max(bias, mask, Nq, Nk, device)
+    huge = torch.isfinite(m) & (m.abs() > SHIFT_THRESHOLD)
+    if not bool(huge.any()):
+        return bias, None
+    shift = torch.where(huge, m, torch.zeros_like(m))
+    return RowShiftedBias(bias, shift.expand(*shift.shape[:2], Nq) if shift.shape[-1] == 1 else shift), shift
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bias import Bias, DenseBias
+from ..bias import Bias, DenseBias, RowShiftedBias
 from ..masks import Causal, Dense, Mask
 from .merge import mark_rows_without_keys
 from .precision import compute_dtype, expand_kv, unit_stride
@@ -26,7 +26,7 @@ from .precision import compute_dtype, expand_kv, unit_stride
 def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
             need_lse: bool) -> str | None:
     """None if this backend can run the call, else the reason it cannot."""
-    if bias is not None and not isinstance(bias, DenseBias):
+    if bias is not None and _dense_tensor(bias) is None:
         return f"bias {bias!r} is structured; torch SDPA needs it materialized (impl='tiled' computes it per tile)"
     if not need_lse:
         return _bias_precision_why_not(q, bias)
@@ -43,14 +43,21 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
     return None
 
 
-def _bias_precision_why_not(q: Tensor, bias: DenseBias | None) -> str | None:
+def _dense_tensor(bias: Bias) -> Tensor | None:
+    """The user's tensor behind a dense bias (also one validate row-shifted), else None."""
+    if isinstance(bias, RowShiftedBias):
+        bias = bias.base
+    return bias.tensor if isinstance(bias, DenseBias) else None
+
+
+def _bias_precision_why_not(q: Tensor, bias: Bias | None) -> str | None:
     """torch's public SDPA takes a float mask only in q's dtype: a wider bias with half inputs would
     be rounded, and values past the half type's range (65504 for float16) become inf and NaN.
     attnkit adds a float bias in float32 (the compute dtype), so this path refuses such a call.
     (The lse path calls torch's CPU kernel with the bias in float32 and is not affected.)"""
-    if bias is None or q.dtype not in (torch.float16, torch.bfloat16) or bias.tensor.dtype == q.dtype:
+    if bias is None or q.dtype not in (torch.float16, torch.bfloat16) or _dense_tensor(bias).dtype == q.dtype:
         return None
-    return (f"bias is {bias.tensor.dtype} but q is {q.dtype}: torch SDPA adds a float mask in q's dtype, which would "
+    return (f"bias is {_dense_tensor(bias).dtype} but q is {q.dtype}: torch SDPA adds a float mask in q's dtype, which would "
             f"round this bias and turn values past {torch.finfo(q.dtype).max:.0f} into inf; attnkit keeps the "
             f"bias's precision (scores in float32) with impl='tiled' or 'reference', or cast the bias to {q.dtype} "
             "yourself to use sdpa")
