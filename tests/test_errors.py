@@ -121,7 +121,7 @@ def test_nan_in_bias():
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, "0.1"])
 def test_dropout_out_of_range(p):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\), got"):
+    with pytest.raises(ValueError, match=r"dropout_p must be a (real )?number"):
         ak.attention(q, k, v, dropout_p=p)
 
 
@@ -163,12 +163,6 @@ def test_bad_scale():
         ak.attention(q, k, v, scale=float("inf"))
 
 
-def test_empty_sequence():
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match="empty sequence: Nq=8, Nk=0"):
-        ak.attention(q, k[:, :, :0], v[:, :, :0])
-
-
 def test_wrong_mask_and_bias_types():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="mask must be None, an attnkit mask .* got str"):
@@ -177,7 +171,7 @@ def test_wrong_mask_and_bias_types():
         ak.attention(q, k, v, bias=torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="bias must be None, a float tensor or a structured bias"):
         ak.attention(q, k, v, bias=1.0)
-    with pytest.raises(ValueError, match="bias is on meta but q is on cpu"):
+    with pytest.raises(ValueError, match="bias tensor is on meta but q is on cpu"):
         ak.attention(q, k, v, bias=torch.zeros(8, 8, device="meta"))
     with pytest.raises(ValueError, match=r"bias of shape \(3, 8\) cannot broadcast"):
         ak.attention(q, k, v, bias=torch.zeros(3, 8))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .bias import Bias, DenseBias, row_stabilized
-from .masks import Mask, dense_mask
+from .bias import Bias, DenseBias, SumBias, row_stabilized
+from .masks import Dense, Mask, dense_mask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -80,6 +80,29 @@ def _normalize_mask(mask: object) -> Mask | None:
                     f"got {type(mask).__name__}")
 
 
+def _dense_parts(x: object) -> list[tuple[str, Tensor]]:
+    """The (Nq x Nk-sized) user tensors inside a mask or bias expression: dense masks, dense biases."""
+    if isinstance(x, Dense):
+        return [("mask", x.tensor)]
+    if isinstance(x, DenseBias):
+        return [("bias", x.tensor)]
+    children = [getattr(x, name) for name in ("a", "b") if isinstance(getattr(x, name, None), Mask)]
+    children += list(x.parts) if isinstance(x, SumBias) else []
+    return [part for child in children for part in _dense_parts(child)]
+
+
+def _check_devices(q: Tensor, *exprs: object) -> None:
+    """One rule for masks and biases: a dense tensor must already be on q's device (a silent copy of
+    an Nq x Nk tensor on every call is a cost the caller should see). The small tensors structured
+    masks and biases hold (lengths, document ids, indices, slopes) follow q's device by themselves."""
+    for expr in exprs:
+        for name, t in _dense_parts(expr):
+            if t.device != q.device:
+                raise ValueError(f"{name} tensor is on {t.device} but q is on {q.device}; move it once with "
+                                 f"{name}.to({str(q.device)!r}) (attnkit does not copy Nq x Nk tensors "
+                                 "between devices on every call)")
+
+
 def _normalize_bias(bias: object, q: Tensor) -> Bias | None:
     if bias is None or isinstance(bias, Bias):
         return bias
@@ -87,8 +110,6 @@ def _normalize_bias(bias: object, q: Tensor) -> Bias | None:
         if not bias.is_floating_point():
             raise TypeError(f"bias tensor has dtype {bias.dtype}; a bias is an additive float tensor "
                             "(pass a bool tensor as mask=)")
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device} but q is on {q.device}; move it with .to()")
         return DenseBias(bias)
     raise TypeError(f"bias must be None, a float tensor or a structured bias (ak.alibi), got {type(bias).__name__}")
 
@@ -113,6 +134,7 @@ def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_l
     Nk = k.shape[2]
     mask_n = _normalize_mask(mask)
     bias_n = _normalize_bias(bias, q)
+    _check_devices(q, mask_n, bias_n)
     if mask_n is not None:
         mask_n.check(B, Hq, Nq, Nk)
     lse_shift = None

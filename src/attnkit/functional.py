@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import warnings
 
 import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import validate
+from ._validate import _check_tensors, _normalize_bias, _normalize_mask, validate
 from .bias import Bias
 from .masks import Mask
 from .ops import reference as _reference
@@ -42,10 +45,41 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
         _dispatch.check_impl_name(impl)
         out, lse = _empty_attention(call.q, call.k, call.v)
     else:
-        out, lse = _dispatch.choose(call, impl).run(call)
+        backend = _dispatch.choose(call, impl)
+        if impl == "auto":
+            _warn_if_materializing(call, backend.name)
+        out, lse = backend.run(call)
     if return_lse and call.lse_shift is not None:  # the rows validate shifted (DenseBias.stabilized)
         lse = lse + call.lse_shift.to(lse.dtype)
     return (out, lse) if return_lse else out
+
+
+class MaterializationWarning(UserWarning):
+    """``impl="auto"`` ran a long call on a backend that builds the (B, Hq, Nq, Nk) score matrix."""
+
+
+MATERIALIZE_WARN_ELEMENTS = 1 << 24  # B*Hq*Nq*Nk from which auto says so (64 MiB of float32 scores)
+_warned: set[tuple[str, ...]] = set()
+
+
+def _warn_if_materializing(call, chosen: str) -> None:
+    """Once per distinct set of reasons: auto fell back to the reference, which is O(Nq * Nk)."""
+    B, Hq, Nq, Nk = call.q.shape[0], call.q.shape[1], call.q.shape[2], call.k.shape[2]
+    if chosen != "reference" or B * Hq * Nq * Nk < MATERIALIZE_WARN_ELEMENTS:
+        return
+    why = _dispatch.auto_reasons(call)
+    faster = {name: why[name] for name in _dispatch.AUTO_ORDER if name != "reference"}
+    key = tuple(faster.values())
+    if key in _warned:
+        return
+    _warned.add(key)
+    gib = B * Hq * Nq * Nk * 4 / 2 ** 30
+    warnings.warn(
+        f"ak.attention(impl='auto') runs this call on 'reference', which materializes the (B, Hq, Nq, Nk) = "
+        f"({B}, {Hq}, {Nq}, {Nk}) score matrix ({gib:.2f} GiB in float32) because no fast backend can: "
+        + "; ".join(f"{n}: {r}" for n, r in faster.items())
+        + ". Shown once per reason; ak.explain(q, k, v, ...) lists every backend.",
+        MaterializationWarning, stacklevel=3)
 
 
 def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,31 +93,79 @@ def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor | None = None, *, mask: Mask | Tensor | None = None,
-                      bias: Bias | Tensor | None = None, scale: float | None = None) -> Tensor:
+                      bias: Bias | Tensor | None = None, scale: float | None = None,
+                      rows: Sequence[int] | Tensor | None = None, num_queries: int | None = None) -> Tensor:
     """The attention probabilities (B, Hq, Nq, Nk) from the reference path (materialized).
 
     ``v`` is only used for shape checks and may be None. Rows that may attend nowhere are 0.
+
+    ``rows``: the positions, among ``num_queries`` queries (default Nk: self-attention), of the
+    Nq rows q holds. Without it q's rows are the *last* Nq queries (bottom-right alignment, what a
+    KV cache needs), so ``attention_weights(q[:, :, :16], k, mask=ak.causal())`` is the causal
+    map of the last 16 positions; ``rows=range(16)`` gives the first 16. The mask and bias are
+    checked against, and evaluated on, the full (num_queries, Nk) problem.
+
+    Raises:
+        ValueError: rows not of length Nq, outside [0, num_queries), or num_queries < 1; the
+            errors of ``ak.attention`` for the tensors, mask and bias.
     """
     v_check = v if v is not None else k
+    if rows is not None or num_queries is not None:
+        mask, bias = _on_rows(q, k, mask, bias, rows, num_queries)
     call = validate(q, k, v_check, mask=mask, bias=bias, scale=scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to normalize: an empty map
+        return q.new_zeros(*q.shape[:3], k.shape[2])
     return _reference.attention_weights(call.q, call.k, call.mask, call.bias, call.scale).to(q.dtype)
+
+
+def _on_rows(q: Tensor, k: Tensor, mask, bias, rows, num_queries) -> tuple[Tensor | None, Tensor | None]:
+    """The mask and bias of the full (num_queries, Nk) problem evaluated on ``rows``: dense
+    (Bm, Hm, Nq, Nk) bool and float tensors."""
+    _check_tensors(q, k, k)
+    Nq, Nk = q.shape[2], k.shape[2]
+    total = Nk if num_queries is None else num_queries
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"num_queries must be an int >= 1 (the full query count rows index into), got {total!r}")
+    idx = torch.arange(Nk - Nq, Nk) if rows is None else torch.as_tensor(rows, dtype=torch.long).flatten()
+    if idx.numel() != Nq:
+        raise ValueError(f"rows has {idx.numel()} positions but q holds Nq={Nq} rows; give one position per row")
+    if Nq and (int(idx.min()) < 0 or int(idx.max()) >= total):
+        raise ValueError(f"rows must lie in [0, num_queries={total}), got min={int(idx.min())} max={int(idx.max())}")
+    idx, cols = idx.to(q.device), torch.arange(Nk, device=q.device)
+    B, Hq = q.shape[:2]
+    mask_n, bias_n = _normalize_mask(mask), _normalize_bias(bias, q)
+    if mask_n is not None:
+        mask_n.check(B, Hq, total, Nk)
+    if bias_n is not None:
+        bias_n.check(B, Hq, total, Nk)
+    return (None if mask_n is None else mask_n.evaluate(idx, cols, total, Nk),
+            None if bias_n is None else bias_n.evaluate(idx, cols, total, Nk))
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """What ``impl="auto"`` would pick for a call and why each backend can or cannot run it."""
+    """What ``impl="auto"`` would pick for a call and why it passes over each other backend.
+
+    ``reasons[name]`` is None for the backend auto may take, else why auto does not take it;
+    ``runnable[name]`` says whether ``impl=name`` would run the call anyway (auto passed over it
+    as slower) or refuse it.
+    """
 
     chosen: str
     reasons: dict[str, str | None]
     shape: dict[str, int]
+    runnable: dict[str, bool]
 
     def __str__(self) -> str:
         dims = " ".join(f"{k}={v}" for k, v in self.shape.items())
         lines = [f"call: {dims}", f"auto picks: {self.chosen}"]
         for name, reason in self.reasons.items():
-            mark = "yes" if reason is None else "no "
-            lines.append(f"  {name:<10} {mark}  {_dispatch.BACKENDS[name].summary}"
-                         + ("" if reason is None else f"\n  {'':<10}      why not: {reason}"))
+            mark = "yes " if reason is None else "skip" if self.runnable[name] else "no  "
+            lines.append(f"  {name:<10} {mark}  {_dispatch.BACKENDS[name].summary}")
+            if reason is not None and self.runnable[name]:
+                lines.append(f"  {'':<10}       auto passes over it: {reason} (impl={name!r} runs it)")
+            elif reason is not None:
+                lines.append(f"  {'':<10}       why not: {reason}")
         return "\n".join(lines)
 
 
@@ -96,5 +178,6 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, bias=None, scale=None
             return_lse: bool = False) -> Explanation:
     """List every backend with whether it can run this call and why not; prints nicely."""
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
-    return Explanation(_dispatch.choose(call, "auto").name, _dispatch.auto_reasons(call), call.shape)
+    runnable = {name: reason is None for name, reason in _dispatch.reasons(call).items()}
+    return Explanation(_dispatch.choose(call, "auto").name, _dispatch.auto_reasons(call), call.shape, runnable)
 

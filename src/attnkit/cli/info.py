@@ -31,7 +31,6 @@ def run_info() -> int:
     print("\nbackends:")
     for name, summary in ak.backends().items():
         print(f"  {name:<10} {summary}")
-    print("  triton     not built yet (GPU kernels come in a later release)")
     for title, call in _probe_calls().items():
         print(f"\n== {title}")
         print(ak.explain(**call))
