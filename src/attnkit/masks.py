@@ -71,7 +71,8 @@ class Tiling:
 def check_broadcastable(name: str, t: Tensor, target: tuple[int, int, int, int]) -> None:
     """A mask or bias must broadcast *to* (B, H, Nq, Nk) (torch's rules, aligned right)."""
     if t.dim() > 4:
-        raise ValueError(f"{name} has {t.dim()} dims; expected at most 4 (B, H, Nq, Nk)")
+        raise ValueError(f"{name} has {t.dim()} dims; expected at most 4 (B, H, Nq, Nk) = {target}, got {name} "
+                         f"of shape {tuple(t.shape)}; drop or merge the extra leading dims")
     padded = (1,) * (4 - t.dim()) + tuple(t.shape)
     if any(s not in (1, n) for s, n in zip(padded, target)):
         raise ValueError(f"{name} of shape {tuple(t.shape)} cannot broadcast to (B, H, Nq, Nk) = {target}; "
