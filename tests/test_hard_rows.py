@@ -289,3 +289,27 @@ def test_half_gradients_within_flash_attentions_bound(Nq, Nk, mask, dtype, impl)
     assert _err(out, o_out) <= 2 * _err(n_out, o_out), "out"
     for name, a, o, n in zip(("dq", "dk", "dv"), got, o_g, n_g):
         assert _err(a, o) <= 3 * _err(n, o), f"{name}: {_err(a, o):.3g} > 3 x {_err(n, o):.3g}"
+
+
+HALF_EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+@pytest.mark.parametrize("impl", ["tiled", "banded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask", [ak.causal() & ak.sliding_window(200, 0), ak.sliding_window(40) | ak.global_tokens([3])],
+                         ids=["causal-window", "window-global"])
+def test_half_gradients_are_the_float32_gradients_rounded_once(mask, dtype, impl):
+    """The same call on the same (half-rounded) values in float32, rounded to the half type at the
+    end, is what a half-precision backward must return: partials summed in float32, one rounding."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dout = (torch.randn(1, 2, 2049, 64, generator=g).to(dtype) for _ in range(4))
+    half = [t.clone().requires_grad_() for t in (q, k, v)]
+    wide = [t.float().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(ak.attention(*half, mask=mask, impl=impl), half, dout)
+    want = torch.autograd.grad(ak.attention(*wide, mask=mask, impl=impl), wide, dout.float())
+    # dk and dv: sums over every query block of the partials; rounded once, each sits within half an
+    # ulp (of the tensor's largest entry) of the float32 result; rounding every partial doubled that.
+    # (dq also goes through the forward's output in the half type, as in FlashAttention: not compared.)
+    for name, a, w in zip(("dk", "dv"), got[1:], want[1:]):
+        ulps = (a.float() - w.to(dtype).float()).abs().max() / (w.abs().max() * HALF_EPS[dtype])
+        assert ulps <= 0.6, f"{name}: {ulps:.2f} half ulps from the float32 gradient rounded once"
