@@ -140,16 +140,19 @@ class RowShiftedBias(Bias):
         return repr(self.base)
 
 
-def _may_be_huge(bias: Bias, Nq: int, Nk: int) -> bool:
-    """False when no entry of the bias can exceed SHIFT_THRESHOLD in magnitude (cheap checks only)."""
+def _may_be_huge(bias: Bias) -> bool:
+    """True when a dense part of the bias holds a finite entry beyond SHIFT_THRESHOLD in magnitude.
+
+    Structured biases are not searched: ALiBi's largest entry in a row is 0, at the query's own
+    position, which a query sees under every mask but the rarest; looking would cost Nq x Nk
+    evaluations on exactly the long sequences structured biases exist for.
+    """
     if isinstance(bias, DenseBias):
         t = bias.tensor.detach()
         return bool((torch.isfinite(t) & (t.abs() > SHIFT_THRESHOLD)).any())
-    if isinstance(bias, Alibi):
-        return float(bias.slopes.detach().abs().max()) * max(Nq, Nk) > SHIFT_THRESHOLD
     if isinstance(bias, SumBias):
-        return any(_may_be_huge(part, Nq, Nk) for part in bias.parts)
-    return True  # an unknown kind: look
+        return any(_may_be_huge(part) for part in bias.parts)
+    return False
 
 
 def _visible_row_max(bias: Bias, mask, Nq: int, Nk: int, device) -> Tensor:
@@ -180,11 +183,12 @@ def row_stabilized(bias: Bias | None, mask, Nq: int, Nk: int, device) -> tuple[B
     is 0 and every kernel sees ordinary scores; q k^T keeps its precision, which the plain formula
     in float32 (and at finfo.min even in float64) rounds away: the result is the exact
     softmax(q k^T * scale + bias) of real arithmetic. Only rows whose visible max exceeds
-    SHIFT_THRESHOLD in magnitude move; looking for them costs one pass over the bias when it holds
-    such values (Nq x Nk evaluations, in chunks), nothing otherwise. The shift is detached: the
+    SHIFT_THRESHOLD in magnitude move; looking for them costs one pass over the bias's entries, and,
+    when a dense bias holds such values and a mask or other parts come with it, one pass over the
+    Nq x Nk (mask, bias) pairs in chunks of rows; nothing more otherwise. The shift is detached: the
     output does not depend on it, and the lse's gradient reaches the bias through the shifted bias.
     """
-    if bias is None or not _may_be_huge(bias, Nq, Nk):
+    if bias is None or not _may_be_huge(bias):
         return bias, None
     if mask is None and isinstance(bias, DenseBias):
         t = bias.tensor.detach()
