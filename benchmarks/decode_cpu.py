@@ -1,6 +1,6 @@
 """KV-cache decoding on the CPU: attnkit's DecoderLM against transformers' LlamaForCausalLM, same weights.
 
-    python benchmarks/decode_cpu.py [--batches 1,8] [--prompt 128] [--new 128] [--reps 3]
+    python benchmarks/decode_cpu.py [--batches 1,8] [--prompt 128] [--new 128] [--reps 5]
         [--out-dir benchmarks/results]
 
 Model: a randomly initialised Llama (hidden 512, 8 layers, 8 query heads, 2 KV heads, head dim 64,
@@ -16,7 +16,8 @@ and the prefill alone (one forward over a 2048-token prompt, B=1) for attnkit an
 Method: the tokens of every contender are compared with attnkit_cache's before timing (a mismatch
 is recorded, not timed; this run is also the warm-up); then ``--reps`` timed runs per contender,
 alternating between contenders so that the machine's drift hits all alike; medians reported, as
-generated tokens per second (B * new / seconds). Outputs: ``<out-dir>/decode_cpu_<YYYY-MM-DDTHHMM>.{json,md}``.
+generated tokens per second (B * new / seconds). Outputs: ``<out-dir>/decode_cpu_<YYYY-MM-DDTHHMM>.{json,md}``,
+written at the end; ``--out-dir`` is created if missing (or refused, if it cannot be) before the models are built.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ import argparse
 import datetime as _dt
 import json
 import statistics
+import sys
 import time
-from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attnkit.bench.cpu import header
+from attnkit.bench.cpu import CommaList, header
+from attnkit.cli._paths import OutputPathError, prepare_output_dir
 from attnkit.pretrained import load_llama
 
 CONFIG = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
@@ -126,22 +129,38 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options; list options are comma-separated (``--batches 1,8``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out-dir", default="benchmarks/results")
-    args = ap.parse_args()
+    ap.add_argument("--batches", metavar="B,...", type=CommaList(int), default=(1, 8),
+                    help="batch sizes, comma-separated (default 1,8)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    ap.add_argument("--new", type=int, default=128, help="tokens generated per prompt (default 128)")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per contender (default 5)")
+    ap.add_argument("--out-dir", default="benchmarks/results",
+                    help="where the JSON/markdown go; created if missing, before the models are built "
+                         "(default benchmarks/results)")
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # before any work: the results are written only at the end of the run
+        out = prepare_output_dir(args.out_dir, "--out-dir")
+    except OutputPathError as e:
+        print(f"decode_cpu.py: error: {e}", file=sys.stderr)
+        return 2
     result = run(args)
     stamp = _dt.datetime.now().strftime("%Y-%m-%dT%H%M")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"decode_cpu_{stamp}.json").write_text(json.dumps(result, indent=1))
     (out / f"decode_cpu_{stamp}.md").write_text(markdown(result))
     print(markdown(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,8 @@ import torch
 import torch.nn.functional as F
 
 import attnkit as ak
+from attnkit.bench.cpu import CommaList
+from attnkit.cli._paths import OutputPathError, prepare_output_dir
 from attnkit.ops import flash_triton
 from attnkit.ops.flash_triton import default_blocks, make_plan, triton_attention
 from attnkit.viz.capture import AttentionRecord
@@ -268,26 +271,49 @@ def tune_markdown(rows: list, device: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+KINDS = ("dense", "causal", "longformer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options; list options are comma-separated (``--ns 65536,131072``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N up to 4096 only")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                   help="directory for the JSON, .jsonl and markdown; created if missing, before any case "
+                        "(default benchmarks/results)")
     p.add_argument("--tune", action="store_true", help="sweep attnkit's blocks, warps and stages instead")
     p.add_argument("--acceptance", action="store_true",
                    help="only the issue's acceptance cases: Longformer N=65536, dense D=128 N=16384, causal D=64 N=16384")
-    p.add_argument("--kinds", default="dense,causal,longformer", help="comma-separated subset of the cases")
-    p.add_argument("--ns", default=None, help="comma-separated sequence lengths instead of each kind's defaults")
-    p.add_argument("--ds", default="64,128", help="head dims of the dense and causal cases")
-    args = p.parse_args()
-    kinds = args.kinds.split(",")
-    unknown = set(kinds) - {"dense", "causal", "longformer"}
-    if unknown:
-        raise SystemExit(f"--kinds: unknown {sorted(unknown)}; choose from dense, causal, longformer")
-    ns = tuple(int(n) for n in args.ns.split(",")) if args.ns else None
+    p.add_argument("--kinds", metavar="KIND,...", type=CommaList(str), default=KINDS,
+                   help="subset of the cases, comma-separated, from {" + ",".join(KINDS) + "} (default all)")
+    p.add_argument("--ns", metavar="N,...", type=CommaList(int), default=None,
+                   help="sequence lengths, comma-separated, instead of each kind's defaults")
+    p.add_argument("--ds", metavar="D,...", type=CommaList(int), default=(64, 128),
+                   help="head dims of the dense and causal cases, comma-separated (default 64,128)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if unknown := sorted(set(args.kinds) - set(KINDS)):
+        p.error(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # before any work (and before the device check): rows are appended to it as they are measured
+        out = prepare_output_dir(args.out, "--out")
+    except OutputPathError as e:
+        print(f"gpu.py: error: {e}", file=sys.stderr)
+        return 2
+    kinds = args.kinds
+    ns = args.ns or None
     dense_n = ns or ((1024, 4096) if args.quick else (1024, 4096, 16384))
     lf_n = ns or ((4096,) if args.quick else (4096, 16384, 65536, 131072))
-    cases = [(kind, N, int(D), 16) for kind in ("dense", "causal") if kind in kinds
-             for D in args.ds.split(",") for N in dense_n]
+    cases = [(kind, N, D, 16) for kind in ("dense", "causal") if kind in kinds
+             for D in args.ds for N in dense_n]
     cases += [("longformer", N, 64, 12) for N in lf_n if "longformer" in kinds]
     if args.acceptance:
         cases = [("longformer", 65536, 64, 12), ("dense", 16384, 128, 16), ("causal", 16384, 64, 16)]
@@ -297,8 +323,6 @@ def main() -> None:
     device = torch.cuda.get_device_name(dev)
     rows: list = []
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / f"gpu_{stamp}.jsonl"
     if args.tune:
         cases = ([("longformer", 4096, 64, 12)] if args.quick else
@@ -307,14 +331,15 @@ def main() -> None:
         (out / f"tune_{stamp}.json").write_text(json.dumps({"device": device, "date": stamp, "rows": rows}, indent=1))
         (out / f"tune_{stamp}.md").write_text(tune_markdown(rows, device))
         print(tune_markdown(rows, device))
-        return
+        return 0
     for kind, N, D, H in cases:
         measure(kind, N, D, H, dev, rows, log_path)
     meta = {"date": stamp, "device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
     (out / f"gpu_{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"gpu_{stamp}.md").write_text(markdown(rows, device))
     print(markdown(rows, device))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

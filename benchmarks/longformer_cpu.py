@@ -46,7 +46,9 @@ Method, for every (mode, N, contender):
     projections of hf/attnkit_module are not counted. The fp32 GEMM ceiling is the median of
     2048^3 matmuls (``2*2048^3`` FLOPs each), measured at the start and the end; the larger counts.
 Outputs: ``<out-dir>/longformer_cpu_<YYYY-MM-DDTHHMM>.json`` (every raw time, memory, machine) and
-``.md``, rewritten after each measurement so a killed run keeps what it measured.
+``.md``, rewritten after each measurement so a killed run keeps what it measured. ``--out-dir`` is
+created if missing (or refused, if it cannot be) before anything is measured. List options are
+comma-separated.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnkit as ak
-from attnkit.bench.cpu import cpu_model
+from attnkit.bench.cpu import CommaList, cpu_model
 from attnkit.bench.process import peak_rss_mb, reset_peak_rss
+from attnkit.cli._paths import OutputPathError, prepare_output_dir
 
 B, H, D, W, G = 1, 12, 64, 256, 16
 HIDDEN = H * D
@@ -717,20 +720,28 @@ def run(args: argparse.Namespace) -> dict:
     return doc
 
 
-def _csv(kind: Callable[[str], object]) -> Callable[[str], tuple]:
-    return lambda s: tuple(kind(x.strip()) for x in s.split(",") if x.strip())
+def _choices(names: Sequence[str]) -> str:
+    return "{" + ",".join(names) + "}"  # as argparse shows choices
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options; list options are comma-separated (``--ns 4096,16384``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ns", type=_csv(int), default=(4096, 16384, 65536), help="sequence lengths, all contenders")
-    p.add_argument("--attnkit-only-ns", type=_csv(int), default=(131072,), help="lengths for attnkit contenders only")
+    p.add_argument("--ns", metavar="N,...", type=CommaList(int), default=(4096, 16384, 65536),
+                   help="sequence lengths for every contender, comma-separated (default 4096,16384,65536)")
+    p.add_argument("--attnkit-only-ns", metavar="N,...", type=CommaList(int), default=(131072,),
+                   help=f"sequence lengths for the attnkit contenders only ({', '.join(ATTNKIT)}), "
+                        "comma-separated (default 131072)")
     p.add_argument("--reps", type=int, default=3, help="timed calls per case at most (after one warm-up)")
     p.add_argument("--case-budget-s", type=float, default=15.0,
                    help="fewer timed calls when the warm-up says they would take longer than this")
-    p.add_argument("--modes", type=_csv(str), default=MODES, help="fwd and/or fwd+bwd")
-    p.add_argument("--contenders", type=_csv(str), default=CONTENDERS, help=", ".join(CONTENDERS))
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--modes", metavar="MODE,...", type=CommaList(str), default=MODES,
+                   help=f"passes, comma-separated, from {_choices(MODES)} (default {','.join(MODES)})")
+    p.add_argument("--contenders", metavar="NAME,...", type=CommaList(str), default=CONTENDERS,
+                   help=f"comma-separated, from {_choices(CONTENDERS)} (default all)")
+    p.add_argument("--out-dir", default="benchmarks/results",
+                   help="where the JSON/markdown go; created if missing, before any measurement "
+                        "(default benchmarks/results)")
     p.add_argument("--sdpa-max-n", type=int, default=16384, help="largest N for the dense-mask SDPA")
     p.add_argument("--hf-bwd-max-n", type=int, default=16384, help="largest N for HF forward+backward")
     p.add_argument("--module-impl", default="auto", help="impl of attnkit_module (from_hf(..., impl=))")
@@ -739,6 +750,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="address-space limit of this process, so running out of memory is a row (0: none)")
     p.add_argument("--globals", choices=list(GLOBAL_LAYOUTS), default="prefix",
                    help="where the G global tokens sit: " + "; ".join(f"{k}: {v}" for k, v in GLOBAL_LAYOUTS.items()))
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed options (sets GLOBALS); unknown contender or mode names are an argparse error."""
+    p = build_parser()
     args = p.parse_args(argv)
     global GLOBALS
     GLOBALS = args.globals
@@ -750,6 +767,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # before any work: a path that cannot be used is refused now, not after the first case
+        prepare_output_dir(args.out_dir, "--out-dir")
+    except OutputPathError as e:
+        print(f"longformer_cpu.py: error: {e}", file=sys.stderr)
+        return 2
     limit_address_space(args.as_limit_gb)
     print(f"Longformer CPU benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"N={list(args.ns)} (+{list(args.attnkit_only_ns)} attnkit only), modes {list(args.modes)}", flush=True)
