@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit import functional
+from attnkit import _dispatch, functional
+from attnkit._validate import validate
 
 IMPLS = ["auto", "reference", "sdpa", "tiled", "banded", "triton"]
 
@@ -25,7 +26,8 @@ def qkv(B=1, H=2, N=8, Nk=None, D=8):
 
 # -- 5: numbers of any type, nested tensors, empty sequences ------------------------------------------
 
-@pytest.mark.parametrize("scale", [np.float32(0.35), np.float64(0.35), np.int64(1), torch.tensor(0.35), 1, 0.35],
+@pytest.mark.parametrize("scale", [np.float32(0.35), np.float64(0.35), np.int64(1), np.array(0.35), torch.tensor(0.35),
+                                   1, 0.35],
                          ids=lambda s: type(s).__name__)
 def test_scale_of_any_real_type(scale):
     q, k, v = qkv()
@@ -71,11 +73,16 @@ def test_nested_tensors_are_refused_with_what_to_do(which):
 def test_empty_sequences_give_torchs_answer(Nq, Nk, mask, impl):
     """Nq = 0: an empty output; Nk = 0: every query sees no key, out = 0 and lse = -inf (torch's SDPA
     gives the same), with zero gradients of the right shapes."""
-    q = torch.randn(2, 4, Nq, 8, requires_grad=True)
-    k, v = torch.randn(2, 2, Nk, 8, requires_grad=True), torch.randn(2, 2, Nk, 6, requires_grad=True)
+    q = torch.randn(2, 4, Nq, 16, requires_grad=True)
+    k, v = torch.randn(2, 2, Nk, 16, requires_grad=True), torch.randn(2, 2, Nk, 16, requires_grad=True)
+    why = None if impl == "auto" else _dispatch.BACKENDS[impl].why_not(validate(q, k, v, mask=mask, need_lse=True))
+    if why:  # an explicit impl refuses what it could not run at any length
+        with pytest.raises(ValueError, match="cannot run this call"):
+            ak.attention(q, k, v, mask=mask, impl=impl, return_lse=True)
+        return
     out, lse = ak.attention(q, k, v, mask=mask, impl=impl, return_lse=True)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    assert out.shape == want.shape == (2, 4, Nq, 6) and lse.shape == (2, 4, Nq)
+    assert out.shape == want.shape == (2, 4, Nq, 16) and lse.shape == (2, 4, Nq)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     if Nq:
         assert torch.equal(want, torch.zeros_like(want))  # torch agrees: a query with no key gives 0
@@ -89,22 +96,67 @@ def test_empty_sequences_still_check_impl_and_weights():
     with pytest.raises(ValueError, match="impl='fast' is not a backend"):
         ak.attention(q, k, v, impl="fast")
     assert ak.attention_weights(q, k).shape == (1, 1, 3, 0)
+    assert ak.attention(q[:, :, :0], k, v, mask=ak.document(torch.zeros(0, dtype=torch.long))).shape == (1, 1, 0, 4)
+
+
+@pytest.mark.parametrize("impl,kwargs,reason", [
+    ("banded", {}, "banded needs a sliding window"),
+    ("tiled", dict(bias=torch.zeros(3, 0, requires_grad=True)), "tiled does not compute the bias gradient"),
+    ("triton", dict(bias=torch.zeros(3, 0)), "impl='triton' cannot run this call"),
+])
+def test_an_explicit_impl_refuses_an_empty_call_it_could_not_run(impl, kwargs, reason):
+    """An explicit impl never falls back, not even to the empty closed form."""
+    q, k, v = torch.randn(1, 1, 3, 16), torch.randn(1, 1, 0, 16), torch.randn(1, 1, 0, 16)
+    with pytest.raises(ValueError, match=reason):
+        ak.attention(q, k, v, impl=impl, **kwargs)
 
 
 # -- 6: auto's fallback says so; explain tells "skipped" from "cannot" --------------------------------
 
-def test_auto_falling_back_to_the_reference_warns_once(monkeypatch):
-    monkeypatch.setattr(functional, "_warned", set())
-    q, k, v = qkv(H=4, N=2048, D=16)
-    mask = ak.document(torch.arange(2048) // 500)
+def _dropout_call(N=2048, **kw):
+    q, k, v = qkv(H=4, N=N, D=16)
+    return dict(q=q, k=k, v=v, mask=ak.document(torch.arange(N) // 500), dropout_p=0.1, **kw)
+
+
+def _materialization_warnings(calls) -> list[warnings.WarningMessage]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ak.attention(q, k, v, mask=mask, dropout_p=0.1)
-        ak.attention(q, k, v, mask=mask, dropout_p=0.1)
-    msgs = [str(w.message) for w in caught if issubclass(w.category, ak.MaterializationWarning)]
-    assert len(msgs) == 1, msgs
-    assert "'reference', which materializes the (B, Hq, Nq, Nk) = (1, 4, 2048, 2048)" in msgs[0]
-    assert "tiled: dropout_p=0.1: tiled does not implement dropout" in msgs[0]
+        for call in calls:
+            ak.attention(**call)
+    return [w for w in caught if issubclass(w.category, ak.MaterializationWarning)]
+
+
+def test_dropout_with_a_structured_mask_takes_sdpa_not_the_reference(monkeypatch):
+    """Neither tiled nor banded runs dropout: auto takes torch's SDPA with the mask materialized as
+    bool (cheaper than the reference's float score matrix) and says so once, whatever N."""
+    monkeypatch.setattr(functional, "_warned", set())
+    assert ak.explain(**_dropout_call()).chosen == "sdpa"
+    caught = _materialization_warnings([_dropout_call(), _dropout_call(), _dropout_call(N=2300)])
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    msg = str(caught[0].message)
+    assert "runs this call on 'sdpa', which materializes a (B, Hq, Nq, Nk) = (1, 4, 2048, 2048) bool mask" in msg
+    assert "tiled: dropout_p=0.1: tiled does not implement dropout" in msg
+    assert caught[0].filename == __file__  # points at the caller, not into attnkit
+
+
+def test_the_reference_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(functional, "_warned", set())
+    call = _dropout_call(return_lse=True)  # sdpa's lse kernel takes no dropout: only the reference runs it
+    assert ak.explain(**{k: v for k, v in call.items()}).chosen == "reference"
+    caught = _materialization_warnings([call, call])
+    assert len(caught) == 1 and "on 'reference', which materializes" in str(caught[0].message)
+
+
+def test_the_warning_points_at_user_code_through_modules(monkeypatch):
+    from attnkit import nn as aknn
+    monkeypatch.setattr(functional, "_warned", set())
+    mha = aknn.MultiHeadAttention(64, 4, dropout=0.1).train()
+    x = torch.randn(1, 2048, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mha(x, mask=ak.document(torch.arange(2048) // 500))
+    mine = [w for w in caught if issubclass(w.category, ak.MaterializationWarning)]
+    assert len(mine) == 1 and mine[0].filename == __file__, [(w.filename, w.lineno) for w in mine]
 
 
 def test_small_or_fast_calls_do_not_warn(monkeypatch):
@@ -112,19 +164,19 @@ def test_small_or_fast_calls_do_not_warn(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ak.MaterializationWarning)
         q, k, v = qkv(N=64)
-        ak.attention(q, k, v, mask=ak.document(torch.arange(64) // 20), dropout_p=0.1)  # small: reference is fine
+        ak.attention(q, k, v, mask=ak.document(torch.arange(64) // 20), dropout_p=0.1)  # small: fine
         q, k, v = qkv(H=4, N=2048, D=16)
         ak.attention(q, k, v, mask=ak.document(torch.arange(2048) // 500))  # no dropout: tiled
 
 
 def test_explain_marks_backends_auto_skips_apart_from_those_that_cannot_run():
     q, k, v = qkv(H=4, N=2048, D=16)
-    e = ak.explain(q, k, v, mask=ak.document(torch.arange(2048) // 500), dropout_p=0.1)
+    e = ak.explain(q, k, v, mask=ak.document(torch.arange(2048) // 500))
     lines = {line.split()[0]: line.split()[1] for line in str(e).splitlines()[2:] if not line.startswith("      ")}
-    assert e.chosen == "reference" and lines["reference"] == "yes"
+    assert e.chosen == "tiled" and lines["tiled"] == "yes"
     assert lines["sdpa"] == "skip" and e.runnable["sdpa"]  # impl='sdpa' runs it: auto only passes over it
-    ak.attention(q, k, v, mask=ak.document(torch.arange(2048) // 500), dropout_p=0.1, impl="sdpa")
-    assert lines["tiled"] == "no" and not e.runnable["tiled"]
+    ak.attention(q, k, v, mask=ak.document(torch.arange(2048) // 500), impl="sdpa")
+    assert lines["banded"] == "no" and not e.runnable["banded"]
     assert "auto passes over it" in str(e) and "(impl='sdpa' runs it)" in str(e)
 
 
@@ -150,6 +202,12 @@ def test_one_device_rule_for_dense_masks_and_biases(kwargs):
     what = "mask" if "mask" in kwargs else "bias"
     with pytest.raises(ValueError, match=rf"{what} tensor is on meta but q is on cpu; move it once with {what}.to"):
         ak.attention(q, k, v, **kwargs)
+
+
+def test_attention_weights_of_rows_follows_the_device_rule():
+    q, k, _ = qkv(N=12)
+    with pytest.raises(ValueError, match="mask tensor is on meta but q is on cpu"):
+        ak.attention_weights(q[:, :, :2], k, mask=torch.ones(12, 12, dtype=torch.bool, device="meta"), rows=[0, 1])
 
 
 def test_subpackages_load_lazily_as_attributes():
@@ -185,6 +243,8 @@ def test_attention_weights_default_rows_are_the_last_ones():
 
 
 @pytest.mark.parametrize("rows,num_queries,message", [
+    ([0.5, 1.7, 2.0], None, "rows must be integer positions"),
+    ([True, False, True], None, "rows must be integer positions"),
     ([0, 1], None, "rows has 2 positions but q holds Nq=3 rows"),
     ([0, 1, 12], None, r"rows must lie in \[0, num_queries=12\)"),
     ([0, 1, 2], 0, "num_queries must be an int >= 1"),

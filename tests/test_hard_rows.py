@@ -67,6 +67,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 ORACLE_ROWS = {
     "finfo.min on every key": (_padding_bias(F32_MIN), 1.0),
     "-2^31 on every key": (_padding_bias(-2.0 ** 31), 1.0),
+    "-1e4 on every key (old BERT padding)": (_padding_bias(-1e4), 1.0),
     "+2^31 on a few keys": (-_padding_bias(-2.0 ** 31), 1.0),
     "logits ~ +-50": (None, 15.0),
     "logits ~ +-2000": (None, 600.0),
@@ -143,6 +144,7 @@ NO_GRAD = {"sdpa-lse"}
 HARD = {  # name: (bias, mask, logit standard deviation)
     "finfo.min padding bias": (_padding_bias(F32_MIN), None, 1.0),
     "-2^31 padding bias + window": (_padding_bias(-2.0 ** 31), ak.sliding_window(6), 1.0),
+    "-1e4 padding bias + causal": (_padding_bias(-1e4), ak.causal(), 1.0),
     "+2^31 bias on a few keys": (-_padding_bias(-2.0 ** 31), ak.causal(), 1.0),
     "logits +-50, window | global": (None, ak.sliding_window(5) | ak.global_tokens([0, 33]), 15.0),
     "logits +-50, causal": (None, ak.causal(), 15.0),

@@ -150,6 +150,8 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
     why = reasons(c)
     if why["triton"] is None:
         why["triton"] = _triton_auto_why_not(c)
+    if all(why[name] is not None for name in ("triton", "banded", "tiled")):
+        return why  # nothing skips the masked-out pairs: sdpa, even materializing, beats the reference
     if (why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask)
             and not _small_for_triton(c)):
         why["sdpa"] = _sdpa_cuda_why_not(c)

@@ -116,6 +116,9 @@ def _normalize_bias(bias: object, q: Tensor) -> Bias | None:
 
 def _real(name: str, x: object) -> float:
     """A real number of any numeric type (Python, NumPy, a one-element tensor without grad) as a float."""
+    if type(x).__module__ == "numpy" and getattr(x, "shape", None) == () and getattr(x, "dtype", None) is not None \
+            and x.dtype.kind in "iuf":  # a 0-d NumPy array, e.g. np.array(0.35)
+        return float(x)
     if isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool:
         if x.requires_grad:
             raise ValueError(f"{name} is a tensor that requires grad; attnkit computes no gradient for {name}: "

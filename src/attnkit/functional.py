@@ -5,17 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import os
+import sys
 import warnings
 
 import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._validate import _check_tensors, _normalize_bias, _normalize_mask, validate
+from ._validate import _check_devices, _check_tensors, _normalize_bias, _normalize_mask, validate
 from .bias import Bias
 from .masks import Mask
 from .ops import reference as _reference
 from .ops.precision import compute_dtype, expand_kv
+from .ops.sdpa import needs_materializing as _sdpa_needs_materializing
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = None,
@@ -43,6 +46,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
     if q.shape[2] == 0 or k.shape[2] == 0:
         _dispatch.check_impl_name(impl)
+        if impl != "auto":  # an explicit impl still refuses what it cannot run, with its reason
+            _dispatch.choose(call, impl)
         out, lse = _empty_attention(call.q, call.k, call.v)
     else:
         backend = _dispatch.choose(call, impl)
@@ -55,31 +60,47 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
 
 
 class MaterializationWarning(UserWarning):
-    """``impl="auto"`` ran a long call on a backend that builds the (B, Hq, Nq, Nk) score matrix."""
+    """``impl="auto"`` ran a long call on a path that builds an (Nq, Nk) matrix per sequence and head."""
 
 
 MATERIALIZE_WARN_ELEMENTS = 1 << 24  # B*Hq*Nq*Nk from which auto says so (64 MiB of float32 scores)
-_warned: set[tuple[str, ...]] = set()
+_warned: set[tuple] = set()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _materializes(call, chosen: str) -> bool:
+    return chosen == "reference" or (chosen == "sdpa" and _sdpa_needs_materializing(call.q, call.k, call.mask))
 
 
 def _warn_if_materializing(call, chosen: str) -> None:
-    """Once per distinct set of reasons: auto fell back to the reference, which is O(Nq * Nk)."""
+    """Once per backend and set of refusals: auto could only run a long call on a path that builds
+    Nq x Nk (the reference; sdpa with a materialized mask), because no backend that skips the
+    masked-out pairs can run it (dropout with a structured mask, today)."""
     B, Hq, Nq, Nk = call.q.shape[0], call.q.shape[1], call.q.shape[2], call.k.shape[2]
-    if chosen != "reference" or B * Hq * Nq * Nk < MATERIALIZE_WARN_ELEMENTS:
+    if B * Hq * Nq * Nk < MATERIALIZE_WARN_ELEMENTS or not _materializes(call, chosen):
         return
-    why = _dispatch.auto_reasons(call)
-    faster = {name: why[name] for name in _dispatch.AUTO_ORDER if name != "reference"}
-    key = tuple(faster.values())
+    refused = {n: r for n, r in _dispatch.reasons(call).items() if r is not None and n != chosen}
+    key = (chosen, tuple(sorted(refused.items())))
     if key in _warned:
         return
     _warned.add(key)
-    gib = B * Hq * Nq * Nk * 4 / 2 ** 30
+    what = "score matrix" if chosen == "reference" else "bool mask for torch SDPA"
     warnings.warn(
-        f"ak.attention(impl='auto') runs this call on 'reference', which materializes the (B, Hq, Nq, Nk) = "
-        f"({B}, {Hq}, {Nq}, {Nk}) score matrix ({gib:.2f} GiB in float32) because no fast backend can: "
-        + "; ".join(f"{n}: {r}" for n, r in faster.items())
+        f"ak.attention(impl='auto') runs this call on {chosen!r}, which materializes a (B, Hq, Nq, Nk) = "
+        f"({B}, {Hq}, {Nq}, {Nk}) {what}, because the backends that skip masked-out pairs cannot run it: "
+        + "; ".join(f"{n}: {r}" for n, r in refused.items())
         + ". Shown once per reason; ak.explain(q, k, v, ...) lists every backend.",
-        MaterializationWarning, stacklevel=3)
+        MaterializationWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first caller outside attnkit and torch (attnkit's nn modules call
+    ak.attention through torch's Module.__call__)."""
+    inside = (_PACKAGE_DIR + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,6 +139,14 @@ def attention_weights(q: Tensor, k: Tensor, v: Tensor | None = None, *, mask: Ma
     return _reference.attention_weights(call.q, call.k, call.mask, call.bias, call.scale).to(q.dtype)
 
 
+def _positions(rows) -> Tensor:
+    """rows as a 1-D int64 tensor; anything but integers (floats, bools) is refused."""
+    t = torch.as_tensor(list(rows) if isinstance(rows, range) else rows)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"rows must be integer positions (a list, range or integer tensor), got dtype {t.dtype}")
+    return t.long().flatten()
+
+
 def _on_rows(q: Tensor, k: Tensor, mask, bias, rows, num_queries) -> tuple[Tensor | None, Tensor | None]:
     """The mask and bias of the full (num_queries, Nk) problem evaluated on ``rows``: dense
     (Bm, Hm, Nq, Nk) bool and float tensors."""
@@ -126,7 +155,7 @@ def _on_rows(q: Tensor, k: Tensor, mask, bias, rows, num_queries) -> tuple[Tenso
     total = Nk if num_queries is None else num_queries
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"num_queries must be an int >= 1 (the full query count rows index into), got {total!r}")
-    idx = torch.arange(Nk - Nq, Nk) if rows is None else torch.as_tensor(rows, dtype=torch.long).flatten()
+    idx = torch.arange(Nk - Nq, Nk) if rows is None else _positions(rows)
     if idx.numel() != Nq:
         raise ValueError(f"rows has {idx.numel()} positions but q holds Nq={Nq} rows; give one position per row")
     if Nq and (int(idx.min()) < 0 or int(idx.max()) >= total):
@@ -134,6 +163,7 @@ def _on_rows(q: Tensor, k: Tensor, mask, bias, rows, num_queries) -> tuple[Tenso
     idx, cols = idx.to(q.device), torch.arange(Nk, device=q.device)
     B, Hq = q.shape[:2]
     mask_n, bias_n = _normalize_mask(mask), _normalize_bias(bias, q)
+    _check_devices(q, mask_n, bias_n)
     if mask_n is not None:
         mask_n.check(B, Hq, total, Nk)
     if bias_n is not None:

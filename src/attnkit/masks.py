@@ -543,7 +543,7 @@ def document(ids: Tensor | Sequence[int]) -> Mask:
     if t.is_floating_point() or t.dtype == torch.bool or t.dim() not in (1, 2):
         raise ValueError(f"document: expected integer ids of shape (Nk,) or (B, Nk), got "
                          f"dtype={t.dtype} shape={tuple(t.shape)}")
-    return Document(values=t.long().reshape(-1, t.shape[-1]))
+    return Document(values=t.long() if t.dim() == 2 else t.long()[None])  # (B or 1, Nk)
 
 
 def dense_mask(tensor: Tensor) -> Mask:
