@@ -1,6 +1,7 @@
-"""``attnkit viz`` on the real MiniLM: what it says when it cuts the text, the rollout note with
-``--layer``, and its progress bar (on a terminal only). The page's own data is tested in
-test_viz_page.py and in a browser in test_viz_browser.py."""
+"""``attnkit viz`` on the real MiniLM: what it says when it cuts the text (its excerpts cut between
+words), the rollout note with ``--layer``, and its progress bar (on a terminal only). The page's own
+data is tested in test_viz_page.py and in a browser in test_viz_browser.py; the output paths (no
+model) in test_cli_outputs.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from attnkit.cli.main import main
+from attnkit.cli.viz import _ellipsis, _title
 
 pytest.importorskip("tokenizers")
 
@@ -69,10 +71,39 @@ def test_a_cut_text_is_said_on_stderr_and_on_the_page(tmp_path, capsys, tokenize
     assert err.count("attnkit viz: warning: ") == 1, err
     assert f"the text is {len(pieces)} word pieces but the model reads at most 512 positions" in err
     assert "only the first 510 pieces are shown" in err and "Shorten the text or split it" in err
+    # its excerpts of where the text was cut begin and end on word boundaries
+    end, start = re.search(r"up to '\.\.\.(.*?)'; the rest \(\d+ characters from '(.*?)\.\.\.'\)", err).groups()
+    rest = text[len(shown):].strip()
+    assert shown.endswith(" " + end) and rest.startswith(start + " ") and end and start, (end, start)
     # the page: the same warning at the top
     assert len(data["notices"]) == 1 and "only the first 510 pieces are shown" in data["notices"][0]
     assert main(["viz", text, "--png", str(tmp_path / "only.png"), *one]) == 0  # the picture alone warns too
     assert "attnkit viz: warning: the text is" in capsys.readouterr().err
+
+
+WORDS = "the boat drifted slowly past the old mill toward the bank"
+
+
+@pytest.mark.parametrize("text, n, expected", [
+    (WORDS, 10, "the boat..."),  # text[:10] == "the boat d": the cut word goes
+    (WORDS, 8, "the boat..."),  # a cut right at the end of a word keeps it
+    (WORDS, 9, "the boat..."),  # ... and drops the space after it
+    (WORDS, -13, "...the bank"),  # text[-13:] == "ward the bank" ('...oat under' in the trial)
+    (WORDS, -8, "...the bank"),
+    (WORDS, -9, "...the bank"),
+    (WORDS, 100, WORDS),  # short enough: whole, no dots
+    ("supercalifragilistic word", 6, "superc..."),  # one word longer than the excerpt: cut inside
+    ("a antidisestablishmentarianism", -6, "...ianism"),
+])
+def test_excerpts_are_cut_between_words(text, n, expected):
+    assert _ellipsis(text, n) == expected
+
+
+def test_a_long_title_is_cut_between_words():
+    text = " ".join(f"word{i}" for i in range(60))
+    head, _, tail = _title(text, 512).removeprefix("all-MiniLM-L6-v2 attention: ").partition(" ... ")
+    assert text.startswith(head + " ") and text.endswith(" " + tail.removesuffix(" [cut at 512 positions]"))
+    assert 70 <= len(head) <= 80 and 30 <= len(tail.removesuffix(" [cut at 512 positions]")) <= 40
 
 
 def test_layer_gives_the_true_rollout_note(tmp_path):

@@ -1,8 +1,10 @@
 """CPU benchmark of attnkit's exact backends: time and peak memory, one fresh process per case.
 
-    python -m attnkit.bench.cpu [--ns 1024,4096,16384] [--impls tiled,sdpa,reference]
-                                [--masks dense,causal] [--modes fwd,fwd+bwd] [--reps 3]
-                                [--out-dir benchmarks/results] [--mem-budget-gb 16]
+    attnkit bench [--ns 1024,4096,16384] [--impls tiled,sdpa,reference]
+                  [--masks dense,causal] [--modes fwd,fwd+bwd] [--reps 3]
+                  [--out-dir benchmarks/results] [--mem-budget-gb 16]
+
+(``python -m attnkit.bench.cpu`` is the same command.)
 
 Settings: fp32, B=1, H=12, D=64 on the CPU. Every (N, mask, impl, mode) case runs in a child
 ``python -m attnkit.bench.cpu --case JSON`` so its memory is measured alone:
@@ -17,7 +19,9 @@ The ``reference`` backend materializes (B, H, N, N) fp32 scores: a case whose es
 (``B*H*N*N*4`` bytes, x2 forward, x4 forward + backward) exceeds the memory budget is recorded as
 "skipped". Each child also runs under an address-space limit (RLIMIT_AS) so that running out of
 memory ends as status "oom", and a child that runs past the time limit as "timeout"; the suite
-always goes on. Results go to ``<out_dir>/cpu_<date>T<hhmm>.json`` and ``.md``, rewritten after each case.
+always goes on. Results go to ``<out_dir>/cpu_<date>T<hhmm>.json`` and ``.md``, rewritten after each case;
+``out_dir`` is ``benchmarks/results`` under the current directory unless ``--out-dir`` says otherwise,
+created (with its parents) before the first case, and named when the run starts.
 """
 
 from __future__ import annotations
@@ -396,23 +400,48 @@ def format_row(row: dict) -> str:
 
 
 class CommaList:
-    """argparse type for a comma-separated list (``"1024,4096"`` -> ``(1024, 4096)``); empty items are dropped."""
+    """argparse type for a comma-separated list (``"1024, 4096"`` -> ``(1024, 4096)``).
+
+    Spaces around items are allowed; an empty item (``"64,"``, ``"64,,128"``, ``""``) is refused, as
+    is an item ``kind`` cannot read, with a message that names the item and shows the expected form.
+    """
 
     def __init__(self, kind: Callable[[str], object]):
         self.kind = kind
         self.__name__ = f"comma-separated {kind.__name__}"  # argparse names it in "invalid ... value"
 
+    def _form(self) -> str:
+        example = "1024,4096" if self.kind is int else "a,b" if self.kind is str else "x,y"
+        return f"expected comma-separated {self.kind.__name__} values, e.g. {example}"
+
     def __call__(self, text: str) -> tuple:
-        return tuple(self.kind(x.strip()) for x in text.split(",") if x.strip())
+        items = [x.strip() for x in text.split(",")]
+        empty = [i for i, x in enumerate(items) if not x]
+        if empty:
+            where = ("is empty" if len(items) == 1 else "ends with a comma: empty items are not allowed"
+                     if empty == [len(items) - 1] else "starts with a comma: empty items are not allowed"
+                     if empty == [0] else f"has an empty item (item {empty[0] + 1}): empty items are not allowed")
+            raise argparse.ArgumentTypeError(f"{text!r} {where}; {self._form()}")
+        values = []
+        for x in items:
+            try:
+                values.append(self.kind(x))
+            except (TypeError, ValueError):
+                raise argparse.ArgumentTypeError(f"{x!r} in {text!r} is not a valid {self.kind.__name__}; "
+                                                 f"{self._form()}") from None
+        return tuple(values)
 
 
 def _choices(names: Sequence[str]) -> str:
     return "{" + ",".join(names) + "}"  # as argparse shows choices
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options of ``python -m attnkit.bench.cpu`` (and ``attnkit bench``)."""
-    p = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu", description=__doc__.split("\n")[0])
+OUT_DIR = "benchmarks/results"  # relative: under the current directory
+
+
+def build_parser(prog: str = "attnkit bench") -> argparse.ArgumentParser:
+    """The command-line options of ``attnkit bench`` (also ``python -m attnkit.bench.cpu``)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--ns", metavar="N,...", type=CommaList(int), default=(1024, 4096, 16384),
                    help="sequence lengths, comma-separated (default 1024,4096,16384)")
     p.add_argument("--impls", metavar="IMPL,...", type=CommaList(str), default=IMPLS,
@@ -422,22 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {','.join(MASKS)})")
     p.add_argument("--modes", metavar="MODE,...", type=CommaList(str), default=MODES,
                    help=f"passes, comma-separated, from {_choices(MODES)} (default {','.join(MODES)})")
-    p.add_argument("--reps", type=int, default=3, help="timed calls per case (after one warm-up)")
+    p.add_argument("--reps", type=int, default=3, help="timed calls per case, after one warm-up (default 3)")
     p.add_argument("--heads", type=int, default=H, help=f"attention heads H (default {H})")
-    p.add_argument("--out-dir", default="benchmarks/results",
-                   help="where the JSON/markdown go; created if missing, before the first case")
+    p.add_argument("--out-dir", default=OUT_DIR,
+                   help="folder for the results, cpu_<date>T<hhmm>.json and .md, rewritten after each case; "
+                        "created with its parents if missing, before the first case (default "
+                        f"{OUT_DIR} under the current directory)")
     p.add_argument("--mem-budget-gb", type=float, default=16.0,
-                   help="skip reference cases whose score matrices need more than this")
+                   help="skip reference cases whose score matrices need more GB than this (default 16)")
     p.add_argument("--as-limit-gb", type=float, default=20.0,
-                   help="address-space limit of each child (0: none)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per case before 'timeout'")
+                   help="address-space limit of each child in GB, 0 for none (default 20)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds per case before it is stopped and recorded as 'timeout' (default 900)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (child process)
     return p
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options of ``python -m attnkit.bench.cpu``."""
-    return build_parser().parse_args(argv)
+def parse_args(argv: Sequence[str] | None, prog: str = "attnkit bench") -> argparse.Namespace:
+    """Command-line options of ``attnkit bench``."""
+    return build_parser(prog).parse_args(argv)
 
 
 def _check_choices(args: argparse.Namespace) -> None:
@@ -449,20 +481,20 @@ def _check_choices(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "attnkit bench") -> int:
     """CLI: run the suite, printing each row as it completes, then the result file paths."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     if args.case is not None:
         return child_main(args.case)
     _check_choices(args)
     try:  # before the first case: the results are written after each one
-        prepare_output_dir(args.out_dir, "--out-dir")
+        out_dir = prepare_output_dir(args.out_dir, "--out-dir")
     except OutputPathError as e:
         print(f"attnkit bench: error: {e}", file=sys.stderr)
         return 2
     total = len(args.ns) * len(args.impls) * len(args.masks) * len(args.modes)
-    print(f"attnkit CPU benchmark: {total} cases, torch {torch.__version__}, {torch.get_num_threads()} threads",
-          flush=True)
+    print(f"attnkit CPU benchmark: {total} cases, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"results in {out_dir.resolve()}", flush=True)
     head = header()
     with progress_bar("bench", total, unit="case") as bar:  # on stderr; the rows go to stdout
         def on_row(row: dict) -> None:
@@ -480,4 +512,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m attnkit.bench.cpu"))

@@ -11,12 +11,18 @@ after the training). The convention, the same for every command:
 - an output **directory** (``bench --out-dir``): created with its parents when missing (it is the
   command's own folder of results, as ``mkdir -p``), then checked writable.
 
+Writable is proved, not inferred: a temporary file is created in the directory and removed again.
+``os.access`` is not enough: for root it says yes to any directory, also to ``/proc`` or a folder on
+a file system that refuses new files, where the write at the end would fail.
+
 Both raise :class:`OutputPathError` (a ``ValueError``) naming the option, the path and what to do.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 __all__ = ["OutputPathError", "check_output_file", "prepare_output_dir"]
@@ -35,9 +41,29 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _check_writable_dir(directory: Path, option: str, path: Path) -> None:
-    if not os.access(directory, os.W_OK | os.X_OK):  # also EROFS on a read-only file system
-        raise OutputPathError(f"{option} {str(path)!r}: the directory {str(directory)!r} is not writable; "
-                              "choose a path in a directory you can write to")
+    """Create and remove a temporary file in ``directory``: the only test that holds for root too."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".attnkit-write-check-"):
+            pass  # removed on leaving the block
+    except OSError as e:
+        raise OutputPathError(f"{option} {str(path)!r}: the directory {str(directory)!r} is not writable "
+                              f"(creating a file there failed: {e.strerror}); choose a path in a directory "
+                              "you can write to") from e
+
+
+def _check_writable_file(path: Path, option: str) -> None:
+    """An existing regular file: open it for appending (writes nothing, keeps its contents)."""
+    reason = None
+    if not stat.S_ISREG(path.stat().st_mode):  # /dev/null, a fifo: opening one could block or act
+        reason = None if os.access(path, os.W_OK) else "permission denied"
+    else:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            reason = e.strerror
+    if reason is not None:
+        raise OutputPathError(f"{option} {str(path)!r} exists and is not writable ({reason}); choose another "
+                              "path or make it writable")
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> Path:
@@ -61,9 +87,8 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
         raise OutputPathError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a directory; "
                               "choose another path")
     _check_writable_dir(parent, option, path)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OutputPathError(f"{option} {str(path)!r} exists and is not writable; choose another path "
-                              "or make it writable")
+    if path.exists():
+        _check_writable_file(path, option)
     return path
 
 

@@ -19,8 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     from .viz import add_arguments as add_viz_arguments
     add_viz_arguments(sub.add_parser("viz", help="the real MiniLM's attention on a sentence: an offline "
                                      "interactive page (--out) or a picture (--png)"))
-    sub.add_parser("bench", help="CPU benchmark: tiled vs sdpa vs reference; options as in "
-                   "python -m attnkit.bench.cpu --help", add_help=False)
+    sub.add_parser("bench", help="CPU benchmark: tiled vs sdpa vs reference, results under ./benchmarks/results "
+                   "by default; options: attnkit bench --help", add_help=False)
     return p
 
 

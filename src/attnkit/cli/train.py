@@ -277,19 +277,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=None, help="symbols (lookup, default 32) or pairs (recall, 12)")
     p.add_argument("--num-symbols", type=int, default=16, help="possible answers; chance = 1/this (default 16)")
     p.add_argument("--variant", choices=VARIANTS + ("all",), default="full",
-                   help="full model, no positional encoding, attention replaced by a mean, or all three")
+                   help="full model, no positional encoding, attention replaced by a mean, or all three "
+                        "(default full)")
     p.add_argument("--positional", choices=POSITIONALS, default="learned",
                    help="the full model's positional encoding (default learned absolute)")
-    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="at most this many steps per run")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps,
+                   help=f"at most this many steps per run (default {TrainConfig.steps})")
     p.add_argument("--time-budget", type=float, default=TrainConfig.time_budget,
-                   help="wall-clock seconds per run, evaluation included (default 180)")
+                   help=f"wall-clock seconds per run, evaluation included (default {TrainConfig.time_budget:g})")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="one run per seed; several space-separated, e.g. --seed 0 1 2 (default 0)")
-    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between evaluations")
-    p.add_argument("--embed-dim", type=int, default=ModelConfig.embed_dim)
-    p.add_argument("--layers", type=int, default=ModelConfig.num_layers)
+    p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
+                   help=f"steps between evaluations (default {TrainConfig.eval_every})")
+    p.add_argument("--embed-dim", type=int, default=ModelConfig.embed_dim,
+                   help=f"model width E (default {ModelConfig.embed_dim})")
+    p.add_argument("--layers", type=int, default=ModelConfig.num_layers,
+                   help=f"decoder blocks (default {ModelConfig.num_layers})")
     p.add_argument("--out", default=None, help="write every run's record (config, history, results) as JSON to "
-                   "this file; its directory must exist (checked before training starts)")
+                   "this file; its directory must exist and be writable (checked before training starts)")
 
 
 def _environment() -> dict:

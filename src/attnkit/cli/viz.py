@@ -22,16 +22,20 @@ layer's q and k, and only the maps the picture needs are computed.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
 
+from ._paths import check_output_file
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the sentence to encode")
-    p.add_argument("--out", help="write the interactive page here (.html)")
+    p.add_argument("--out", help="write the interactive page here (.html); its directory must exist (checked "
+                                 "before the model runs)")
     p.add_argument("--png", help="write a picture here (.png, .svg or .pdf; the default when --out is not given: "
-                                 "attention.png)")
+                                 "attention.png in the current directory); its directory must exist")
     p.add_argument("--layer", type=int, help="only this layer (0-based)")
     p.add_argument("--head", type=int, help="only this head (0-based; for --png it needs --layer)")
     p.add_argument("--token", help="draw what this token (a word piece, or its index) attends to")
@@ -61,11 +65,12 @@ def _span(name: str, chosen: list[int], n: int) -> str:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse bad output names and option combinations before the model runs."""
+    """Refuse bad output names, unwritable output paths and option combinations before the model runs."""
     from ..viz.plot import FORMATS
 
+    png_option = "--png"
     if args.out is None and args.png is None:
-        args.png = "attention.png"
+        args.png, png_option = "attention.png", "--png (default)"
     if args.out is not None and not args.out.lower().endswith((".html", ".htm")):
         raise ValueError(f"--out {args.out!r}: expected a path ending in .html (the page); use --png for pictures")
     if args.png is not None and not args.png.lower().endswith(FORMATS):
@@ -73,6 +78,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.png is not None and args.head is not None and args.layer is None:
         raise ValueError("--head needs --layer for a picture (which layer's head); the page (--out) takes --head "
                          "alone")
+    for option, path in (("--out", args.out), (png_option, args.png)):
+        if path is not None:
+            check_output_file(path, option)  # an OutputPathError (a ValueError) names the option and the fix
 
 
 def _shown_text(tokenizer, text: str) -> tuple[str, str | None]:
@@ -99,22 +107,40 @@ TITLE_HEAD, TITLE_TAIL = 80, 40  # characters of a long text's start and end in 
 def _title(shown: str, cut_at: int | None) -> str:
     """The page's title: the text the model read (its start and end when long), and where it was cut."""
     if len(shown) > TITLE_HEAD + TITLE_TAIL + 5:
-        shown = f"{shown[:TITLE_HEAD]} ... {shown[-TITLE_TAIL:]}"
+        shown = f"{_excerpt(shown, TITLE_HEAD)} ... {_excerpt(shown, -TITLE_TAIL)}"
     return f"all-MiniLM-L6-v2 attention: {shown}" + ("" if cut_at is None else f" [cut at {cut_at} positions]")
 
 
-def _ellipsis(text: str, n: int) -> str:
-    """The first n (last -n when n < 0) characters of text, with "..." where it was cut."""
+def _excerpt(text: str, n: int) -> str:
+    """At most the first n (last -n when n < 0) characters of text, cut between words.
+
+    A cut that would fall inside a word moves back to the space before that word (the excerpt gets
+    shorter); only a word longer than the whole excerpt is cut inside, as there is no space to use.
+    """
     if len(text) <= abs(n):
         return text
-    return text[:n] + "..." if n > 0 else "..." + text[n:]
+    if n > 0:
+        head, inside = text[:n], not text[n].isspace() and not text[n - 1].isspace()
+        space = re.search(r"\s\S*\Z", head) if inside else None
+        return (head[:space.start()] if space and head[:space.start()].strip() else head).rstrip()
+    tail, inside = text[n:], not text[n - 1].isspace() and not text[n].isspace()
+    space = re.search(r"\s", tail) if inside else None
+    return (tail[space.start():] if space and tail[space.start():].strip() else tail).lstrip()
+
+
+def _ellipsis(text: str, n: int) -> str:
+    """The first n (last -n when n < 0) characters of text at most, cut between words (see
+    :func:`_excerpt`), with "..." where it was cut."""
+    if len(text) <= abs(n):
+        return text
+    return _excerpt(text, n) + "..." if n > 0 else "..." + _excerpt(text, n)
 
 
 def run_viz(args: argparse.Namespace) -> int:
     from ..pretrained import load_bert, minilm_path
     from ..viz import capture
 
-    _check_outputs(args)
+    _check_outputs(args)  # before the model: a bad path costs a second, not the run
     bundle = load_bert(minilm_path())
     ids, valid = bundle.encode([args.text])  # (1, N)
     tokens = bundle.tokens(args.text)
