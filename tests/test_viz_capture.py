@@ -345,3 +345,33 @@ def test_capture_refuses_what_is_not_a_module():
     with pytest.raises(TypeError, match="expected a torch nn.Module, got function"):
         with capture(lambda x: x):
             pass
+
+
+class _Tagged(aknn.MultiHeadAttention):
+    """An attention layer with a sublayer that already bears the class name."""
+
+    def __init__(self):
+        super().__init__(E, H)
+        self._Tagged = aknn.MultiHeadAttention(E, H)  # named "_Tagged": the root becomes "<_Tagged>"
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: aknn.MultiHeadAttention(E, H), "MultiHeadAttention"),
+    (lambda: longformer_case()[0], "LongformerSelfAttention"),
+    (_Tagged, "<_Tagged>"),
+])
+def test_a_captured_attention_layer_itself_is_named_by_its_class(make, name):
+    """named_modules() calls the root ''; a capture calls it by its class name, and '' still finds it."""
+    layer = make()
+    x = torch.randn(1, 6, E)
+    with torch.no_grad(), capture(layer) as cap:
+        layer(x)
+    assert cap.names[0] == name and cap[name].name == name
+    assert cap[""] is cap[name]
+    for layers in ([name], [""]):
+        with torch.no_grad(), capture(layer, layers=layers) as only:
+            layer(x)
+        assert only.names == [name], layers
+    with pytest.raises(ValueError, match=rf"the model has \['{name}'"):
+        with capture(layer, layers=["nope"]):
+            pass

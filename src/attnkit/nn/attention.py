@@ -235,7 +235,11 @@ class MultiHeadAttention(nn.Module):
             cache: ``KVCache`` (self-attention: appends this call's keys/values) or
                 ``MemoryKVCache`` (cross-attention: projects the memory once), updated in place.
             positions: (N,) or (B, N) integer positions of the new tokens, for the positional
-                module (default: after the cached ones, ``cache.position + arange(N)``).
+                module's rotation (default: after the cached ones, ``cache.position + arange(N)``).
+                Only rotations (RoPE) read them: ALiBi's ``-slope * |i - j|`` and the masks count
+                array indices (key j against query i's index, bottom-right aligned), as cached keys
+                do. A batch with padding between real tokens therefore needs its real tokens made
+                contiguous first; ``Encoder`` and ``DecoderLM`` do this (or refuse, with a cache).
 
         Returns:
             (B, N, E) in x's dtype.

@@ -15,9 +15,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..masks import Mask, causal, key_padding
-from .attention import KVCache
+from ..masks import And, Causal, KeyPadding, Mask, Not, Or, SlidingWindow, causal, key_padding
+from .attention import KVCache, MultiHeadAttention
 from .block import BlockCache, Context
+from .positional import LearnedPositionalEmbedding
 
 
 class TokenEmbeddings(nn.Module):
@@ -77,15 +78,140 @@ def _check_mask(owner: str, mask: object, optional: bool) -> None:
                     f"{type(mask).__name__}; padding goes in attention_mask=, per call")
 
 
-def _padding_mask(attention_mask: Tensor | None, shape: tuple[int, int]) -> Mask | None:
+# -- padding: HF's attention_mask, and where real tokens sit ------------------------------------------
+#
+# Everything that measures distance inside attention counts array indices, not tokens: ALiBi's
+# -slope * |i - j|, sliding windows, global-token indices, a learned table's row when positions are
+# not given. A row padded on the right has every real token at its true index, so the models run a
+# padded batch in that layout: rows padded elsewhere (left, between tokens) are reordered, real
+# tokens first in their order, run, and put back. A KV cache cannot be reordered (its keys are
+# stored): there, padding between real tokens is refused when the model measures distance (ALiBi,
+# windows), and padding before them when its mask picks absolute indices (global tokens); see
+# ``DecoderLM._check_cached_layout``. Left padding is fine for distances: they do not change under a
+# shift.
+
+def _token_mask(attention_mask: object, what: str = "attention_mask") -> Tensor:
+    """HF-style mask, 1 = real token / 0 = padding, as bool. Only 0 and 1 are accepted (bool, or
+    integer / float tensors holding nothing else): a 2 or a 0.5 is not silently read as "token"."""
+    if not isinstance(attention_mask, Tensor):
+        try:
+            attention_mask = torch.as_tensor(attention_mask)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{what} must be a tensor (B, N) of 0 (padding) and 1 (real token), got "
+                            f"{type(attention_mask).__name__}") from None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if attention_mask.is_complex():
+        raise ValueError(f"{what} has dtype {attention_mask.dtype}; expected bool, or integers / floats holding "
+                         "only 0 (padding) and 1 (real token)")
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{what} holds {attention_mask[bad][0].item()!r} at {where}; expected only 0 "
+                         f"(padding) and 1 (real token), as bool or integer / float. Build it as "
+                         f"(ids != pad_id).long(), or lengths -> arange(N) < lengths[:, None]")
+    return attention_mask != 0
+
+
+def _padding_mask(attention_mask: Tensor | None, shape: tuple[int, int],
+                  what: str = "attention_mask") -> Mask | None:
     """HF-style (B, N) 1 = token / 0 = padding -> ak.key_padding, or None."""
+    valid = _valid_tokens(attention_mask, shape, what)
+    return None if valid is None else key_padding(valid)
+
+
+def _valid_tokens(attention_mask: Tensor | None, shape: tuple[int, int], what: str = "attention_mask",
+                  device: torch.device | None = None, expected: str | None = None) -> Tensor | None:
+    """Checked bool (B, N), True = real token; None when there is no mask or no padding (so the
+    mask-free fast paths stay). ``expected`` explains the shape in the error (default (B, N))."""
     if attention_mask is None:
         return None
-    if tuple(attention_mask.shape) != shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, N) = {shape}, "
-                         "1 for real tokens and 0 for padding")
-    valid = attention_mask.bool()
-    return None if bool(valid.all()) else key_padding(valid)  # no padding: keep the mask-free fast paths
+    valid = _token_mask(attention_mask, what)
+    if tuple(valid.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(valid.shape)}; expected "
+                         f"{expected or f'(B, N) = {shape}, 1 for real tokens and 0 for padding'}")
+    valid = valid if device is None else valid.to(device)
+    return None if bool(valid.all()) else valid
+
+
+def _real_first(valid: Tensor) -> Tensor | None:
+    """(B, N) permutation that moves each row's real tokens to its front, in order (right padding,
+    where a real token's index is its position), or None when every row already is laid out so."""
+    if bool((valid[:, 1:] <= valid[:, :-1]).all()):
+        return None
+    return torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True).indices  # (B, N)
+
+
+def _restore(x: Tensor, order: Tensor) -> Tensor:
+    """Undo ``_real_first``: x (B, N, ...) in the reordered layout -> the caller's layout."""
+    inverse = order.argsort(dim=1).to(x.device)  # (B, N)
+    return x.gather(1, inverse.view(*inverse.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def _token_positions(valid: Tensor, N: int) -> Tensor:
+    """Positions (B, N) of the last N tokens of ``valid`` (B, L + N): real tokens before, from 0.
+    A padding token takes its left neighbour's (0 at the start), so a table never overflows."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)[:, valid.shape[1] - N:]
+
+
+def _reorder_query_mask(mask: Mask | Tensor | None, order: Tensor, N: int, S: int) -> Mask | Tensor | None:
+    """A cross-attention mask over (N queries, S keys) for queries reordered by ``order`` (B, N).
+    Key padding does not depend on the query; anything else is made dense (B, H?, N, S) and gathered."""
+    if mask is None or isinstance(mask, KeyPadding):
+        return mask
+    dense = mask.materialize(N, S, order.device) if isinstance(mask, Mask) else mask
+    dense = dense.reshape((1,) * (4 - dense.dim()) + tuple(dense.shape))  # (B?, H?, N?, S)
+    if dense.shape[2] != N:  # one row for every query (or a shape attention will refuse): as given
+        return mask
+    dense = dense.expand(order.shape[0], -1, N, -1)
+    idx = order.to(dense.device)[:, None, :, None].expand(-1, dense.shape[1], -1, dense.shape[3])
+    return dense.gather(2, idx)
+
+
+def _order_only(mask: Mask) -> bool:
+    """True if the mask depends only on whether key j comes before or after the query (causal and
+    its compositions): it means the same when padding sits between real tokens."""
+    if isinstance(mask, Causal):
+        return True
+    if isinstance(mask, (And, Or)):
+        return _order_only(mask.a) and _order_only(mask.b)
+    return isinstance(mask, Not) and _order_only(mask.a)
+
+
+def _shift_invariant(mask: Mask) -> bool:
+    """True if the mask depends only on j - i (causal, sliding windows and their compositions): it
+    means the same when every real token is shifted by left padding."""
+    if isinstance(mask, (Causal, SlidingWindow)):
+        return True
+    if isinstance(mask, (And, Or)):
+        return _shift_invariant(mask.a) and _shift_invariant(mask.b)
+    return isinstance(mask, Not) and _shift_invariant(mask.a)
+
+
+def _distance_biases(model: nn.Module) -> list[str]:
+    """Names of the attention layers that add a distance bias (ALiBi), which counts array indices."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, MultiHeadAttention) and m.positional is not None and m.positional.bias() is not None]
+
+
+def _check_position_budget(embeddings: nn.Module, longest: int, max_new_tokens: int, owner: str) -> None:
+    """Before decoding: a learned position table must hold every position generation will feed.
+
+    Generating T tokens after a prompt of n real tokens feeds the model n + T - 1 tokens (the last
+    new token is never fed back), positions 0 .. n + T - 2.
+    """
+    if max_new_tokens == 0:
+        return
+    needed = longest + max_new_tokens - 1
+    for name, m in embeddings.named_modules():
+        if isinstance(m, LearnedPositionalEmbedding) and needed > m.max_positions:
+            room = m.max_positions - longest + 1
+            advice = (f"ask for at most {room} new tokens, or shorten the prompt" if room >= 1 else
+                      f"the prompt alone is too long: shorten it to at most {m.max_positions} tokens")
+            raise ValueError(f"{owner}: the prompt ({longest} real tokens in its longest row) and max_new_tokens="
+                             f"{max_new_tokens} need positions 0..{needed - 1} (the last new token is not fed "
+                             f"back), but the LearnedPositionalEmbedding {'embeddings.' + name if name else 'embeddings'}"
+                             f" has {m.max_positions} rows (positions 0..{m.max_positions - 1}); {advice}")
 
 
 class Encoder(nn.Module):
@@ -95,6 +221,11 @@ class Encoder(nn.Module):
     sees every token, BERT; e.g. ``ak.sliding_window(W)`` for a local encoder, or
     ``ak.sliding_window(W) | ak.global_tokens(idx)`` for Longformer's pattern). A padded batch's
     ``attention_mask`` is combined with it: ``mask & ak.key_padding(attention_mask)``.
+
+    Padding may sit anywhere (left, right, between tokens): each row's real tokens come out as that
+    row alone would give them. Rows not padded on the right are run with their real tokens moved
+    to the front (in order) and put back, because windows, ALiBi distances, global-token indices
+    and absolute positions all count indices: after the move a real token's index is its position.
     """
 
     def __init__(self, embeddings: nn.Module, blocks: Sequence[nn.Module], norm: nn.Module | None = None, *,
@@ -109,8 +240,9 @@ class Encoder(nn.Module):
 
         Args:
             input_ids: (B, N) int64 / int32 token ids.
-            attention_mask: (B, N), 1 = token, 0 = padding (HF's convention; any dtype, nonzero =
-                token). Padding keys are hidden from every query, on top of the model's ``mask``.
+            attention_mask: (B, N), 1 = token, 0 = padding (HF's convention): bool, or integers /
+                floats holding only 0 and 1. Padding keys are hidden from every query, on top of the
+                model's ``mask``; padding may sit anywhere (see the class docstring).
             token_type_ids: (B, N) segment ids, for embeddings with token types (BERT).
             return_all: return [embeddings, after block 1, ..., after the last block (normed)],
                 each (B, N, E), like HF's ``hidden_states``.
@@ -120,10 +252,17 @@ class Encoder(nn.Module):
             but meaningless.
 
         Raises:
-            ValueError: attention_mask not of shape (B, N); ids outside the vocabulary.
+            ValueError: attention_mask not of shape (B, N) or holding values other than 0 and 1;
+                ids outside the vocabulary.
         """
+        valid = _valid_tokens(attention_mask, tuple(input_ids.shape), device=input_ids.device)
+        order = None if valid is None else _real_first(valid)
+        if order is not None:  # real tokens first: each one's index is then its position
+            input_ids, valid = input_ids.gather(1, order), valid.gather(1, order)
+            if token_type_ids is not None:
+                token_type_ids = token_type_ids.gather(1, order.to(token_type_ids.device))
         x = self.embeddings(input_ids, token_type_ids)  # (B, N, E)
-        padding = _padding_mask(attention_mask, tuple(input_ids.shape))
+        padding = None if valid is None else key_padding(valid)
         mask = padding if self.mask is None else self.mask if padding is None else self.mask & padding
         ctx = Context(mask=mask)
         states = [x]
@@ -132,6 +271,9 @@ class Encoder(nn.Module):
             states.append(x)
         if self.norm is not None:
             states[-1] = x = self.norm(x)
+        if order is not None:
+            states = [_restore(state, order) for state in states]
+            x = states[-1]
         return states if return_all else x
 
 
@@ -141,6 +283,13 @@ class DecoderLM(nn.Module):
     ``mask`` is every block's self-attention mask (default ``causal()``; Mistral-style models use
     ``causal() & sliding_window(W, 0)`` and ``cache_window=W`` so the KV cache stays O(W)). Blocks
     with cross-attention make it the decoder of an ``EncoderDecoder``.
+
+    Padding (``attention_mask``) without a cache may sit anywhere: rows not padded on the right are
+    run with their real tokens moved to the front (in order) and the logits put back, so windows,
+    ALiBi distances and positions count real tokens. With a cache the stored keys cannot move: rows
+    must be padded on the left (``generate`` arranges that), or, for a model whose attention only
+    asks "before or after" (a causal mask, RoPE or absolute positions, no ALiBi, no window), padded
+    anywhere; other layouts are refused with the reason.
     """
 
     def __init__(self, embeddings: TokenEmbeddings, blocks: Sequence[nn.Module], norm: nn.Module | None,
@@ -163,9 +312,11 @@ class DecoderLM(nn.Module):
             input_ids: (B, N) int64 / int32 token ids; with ``cache``, the N tokens after the L
                 cached ones.
             attention_mask: (B, L + N), 1 = token, 0 = padding, over every token so far (the L
-                cached ones and these N), HF's convention. Padded prompts of different lengths
-                then batch exactly: padding keys are masked (on top of the model's ``mask``) and
-                each sample's positions count its real tokens only.
+                cached ones and these N), HF's convention: bool, or integers / floats holding only
+                0 and 1. Padded prompts of different lengths then batch exactly: padding keys are
+                masked (on top of the model's ``mask``) and each sample's positions and distances
+                count its real tokens only. Without ``cache`` padding may sit anywhere; with one,
+                see the class docstring.
             cache: ``model.new_cache()``, updated in place (KV-cache decoding).
             memory: (B, S, E) the encoder's output, for blocks with cross-attention.
             memory_mask: the cross-attention mask over (N, S), e.g. ``ak.key_padding(source_mask)``.
@@ -174,38 +325,75 @@ class DecoderLM(nn.Module):
             (B, N, V) logits in the LM head's dtype.
 
         Raises:
-            ValueError: attention_mask not (B, L + N); a cache of another model; a bounded cache
-                whose mask would reach a dropped key; blocks with cross-attention but no memory.
+            ValueError: attention_mask not (B, L + N) or holding values other than 0 and 1; with a
+                cache, padding the model cannot place (between real tokens with ALiBi or a window;
+                before them with a mask that picks absolute indices); a cache of another model; a
+                bounded cache whose mask would reach a dropped key; blocks with cross-attention but
+                no memory.
         """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} entries for {len(self.blocks)} blocks; use model.new_cache()")
+        B, N = input_ids.shape[0], input_ids.shape[-1]
         offset = 0 if cache is None else cache[0].self_attn.position
         stored = 0 if cache is None else len(cache[0].self_attn)
-        positions, mask = self._left_padding(attention_mask, input_ids.shape, offset, stored)
+        valid = _valid_tokens(attention_mask, (B, offset + N), device=self.lm_head.weight.device,
+                              expected=f"(B, L + N) = ({B}, {offset + N}): one entry per token so far, cached "
+                                       f"({offset}) and new ({N})")
+        order = None
+        if valid is None:
+            positions, mask = None, self.mask
+        elif cache is None:
+            order = _real_first(valid)
+            if order is not None:  # real tokens first: each one's index is then its position
+                input_ids, valid = input_ids.gather(1, order.to(input_ids.device)), valid.gather(1, order)
+                if memory is not None:
+                    memory_mask = _reorder_query_mask(memory_mask, order, N, memory.shape[1])
+            positions, mask = _token_positions(valid, N), self.mask & key_padding(valid)
+        else:
+            self._check_cached_layout(valid)
+            # A bounded cache holds only the last `stored` keys; with left padding the dropped ones are
+            # the oldest, so the window check in MultiHeadAttention sees the structure of self.mask.
+            positions = _token_positions(valid, N)
+            mask = self.mask & key_padding(valid[:, valid.shape[1] - stored - N:])
         x = self.embeddings(input_ids, offset=offset if positions is None else positions)  # (B, N, E)
         ctx = Context(mask=mask, memory=memory, memory_mask=memory_mask, positions=positions)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, None if cache is None else cache[i])
         if self.norm is not None:
             x = self.norm(x)
-        return self.lm_head(x)  # (B, N, V)
+        logits = self.lm_head(x)  # (B, N, V)
+        return logits if order is None else _restore(logits, order)
 
-    def _left_padding(self, attention_mask: Tensor | None, shape: torch.Size, offset: int,
-                      stored: int) -> tuple[Tensor | None, Mask]:
-        """Per-sample positions (B, N) and the self-attention mask for a padded batch."""
-        B, N = shape
-        if attention_mask is None:
-            return None, self.mask
-        if tuple(attention_mask.shape) != (B, offset + N):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L + N) = "
-                             f"({B}, {offset + N}): one entry per token so far, cached ({offset}) and new ({N})")
-        valid = attention_mask.to(device=self.lm_head.weight.device).bool()  # (B, L + N)
-        if bool(valid.all()):
-            return None, self.mask
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, -N:]  # (B, N): real tokens before, from 0
-        # A bounded cache holds only the last `stored` keys; with left padding the dropped ones are
-        # the oldest, so the window check in MultiHeadAttention sees the structure of self.mask.
-        return positions, self.mask & key_padding(valid[:, valid.shape[1] - stored - N:])
+    def _check_cached_layout(self, valid: Tensor) -> None:
+        """With a KV cache, refuse padding this model would misplace: the cached keys keep their
+        indices, and ALiBi / windows measure distance in indices, global tokens / documents pick
+        absolute indices. valid: (B, L + N) bool over every token so far."""
+        count = valid.sum(1)  # (B,)
+        n = valid.shape[1]
+        first = valid.to(torch.uint8).argmax(1)  # (B,) index of the first real token (0 when none)
+        last = n - 1 - valid.flip(1).to(torch.uint8).argmax(1)
+        has = count > 0
+        inner = (has & (last - first + 1 != count)).nonzero().flatten().tolist()
+        leading = (has & (first > 0)).nonzero().flatten().tolist()
+        if not inner and not leading:
+            return
+        alibi = _distance_biases(self) if inner else []
+        if inner and (alibi or not _order_only(self.mask)):
+            why = (f"ALiBi in {alibi[0]!r} measures distance" if alibi else
+                   f"the mask {self.mask!r} measures distance")
+            row = inner[0]
+            raise ValueError(f"attention_mask rows {inner} have padding between real tokens (row {row}: "
+                             f"{valid[row].long().tolist()}), and with a KV cache the cached keys keep their "
+                             f"indices: {why} in indices, so the padding would count as tokens. Pad on the "
+                             f"left for cached decoding (generate() does this for you), or run without cache= "
+                             f"(generate(use_cache=False)), which handles padding anywhere")
+        if leading and not _shift_invariant(self.mask):
+            row = leading[0]
+            raise ValueError(f"attention_mask rows {leading} start with padding (row {row}: "
+                             f"{valid[row].long().tolist()}), and with a KV cache the cached keys keep their "
+                             f"indices: the mask {self.mask!r} picks tokens by absolute index (global tokens, "
+                             f"documents, a dense mask), which left padding shifts. Run without cache= "
+                             f"(generate(use_cache=False)), which moves real tokens to their true indices")
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
@@ -220,7 +408,8 @@ class DecoderLM(nn.Module):
         row continues from its last real token, as the row's real tokens alone would, wherever the
         padding is: left (the usual layout for decoding), right (the usual layout for training)
         or between tokens. Rows not padded on the left are compacted internally (real tokens moved
-        to the end, in order); the returned prompt part is left as given.
+        to the end, in order); the returned prompt part is left as given. The mask holds only 0 and
+        1 (bool, or integers / floats); anything else is refused.
 
         ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature), over the
         ``top_k`` most likely tokens if given. ``use_cache=False`` recomputes the whole sequence at
@@ -229,7 +418,9 @@ class DecoderLM(nn.Module):
 
         Raises:
             ValueError: max_new_tokens not an int >= 0; input_ids not (B, N) with N >= 1;
-                attention_mask not (B, N) or a row without any real token; temperature < 0;
+                attention_mask not (B, N), holding values other than 0 and 1, or a row without any
+                real token; a ``LearnedPositionalEmbedding`` table too short for the longest prompt
+                plus max_new_tokens (checked before anything is generated); temperature < 0;
                 top_k < 1.
         """
         check_max_new_tokens(max_new_tokens)
@@ -238,6 +429,8 @@ class DecoderLM(nn.Module):
         if attention_mask is not None:  # right / inner padding: decode the rows compacted to the left
             prompt, attention_mask = _to_left_padding(input_ids, attention_mask)
         P = input_ids.shape[1]
+        longest = P if attention_mask is None else int(attention_mask.sum(1).max())
+        _check_position_budget(self.embeddings, longest, check_max_new_tokens(max_new_tokens), "DecoderLM.generate")
 
         def step(ids: Tensor, cache: list[BlockCache] | None) -> Tensor:
             if attention_mask is None:
@@ -274,12 +467,13 @@ class EncoderDecoder(nn.Module):
             (B, N, V) logits in the LM head's dtype.
 
         Raises:
-            ValueError: source_mask not (B, S); see ``Encoder`` and ``DecoderLM``.
+            ValueError: source_mask not (B, S) or holding values other than 0 and 1; see ``Encoder``
+                and ``DecoderLM``.
         """
+        memory_mask = _padding_mask(source_mask, tuple(source_ids.shape), "source_mask")
         if memory is None:
             memory = self.encoder(source_ids, source_mask)  # (B, S, E)
-        return self.decoder(target_ids, cache=cache, memory=memory,
-                            memory_mask=_padding_mask(source_mask, tuple(source_ids.shape)))
+        return self.decoder(target_ids, cache=cache, memory=memory, memory_mask=memory_mask)
 
     @torch.no_grad()
     def generate(self, source_ids: Tensor, start_ids: Tensor, max_new_tokens: int, *,
@@ -289,9 +483,14 @@ class EncoderDecoder(nn.Module):
         top_k, generator, eos_token_id as in ``DecoderLM.generate``.
 
         Raises:
-            ValueError: max_new_tokens not an int >= 0; start_ids not (B, N) with N >= 1.
+            ValueError: max_new_tokens not an int >= 0; start_ids not (B, N) with N >= 1;
+                source_mask not (B, S) or holding values other than 0 and 1; the decoder's
+                ``LearnedPositionalEmbedding`` too short for N + max_new_tokens (checked first).
         """
-        check_max_new_tokens(max_new_tokens)
+        count = check_max_new_tokens(max_new_tokens)
+        _check_prompt(start_ids)
+        _padding_mask(source_mask, tuple(source_ids.shape), "source_mask")
+        _check_position_budget(self.decoder.embeddings, start_ids.shape[1], count, "EncoderDecoder.generate")
         memory = self.encoder(source_ids, source_mask)  # (B, S, E)
         step = lambda ids, cache: self(source_ids, ids, source_mask, cache=cache, memory=memory)  # noqa: E731
         return generate_tokens(step, self.decoder.new_cache, start_ids, max_new_tokens, use_cache=use_cache,
@@ -338,10 +537,11 @@ def _to_left_padding(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor,
     masked and positions count real tokens only, so a row means the same, and decoding continues
     from its true last token.
     """
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, N) = "
+    valid = _token_mask(attention_mask)
+    if tuple(valid.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(valid.shape)}; expected (B, N) = "
                          f"{tuple(input_ids.shape)}, the prompt's shape: 1 for real tokens and 0 for padding")
-    valid = attention_mask.to(input_ids.device).bool()  # (B, N)
+    valid = valid.to(input_ids.device)  # (B, N)
     empty = (~valid.any(1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"attention_mask rows {empty} hold no real token (all 0): a prompt needs at least one "

@@ -221,7 +221,12 @@ class RotaryEmbedding(AttentionPositional):
 
 class ALiBi(AttentionPositional):
     """ALiBi (Press et al. 2022): no position embedding; each head h adds ``-slope_h * |i - j|`` to
-    its scores. ``slopes`` default to the paper's geometric sequence for ``num_heads``."""
+    its scores. ``slopes`` default to the paper's geometric sequence for ``num_heads``.
+
+    i and j are array indices (query i at ``i + Nk - Nq``, bottom-right aligned), not the positions
+    handed to ``rotate``: exact for unpadded rows and rows padded on one side, not for padding
+    between real tokens, which ``Encoder`` / ``DecoderLM`` remove before attention (or refuse, with
+    a KV cache)."""
 
     def __init__(self, num_heads: int, slopes: Tensor | None = None):
         super().__init__()

@@ -3,7 +3,7 @@
     with capture(model) as cap:
         model(ids)
     cap.names                         # every attnkit attention layer that ran, in call order
-    rec = cap["blocks.0.attn"]        # the last call of that layer
+    rec = cap["blocks.0.attn"]        # the last call of that layer (names as model.named_modules())
     rec.weights()                     # (B, H, Nq, Nk) probabilities, for short inputs
     rec.weights(rows=[5], heads=[0])  # only what a view needs: (B, 1, 1, Nk)
     rec.pooled(64)                    # (B, H, ceil(Nq/64), ceil(Nk/64)) block means, tile by tile
@@ -224,16 +224,23 @@ Record = AttentionRecord | LongformerRecord
 
 
 class Capture:
-    """The records of one ``capture`` block, by layer name; a layer called twice (decoding) keeps all."""
+    """The records of one ``capture`` block, by layer name; a layer called twice (decoding) keeps all.
 
-    def __init__(self):
+    ``root`` is the name given to the captured module itself when it is an attention layer (its
+    class name, e.g. ``"MultiHeadAttention"``, since ``named_modules()`` calls it ``""``); ``""``
+    still finds it.
+    """
+
+    def __init__(self, root: str = ""):
         self.records: dict[str, list[Record]] = {}
+        self.root = root
 
     @property
     def names(self) -> list[str]:
         return list(self.records)
 
     def __getitem__(self, name: str) -> Record:
+        name = self.root if name == "" else name
         if name not in self.records:
             raise KeyError(f"no attention call recorded for {name!r}; recorded: {self.names}")
         return self.records[name][-1]
@@ -257,10 +264,23 @@ def _observer(cap: Capture, name: str, module: nn.Module) -> Callable[..., None]
     return observe
 
 
+def _root_name(model: nn.Module) -> str:
+    """The name a capture gives ``model`` itself: its class name, unless a submodule is already
+    called that (then ``"<ClassName>"``, which no attribute path can be)."""
+    name = type(model).__name__
+    taken = {n for n, _ in model.named_modules()}
+    return name if name not in taken else f"<{name}>"
+
+
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[str] | None = None) -> Iterator[Capture]:
     """Record the calls of ``model``'s attnkit ``MultiHeadAttention`` and ``LongformerSelfAttention``
     layers (or only the named ones, by ``model.named_modules()`` names) while the block runs.
+
+    Layers are named as ``model.named_modules()`` names them (``"blocks.0.attn"``), except ``model``
+    itself when it is an attention layer: named modules call it ``""``, a capture calls it by its
+    class name (``capture(mha)`` records ``cap["MultiHeadAttention"]``; ``cap[""]`` and
+    ``layers=[""]`` still mean it).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -269,19 +289,20 @@ def capture(model: nn.Module, layers: Sequence[str] | None = None) -> Iterator[C
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture: expected a torch nn.Module, got {type(model).__name__}")
-    found = {name: m for name, m in model.named_modules() if isinstance(m, RECORDED)}
+    root = _root_name(model)
+    found = {name or root: m for name, m in model.named_modules() if isinstance(m, RECORDED)}
     if not found:
         raise ValueError(f"capture: no attnkit attention layers found in this model ({type(model).__name__}); "
                          "capture records attnkit.nn.MultiHeadAttention and attnkit.nn.LongformerSelfAttention "
                          "layers, not torch.nn.MultiheadAttention or other attention code. Build the model from "
                          "attnkit.nn (MultiHeadAttention.from_torch, LongformerSelfAttention.from_hf, "
                          "attnkit.pretrained.load_bert / load_llama) and capture that")
-    wanted = list(found) if layers is None else list(layers)
+    wanted = list(found) if layers is None else [root if name == "" else name for name in layers]
     unknown = [name for name in wanted if name not in found]
     if unknown:
         raise ValueError(f"capture: no attnkit MultiHeadAttention or LongformerSelfAttention named {unknown}; "
                          f"the model has {list(found)}; pass names from that list, or layers=None for all")
-    cap = Capture()
+    cap = Capture(root)
     hooks = [(found[name], _observer(cap, name, found[name])) for name in wanted]
     for module, observe in hooks:
         module.observers.append(observe)
