@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
 import os
 import sys
 import warnings
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -54,7 +53,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
         if impl == "auto":
             _warn_if_materializing(call, backend.name)
         out, lse = backend.run(call)
-    if return_lse and call.lse_shift is not None:  # the rows validate shifted (DenseBias.stabilized)
+    if return_lse and call.lse_shift is not None:  # the rows validate shifted (bias.row_stabilized)
         lse = lse + call.lse_shift.to(lse.dtype)
     return (out, lse) if return_lse else out
 
@@ -155,7 +154,7 @@ def _on_rows(q: Tensor, k: Tensor, mask, bias, rows, num_queries) -> tuple[Tenso
     total = Nk if num_queries is None else num_queries
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"num_queries must be an int >= 1 (the full query count rows index into), got {total!r}")
-    idx = torch.arange(Nk - Nq, Nk) if rows is None else _positions(rows)
+    idx = torch.arange(total - Nq, total) if rows is None else _positions(rows)  # default: the last Nq
     if idx.numel() != Nq:
         raise ValueError(f"rows has {idx.numel()} positions but q holds Nq={Nq} rows; give one position per row")
     if Nq and (int(idx.min()) < 0 or int(idx.max()) >= total):
