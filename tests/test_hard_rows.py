@@ -315,3 +315,15 @@ def test_half_gradients_are_the_float32_gradients_rounded_once(mask, dtype, impl
     for name, a, w in zip(("dk", "dv"), got[1:], want[1:]):
         ulps = (a.float() - w.to(dtype).float()).abs().max() / (w.abs().max() * HALF_EPS[dtype])
         assert ulps <= 0.6, f"{name}: {ulps:.2f} half ulps from the float32 gradient rounded once"
+
+
+def test_a_bias_past_the_lse_dtypes_range_keeps_live_rows_finite():
+    """A float64 bias of finfo(float64).min with float32 inputs: the true lse (~ -1.8e308) does not
+    fit float32; it saturates at finfo(float32).min, never -inf (which means 'sees no key')."""
+    q, k, v = (torch.randn(1, 1, 8, 4) for _ in range(3))
+    bias = torch.randn(8, 8, dtype=torch.float64)
+    bias[::2] = torch.finfo(torch.float64).min
+    for impl in ("reference", "sdpa", "tiled", "auto"):
+        out, lse = ak.attention(q, k, v, mask=ak.causal(), bias=bias, return_lse=True, impl=impl)
+        assert torch.isfinite(lse).all() and torch.isfinite(out).all(), impl
+        assert (lse[0, 0, ::2] == torch.finfo(torch.float32).min).all(), impl

@@ -54,8 +54,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
             _warn_if_materializing(call, backend.name)
         out, lse = backend.run(call)
     if return_lse and call.lse_shift is not None:  # the rows validate shifted (bias.row_stabilized)
-        lse = lse + call.lse_shift.to(lse.dtype)
+        lse = lse + _finite_in(call.lse_shift, lse.dtype)
     return (out, lse) if return_lse else out
+
+
+def _finite_in(shift: Tensor, dtype: torch.dtype) -> Tensor:
+    """The shift in the lse's dtype, saturated at its finite range: a float64 bias past float32's
+    range would otherwise turn a row that sees keys into lse = -inf, the mark of a row that sees none."""
+    info = torch.finfo(dtype)
+    return shift.clamp(info.min, info.max).to(dtype)
 
 
 class MaterializationWarning(UserWarning):
