@@ -28,7 +28,7 @@ times are reported.
 causal D=64 N=16k) over TUNE_BLOCKS x TUNE_WARPS x TUNE_STAGES, every kernel launched with the
 same warps and stages and the same blocks in both passes, output checked first; it writes
 tune_*.json / .md with the forward and the backward (fwd+bwd minus fwd) times, fastest first, so
-the forward's and the backward's best can be read apart. Its winners go into ``flash_triton.gpu_blocks``
+the forward's and the backward's best can be read apart. Its winners go into ``attnkit.ops.triton.configs.gpu_blocks``
 and ``launch_config`` (and ``python -m attnkit.ops.triton_check`` must still pass).
 """
 
@@ -47,8 +47,10 @@ import torch.nn.functional as F
 import attnkit as ak
 from attnkit.bench.cpu import CommaList
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
-from attnkit.ops import flash_triton
-from attnkit.ops.flash_triton import default_blocks, make_plan, triton_attention
+from attnkit.ops.block_plan import make_plan
+from attnkit.ops.triton import configs as triton_configs
+from attnkit.ops.triton.configs import default_blocks
+from attnkit.ops.triton.op import triton_attention
 from attnkit.viz.capture import AttentionRecord
 
 W, G = 256, 16
@@ -225,7 +227,7 @@ def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path, dtype=torc
     mask = None if kind == "dense" else ak.causal() if kind == "causal" else longformer_mask()
     rows = torch.linspace(0, N - 1, CHECK_ROWS).long()
     want = reference_rows(q.detach(), k.detach(), v.detach(), mask, rows)
-    shipped = flash_triton.launch_config
+    shipped = triton_configs.launch_config
     out = []
     for (bm, bn) in TUNE_BLOCKS:
         plan = make_plan(mask, N, N, bm, bn, dev)
@@ -233,7 +235,7 @@ def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path, dtype=torc
             for stages in TUNE_STAGES:
                 entry = {"case": kind, "N": N, "D": D, "H": H, "block_m": bm, "block_n": bn, "num_warps": warps,
                          "num_stages": stages}
-                flash_triton.launch_config = lambda *a, w=warps, s=stages: {"num_warps": w, "num_stages": s}
+                triton_configs.launch_config = lambda *a, w=warps, s=stages: {"num_warps": w, "num_stages": s}
                 try:
                     def fn():
                         return triton_attention(q, k, v, mask=mask, plan=plan)[0]
@@ -247,7 +249,7 @@ def tune_case(kind: str, N: int, D: int, H: int, dev, log_path: Path, dtype=torc
                 except Exception as e:  # out of shared memory, registers, ...: reported
                     entry["error"] = error_text(e)
                 finally:
-                    flash_triton.launch_config = shipped
+                    triton_configs.launch_config = shipped
                 print(json.dumps(entry), flush=True)
                 with log_path.open("a") as f:
                     f.write(json.dumps(entry) + "\n")

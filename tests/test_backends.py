@@ -56,7 +56,7 @@ def _triton(block_m, block_n, split_tiles=None):
         mask, bias = case.make_mask(), case.make_bias()
 
         def run(q, k, v):
-            from attnkit.ops.flash_triton import triton_attention
+            from attnkit.ops.triton.op import triton_attention
             return triton_attention(q, k, v, mask=mask, bias=bias, scale=case.D ** -0.5, block_m=block_m,
                                     block_n=block_n, split_tiles=split_tiles)
         return run, mask, bias

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-flash_triton = pytest.importorskip("attnkit.ops.flash_triton")
 
 import attnkit as ak  # noqa: E402
+from attnkit.ops.block_plan import make_plan  # noqa: E402
+from attnkit.ops.triton import configs  # noqa: E402
+from attnkit.ops.triton.op import triton_attention  # noqa: E402
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
@@ -32,16 +34,16 @@ def _inputs(N=48, H=2, D=16):
 
 
 def test_check_passes_attnkit_and_stops_a_wrong_output(gpu):
-    if not flash_triton.interpreting():
+    if not configs.interpreting():
         pytest.skip("the CPU run needs Triton's interpreter")
     q, k, v = _inputs()
     mask = ak.sliding_window(5) | ak.global_tokens([0, 1])
     rows = torch.linspace(0, q.shape[2] - 1, 16).long()
     want = gpu.reference_rows(q.detach(), k.detach(), v.detach(), mask, rows)
-    plan = flash_triton.make_plan(mask, 48, 48, 16, 16, "cpu")
+    plan = make_plan(mask, 48, 48, 16, 16, "cpu")
 
     def mine(q, k, v):
-        return flash_triton.triton_attention(q, k, v, mask=mask, plan=plan)[0]
+        return triton_attention(q, k, v, mask=mask, plan=plan)[0]
 
     assert gpu.check(mine, q, k, v, mask, rows, want, 48) < 1e-4  # output rows and dq, dk, dv
     with pytest.raises(RuntimeError, match="output differs from the reference"):
@@ -83,7 +85,7 @@ def test_reports_render_rows_and_errors(gpu):
 def test_the_tuning_sweep_runs_end_to_end(gpu, monkeypatch, tmp_path):
     """--tune's loop on the CPU: the interpreter for the kernels, a stand-in for do_bench (which
     needs CUDA); launch_config is restored after the sweep."""
-    if not flash_triton.interpreting():
+    if not configs.interpreting():
         pytest.skip("the CPU run needs Triton's interpreter")
     import triton.testing
 
@@ -91,9 +93,9 @@ def test_the_tuning_sweep_runs_end_to_end(gpu, monkeypatch, tmp_path):
     monkeypatch.setattr(gpu, "TUNE_BLOCKS", ((16, 16), (32, 16)))
     monkeypatch.setattr(gpu, "TUNE_WARPS", (4,))
     monkeypatch.setattr(gpu, "TUNE_STAGES", (2,))
-    shipped = flash_triton.launch_config
+    shipped = configs.launch_config
     rows = gpu.tune_case("longformer", 40, 16, 2, "cpu", tmp_path / "tune.jsonl", dtype=torch.float16)
-    assert flash_triton.launch_config is shipped
+    assert configs.launch_config is shipped
     assert [(r["block_m"], r["block_n"]) for r in rows] == [(16, 16), (32, 16)]
     assert all("error" not in r and r["max_err"] < 1e-2 and r["fwd_ms"] == 1.0 for r in rows), rows
     assert len((tmp_path / "tune.jsonl").read_text().splitlines()) == 2

@@ -21,11 +21,9 @@ import torch
 import attnkit as ak
 from attnkit.nn.positional import ALiBi
 
-try:
-    from attnkit.ops.flash_triton import triton as _triton_module
-except ImportError:  # flash_triton sets triton = None when triton is missing; this is belt and braces
-    _triton_module = None
-HAVE_TRITON = _triton_module is not None
+from attnkit.ops.triton import available as _triton_available
+
+HAVE_TRITON = _triton_available()
 
 
 # -- (b) ALiBi slopes ------------------------------------------------------------------------

@@ -13,18 +13,17 @@ import torch
 import attnkit as ak
 from attnkit.masks import Mask
 
-flash_triton = pytest.importorskip("attnkit.ops.flash_triton")
-if flash_triton.triton is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+pytest.importorskip("triton")
 
-from attnkit.ops.flash_triton import (
+from attnkit.ops import triton as ak_triton  # noqa: E402
+from attnkit.ops.block_plan import (  # noqa: E402
     make_plan,
     pack_bits,
     split_key_lengths,
     split_work,
-    triton_attention,
     unpack_bits,
 )
+from attnkit.ops.triton.op import triton_attention  # noqa: E402
 
 MASKS = {
     "none": lambda B, N: None,
@@ -57,7 +56,8 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
     visits = lists(plan.kv_ptr, plan.kv_idx, plan.kv_tile)
     assert visits == {(c, r): t for (r, c), t in lists(plan.q_ptr, plan.q_idx, plan.q_tile).items()}  # transposed
     # the kernels mask keys j >= kv_len[b] themselves (a key_padding(lengths) factor of the mask)
-    kv_len = plan.kv_len.long() if plan.kv_len.numel() else torch.tensor([Nk])  # (0,): no lengths
+    lengths = split_key_lengths(mask)[1]
+    kv_len = lengths.long() if lengths is not None else torch.tensor([Nk])
     key_ok = (torch.arange(Nk)[None, :] < kv_len[:, None]).expand(B, Nk)[:, None, None]  # (B, 1, 1, Nk)
     nQ, nK = -(-Nq // bm), -(-Nk // bn)
     for qb in range(nQ):
@@ -77,7 +77,7 @@ def test_the_plan_is_the_mask_tile_for_tile(name, Nq, Nk, bm, bn):
             assert torch.equal(got, region), f"partial tile {(qb, kb)} differs from the mask"
             assert not stored[:, :, :, cols:].any() and not stored[:, :, rows:].any()  # outside N: nothing
     if name == "padding-documents":  # per-sample lengths cost no per-sample tiles
-        assert plan.tiles.shape[0] == 1 and plan.kv_len.tolist() == [Nk, Nk // 3]
+        assert plan.tiles.shape[0] == 1 and "key_padding" not in repr(plan.mask)
 
 
 @pytest.mark.parametrize("bn", [8, 16, 32, 33, 64, 128])
@@ -165,7 +165,6 @@ def test_per_sample_mask_parts_must_fit_the_batch():
     for mask in (ak.key_padding([20, 5]), ak.key_padding(torch.arange(20)[None, :].expand(2, 20) < 9) & ak.causal()):
         with pytest.raises(ValueError, match="for 2 samples; this call has B=4"):
             triton_attention(q, k, v, mask=mask)
-    assert make_plan(ak.causal(), 20, 20, 16, 16, "cpu").kv_len.numel() == 0  # no lengths: the kernels skip them
 
 
 def test_split_kv_equals_one_program_per_block():
@@ -244,9 +243,9 @@ def test_auto_on_cuda_leaves_sdpa_the_masks_it_takes_without_materializing(monke
 
 
 def test_more_sequences_and_heads_than_a_grid_column_holds_are_refused():
-    q = torch.randn(1, flash_triton.MAX_BH + 1, 1, 16)  # B * Hq one past CUDA's gridDim.y
-    assert "split the batch" in flash_triton.why_not(q, q, q, None, None, 0.0)
-    assert flash_triton.why_not(q[:, :-1], q[:, :-1], q[:, :-1], None, None, 0.0) is None
+    q = torch.randn(1, ak_triton.MAX_BH + 1, 1, 16)  # B * Hq one past CUDA's gridDim.y
+    assert "split the batch" in ak_triton.why_not(q, q, q, None, None, 0.0)
+    assert ak_triton.why_not(q[:, :-1], q[:, :-1], q[:, :-1], None, None, 0.0) is None
 
 
 def test_auto_never_picks_the_interpreter_and_explicit_impl_says_why():
@@ -294,7 +293,7 @@ def test_case_table_on_the_gpu(dtype):
     for case in CASES:
         q, k, v = (t.cuda() for t in case.inputs(seed=1))
         mask, bias = case.make_mask(), case.make_bias()
-        if flash_triton.why_not(q.to(dtype), k.to(dtype), v.to(dtype), mask, bias, 0.0) is not None:
+        if ak_triton.why_not(q.to(dtype), k.to(dtype), v.to(dtype), mask, bias, 0.0) is not None:
             continue
 
         def run(q, k, v, mask=mask, bias=bias, case=case):
@@ -304,19 +303,22 @@ def test_case_table_on_the_gpu(dtype):
     assert ran >= len(CASES) - 3, f"only {ran} of {len(CASES)} cases ran"  # dense-dv, float-bias are refused
 
 
-def test_plans_are_cached_per_mask_and_never_stale():
-    from attnkit.ops.flash_triton import cached_plan
+def test_key_lengths_changed_in_place_are_read_by_the_next_call():
+    """The lengths are not in the plan (the kernels read them per call): changing them in place
+    keeps the plan and changes the answer."""
+    from attnkit.ops.block_plan import cached_plan
     lengths = torch.tensor([30, 12])
     mask = ak.key_padding(lengths) & ak.causal()
     first = cached_plan(mask, 30, 30, 16, 16, "cpu")
     assert cached_plan(mask, 30, 30, 16, 16, "cpu") is first  # built once
     assert cached_plan(mask, 30, 31, 16, 16, "cpu") is not first  # other sizes, other plan
-    lengths[1] = 2  # changed in place: the old plan would mask the wrong keys
-    fresh = cached_plan(mask, 30, 30, 16, 16, "cpu")
-    assert fresh is not first and fresh.kv_len.tolist() == [30, 2] and first.kv_len.tolist() == [30, 12]
     q = k = v = torch.randn(2, 1, 30, 16)
+    before = triton_attention(q, k, v, mask=mask)[0]
+    lengths[1] = 2  # changed in place
+    assert cached_plan(mask, 30, 30, 16, 16, "cpu") is first
     got = triton_attention(q, k, v, mask=mask)[0]
     assert torch.allclose(got, ak.attention(q, k, v, mask=mask, impl="reference"), atol=1e-5)
+    assert not torch.allclose(got[1], before[1], atol=1e-3)
 
 
 def test_a_plan_or_block_size_that_does_not_fit_is_refused():

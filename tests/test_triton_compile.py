@@ -20,8 +20,8 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
 
-from attnkit.ops import flash_triton as ft
-from attnkit.ops import triton_check
+from attnkit.ops.triton import check as triton_check
+from attnkit.ops.triton import configs as ft
 
 
 def _run(code: str) -> str:
@@ -35,7 +35,7 @@ def _run(code: str) -> str:
 
 @pytest.fixture(scope="module")
 def sm90() -> list[dict]:
-    code = "import json; from attnkit.ops.triton_check import check_all; print(json.dumps(check_all((90,))))"
+    code = "import json; from attnkit.ops.triton.check import check_all; print(json.dumps(check_all((90,))))"
     return json.loads(_run(code).strip().splitlines()[-1])
 
 
@@ -75,7 +75,7 @@ def test_half_precision_runs_on_the_tensor_cores(sm90):
 
 def test_the_check_sees_a_spill():
     """The spill detector can fail: the dk/dv kernel at 128 x 128, D = 128, 4 warps spills."""
-    code = ("import torch; from attnkit.ops.triton_check import compile_kernel; "
+    code = ("import torch; from attnkit.ops.triton.check import compile_kernel; "
             "s = compile_kernel('_bwd_dkdv', torch.bfloat16, 128, 128, 128, num_warps=4); "
             "print(s.spill_bytes, s.registers)")
     spills, registers = map(int, _run(code).split()[-2:])

@@ -11,7 +11,6 @@ An explicit ``impl`` never falls back: it raises with the backend's reason.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +20,7 @@ from torch import Tensor
 from ._validate import Call
 from .ops import banded as _banded
 from .ops import sdpa as _sdpa
+from .ops import triton as _triton
 from .ops.pattern import band_span, parse
 from .ops.reference import reference_attention
 from .ops.tiled import tiled_attention, work_fraction
@@ -62,12 +62,7 @@ def _banded_run(c: Call):
 
 
 def _triton_why_not(c: Call) -> str | None:
-    if c.q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        # the common CPU case, answered without importing triton (~0.25 s) into every process
-        return (f"tensors on {c.q.device.type}: the Triton kernels run on a CUDA device "
-                "(or on the CPU in Triton's interpreter with TRITON_INTERPRET=1, slowly)")
-    from .ops import flash_triton  # imports triton (if installed) on first use only
-    return flash_triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p)
+    return _triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p)  # does not import triton
 
 
 def _on_cuda(c: Call) -> bool:
@@ -98,8 +93,8 @@ def _sdpa_cuda_why_not(c: Call) -> str | None:
 
 
 def _triton_run(c: Call):
-    from .ops import flash_triton
-    return flash_triton.triton_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale)
+    from .ops.triton import op  # imports triton (~0.25 s) on the first call that runs it
+    return op.triton_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale)
 
 
 BANDED_SPAN_LIMIT = 0.6  # auto takes banded while a query's window (+ one block) is <= 0.6 Nk

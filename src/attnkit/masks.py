@@ -13,13 +13,19 @@ run full tiles without an element-wise mask.
 
 Every evaluation is 4-D and broadcastable to (B, H, rows, cols): leading sizes are 1 unless the
 mask depends on the batch (padding, documents, per-sample global tokens) or on the head (a dense
-tensor mask with a head dimension).
+tensor mask with a head dimension, per-head dilations).
+
+Inside, a mask evaluates *index grids*: ``_evaluate(rows, cols, ...)`` takes integer tensors
+broadcastable against each other (shape S once broadcast: (r, 1) and (1, c) for a grid, (P, BM, 1)
+and (P, 1, BN) for P tiles at once) and returns bool (Bm, Hm, *S'), S' broadcastable to S. So
+the block plan (``ops/block_plan.py``) evaluates every partial tile of a mask in one call.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -79,12 +85,32 @@ def check_broadcastable(name: str, t: Tensor, target: tuple[int, int, int, int])
                          "each dim must be 1 or the full size (dims align from the right, as in torch)")
 
 
+VALUE_CHECKS_KEPT = 256  # tensors whose values were checked, remembered (and held) for the next calls
+_values_checked: OrderedDict = OrderedDict()
+
+
+def check_values_once(t: Tensor, what: tuple, check: Callable[[], None]) -> None:
+    """Run ``check``, which reads ``t``'s values, once per tensor (data pointer, version, shape,
+    device) and ``what`` (the sizes it checks against): on a GPU reading values waits for the
+    device, which a call that reuses its lengths or indices should not pay every time. The tensor
+    is held while remembered, so its memory cannot be reused by another tensor meanwhile; an
+    in-place change moves its version and checks it again. While a CUDA graph is being captured
+    nothing can be read back: the check is skipped (run the call once before capturing)."""
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    key = (t.data_ptr(), t._version, tuple(t.shape), str(t.device), what)
+    if key in _values_checked:
+        _values_checked.move_to_end(key)
+        return
+    check()
+    _values_checked[key] = t
+    while len(_values_checked) > VALUE_CHECKS_KEPT:
+        _values_checked.popitem(last=False)
+
+
 def _kinds(full: Tensor, empty: Tensor) -> Tensor:
     """Tile kinds from two boolean tensors; full wins over partial, empty over everything."""
-    kinds = torch.full(torch.broadcast_shapes(full.shape, empty.shape), PARTIAL, dtype=torch.int8,
-                       device=full.device)
-    kinds = kinds.masked_fill(full, FULL)
-    return kinds.masked_fill(empty, EMPTY)
+    return torch.where(empty, EMPTY, PARTIAL + full.to(torch.int8)).to(torch.int8)  # one pass
 
 
 def _as4d(x: Tensor) -> Tensor:
@@ -94,17 +120,41 @@ def _as4d(x: Tensor) -> Tensor:
     return x
 
 
+def _tile_offsets(start: Tensor, block: int, N: int) -> Tensor:
+    """(P, block) indices start + 0..block-1, clamped to N - 1 (as the plan evaluates them)."""
+    return (start[:, None] + torch.arange(block, device=start.device)).clamp(max=N - 1)
+
+
+def _diagonal(q0: Tensor, k0: Tensor, Nq: int, Nk: int) -> Tensor:
+    """(P, 1) a tile's key start minus its query position: all a shift-invariant mask's tile depends on."""
+    return (k0 - query_positions(q0, Nq, Nk))[:, None].long()
+
+
+def _per_tile(x: Tensor) -> Tensor:
+    """(Bm, P, n) -> (P, Bm * n) int64: per-sample values laid side by side, one row per tile."""
+    return x.transpose(0, 1).flatten(1).long()
+
+
 class Mask:
     """Base of every attnkit mask. Subclasses implement ``_evaluate`` and ``_block_kinds``."""
 
     # -- what subclasses provide -------------------------------------------------------------
     def _evaluate(self, rows: Tensor, cols: Tensor, Nq: int, Nk: int) -> Tensor:
-        """Bool (Bm, Hm, len(rows), len(cols)) for query rows ``rows`` and key columns ``cols``."""
+        """Bool (Bm, Hm, *S) for query rows ``rows`` and key columns ``cols``, integer tensors of
+        one rank that broadcast to S (module docstring); the S dims may come back as 1 where the
+        mask does not depend on them."""
         raise NotImplementedError
 
     def _block_kinds(self, tiling: Tiling, device: torch.device) -> Tensor:
         """int8 (Bm, Hm, nQ, nK) of EMPTY / PARTIAL / FULL, computed without Nq x Nk memory."""
         raise NotImplementedError
+
+    def _tile_signature(self, q0: Tensor, k0: Tensor, bm: int, bn: int, Nq: int, Nk: int) -> Tensor:
+        """(P, s) int64 for the BM x BN tiles starting at query rows q0 (P,) and keys k0 (P,): two
+        tiles with equal signatures have equal truth, so the block plan evaluates and stores one
+        of them (the band's edge tiles of a window are all alike, so are most tiles of a global
+        row). This default names each tile by its place: no two share."""
+        return torch.stack([q0, k0], 1).long()
 
     def check(self, B: int, H: int, Nq: int, Nk: int) -> None:
         """Raise ValueError if this mask cannot apply to a (B, H, Nq, Nk) problem."""
@@ -117,7 +167,16 @@ class Mask:
     # -- public API --------------------------------------------------------------------------
     def evaluate(self, rows: Tensor, cols: Tensor, Nq: int, Nk: int) -> Tensor:
         """The mask on a sub-grid: bool (Bm, Hm, len(rows), len(cols)), True = may attend."""
-        return _as4d(self._evaluate(rows, cols, Nq, Nk))
+        truth = self._evaluate(rows[:, None], cols[None, :], Nq, Nk)  # (Bm, Hm, r or 1, c or 1)
+        return truth.expand(*truth.shape[:2], len(rows), len(cols))
+
+    def evaluate_grid(self, rows: Tensor, cols: Tensor, Nq: int, Nk: int) -> Tensor:
+        """The mask on index grids: rows and cols integer tensors of one rank k >= 1 that broadcast
+        to a shape S (rows (P, BM, 1) and cols (P, 1, BN) for P tiles), -> bool (Bm, Hm, *S)."""
+        if rows.dim() != cols.dim() or rows.dim() < 1:
+            raise ValueError(f"rows and cols must have one rank >= 1, got {rows.dim()} and {cols.dim()}")
+        truth = self._evaluate(rows, cols, Nq, Nk)
+        return truth.expand(*truth.shape[:2], *torch.broadcast_shapes(rows.shape, cols.shape))
 
     def block_kinds(self, Nq: int, Nk: int, block_q: int, block_k: int,
                     device: torch.device | str | None = None) -> Tensor:
@@ -128,6 +187,13 @@ class Mask:
         """
         tiling = Tiling(Nq, Nk, block_q, block_k)
         return _as4d(self._block_kinds(tiling, torch.device(device or "cpu")))
+
+    def tile_signature(self, q0: Tensor, k0: Tensor, block_q: int, block_k: int, Nq: int, Nk: int) -> Tensor:
+        """(P, s) int64 naming the truth of the block_q x block_k tiles that start at query rows
+        ``q0`` (P,) and keys ``k0`` (P,): tiles with equal rows have equal truth (conservative:
+        equal tiles may differ in signature). Computed from the mask's structure, per tile, not
+        per pair (a window's depends on the tile's diagonal only)."""
+        return self._tile_signature(q0.long(), k0.long(), block_q, block_k, Nq, Nk)
 
     def materialize(self, Nq: int, Nk: int, device: torch.device | str | None = None) -> Tensor:
         """The dense truth: bool (Bm, Hm, Nq, Nk), broadcastable to (B, H, Nq, Nk)."""
@@ -174,11 +240,14 @@ class Causal(Mask):
     """
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        return cols[None, :] <= query_positions(rows, Nq, Nk)[:, None]
+        return (cols <= query_positions(rows, Nq, Nk))[None, None]
 
     def _block_kinds(self, tiling, device):
         p_lo, p_hi, k_lo, k_hi = tiling.bounds(device)
         return _kinds(full=k_hi <= p_lo, empty=k_lo > p_hi)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        return _diagonal(q0, k0, Nq, Nk).clamp(-bn, bm)  # past these the tile is full / empty
 
     def is_top_left_causal(self, q0, k0, Nq, Nk):
         return k0 == q0 + (Nk - Nq)
@@ -201,18 +270,18 @@ class SlidingWindow(Mask):
     right: int
     dilation: int | tuple[int, ...] = 1
 
-    def _dilations(self, device) -> Tensor:
-        """(Hm, 1, 1) long: one dilation per head (Hm = 1 when shared)."""
+    def _dilations(self, device, dims: int = 2) -> Tensor:
+        """(Hm, 1, ..., 1) long with ``dims`` trailing 1s: one dilation per head (Hm = 1 when shared)."""
         d = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,)
-        return torch.tensor(d, device=device).view(-1, 1, 1)
+        return torch.tensor(d, device=device).view(-1, *(1,) * dims)
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        delta = cols[None, :] - query_positions(rows, Nq, Nk)[:, None]  # (r, c) key minus query pos
+        delta = cols - query_positions(rows, Nq, Nk)  # (*S) key minus query position
         if self.dilation == 1:
-            return (delta >= -self.left) & (delta <= self.right)
-        dil = self._dilations(rows.device)  # (Hm, 1, 1)
+            return ((delta >= -self.left) & (delta <= self.right))[None, None]
+        dil = self._dilations(rows.device, delta.dim())  # (Hm, 1, ..., 1)
         ok = (delta >= -self.left * dil) & (delta <= self.right * dil) & (delta % dil == 0)
-        return ok[None]  # (1, Hm, r, c)
+        return ok[None]  # (1, Hm, *S)
 
     def _block_kinds(self, tiling, device):
         p_lo, p_hi, k_lo, k_hi = tiling.bounds(device)
@@ -223,6 +292,11 @@ class SlidingWindow(Mask):
         dil = self._dilations(device)  # (Hm, 1, 1); a dilated tile is never full (gaps)
         empty = (k_hi < p_lo - self.left * dil) | (k_lo > p_hi + self.right * dil)
         return _kinds(torch.zeros_like(empty), empty)[None]  # (1, Hm, nQ, nK)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        reach = max(self.dilation) if isinstance(self.dilation, tuple) else self.dilation
+        lo, hi = -self.left * reach - bn, self.right * reach + bm  # past these the tile is empty
+        return _diagonal(q0, k0, Nq, Nk).clamp(lo, hi)
 
     def check(self, B, H, Nq, Nk):
         if isinstance(self.dilation, tuple) and len(self.dilation) != H:
@@ -245,7 +319,8 @@ class GlobalTokens(Mask):
     def _flags(self, Nk: int, device) -> Tensor:
         if self.flags is not None:
             return self.flags.to(device)
-        self.check(1, 1, Nk, Nk)
+        if self.indices.device.type == "cpu":  # checked without a device sync (validate checks the rest)
+            self.check(1, 1, Nk, Nk)
         f = torch.zeros(1, Nk, dtype=torch.bool, device=device)
         f[0, self.indices.to(device)] = True
         return f
@@ -253,12 +328,16 @@ class GlobalTokens(Mask):
     def _both_flags(self, rows, cols, Nq, Nk):
         flags = self._flags(Nk, cols.device)  # (Bm, Nk)
         pos = query_positions(rows, Nq, Nk)
-        q_flag = torch.where(pos[None, :] >= 0, flags[:, pos.clamp(min=0)], False)  # (Bm, r)
-        return q_flag, flags[:, cols]  # (Bm, r), (Bm, c)
+        q_flag = torch.where(pos[None] >= 0, flags[:, pos.clamp(min=0)], False)  # (Bm, *rows.shape)
+        return q_flag, flags[:, cols]  # (Bm, *rows.shape), (Bm, *cols.shape)
 
     def _evaluate(self, rows, cols, Nq, Nk):
         q_flag, k_flag = self._both_flags(rows, cols, Nq, Nk)
-        return q_flag[:, :, None] | k_flag[:, None, :]  # (Bm, r, c)
+        return (q_flag | k_flag)[:, None]  # (Bm, 1, *S)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        q_flag, k_flag = self._both_flags(_tile_offsets(q0, bm, Nq), _tile_offsets(k0, bn, Nk), Nq, Nk)
+        return _per_tile(torch.cat([q_flag, k_flag], -1))  # (P, Bm * (BM + BN))
 
     def _block_kinds(self, tiling, device):
         q_flag, k_flag = self._both_flags(torch.arange(tiling.Nq, device=device),
@@ -271,14 +350,17 @@ class GlobalTokens(Mask):
 
     def check(self, B, H, Nq, Nk):
         if self.indices is not None:
-            if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= Nk):
-                raise ValueError(f"global_tokens: indices must lie in [0, Nk={Nk}), got "
-                                 f"min={int(self.indices.min())} max={int(self.indices.max())}")
+            check_values_once(self.indices, ("global_tokens", Nk), lambda: self._check_indices(Nk))
         else:
             Bm, n = self.flags.shape
             if n != Nk or Bm not in (1, B):
                 raise ValueError(f"global_tokens: a bool mask of shape {tuple(self.flags.shape)} "
                                  f"does not fit B={B}, Nk={Nk}; expected (B, Nk) or (1, Nk)")
+
+    def _check_indices(self, Nk: int) -> None:
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= Nk):
+            raise ValueError(f"global_tokens: indices must lie in [0, Nk={Nk}), got "
+                             f"min={int(self.indices.min())} max={int(self.indices.max())}")
 
     def __repr__(self) -> str:
         if self.indices is not None:
@@ -299,7 +381,10 @@ class KeyPadding(Mask):
         return torch.arange(Nk, device=device)[None, :] < self.lengths.to(device)[:, None]
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        return self._valid(Nk, cols.device)[:, None, cols].expand(-1, len(rows), -1)  # (B, r, c)
+        return self._valid(Nk, cols.device)[:, cols][:, None]  # (B, 1, *cols.shape)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        return _per_tile(self._valid(Nk, k0.device)[:, _tile_offsets(k0, bn, Nk)])  # (P, B * BN)
 
     def _block_kinds(self, tiling, device):
         kc, ks = tiling.pool_counts(self._valid(tiling.Nk, device), tiling.block_k)  # (B, nK)
@@ -311,12 +396,15 @@ class KeyPadding(Mask):
             n = self.lengths.shape[0]
             if n not in (1, B):
                 raise ValueError(f"key_padding: {n} lengths for batch size B={B}; give one per batch element")
-            lo, hi = int(self.lengths.min()), int(self.lengths.max())
-            if lo < 0 or hi > Nk:
-                raise ValueError(f"key_padding: lengths must lie in [0, Nk={Nk}], got min={lo} max={hi}")
+            check_values_once(self.lengths, ("key_padding", Nk), lambda: self._check_lengths(Nk))
         elif self.valid.shape[-1] != Nk or self.valid.shape[0] not in (1, B):
             raise ValueError(f"key_padding: bool mask of shape {tuple(self.valid.shape)} does not fit "
                              f"B={B}, Nk={Nk}; expected (B, Nk) with True = real token")
+
+    def _check_lengths(self, Nk: int) -> None:
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo < 0 or hi > Nk:
+            raise ValueError(f"key_padding: lengths must lie in [0, Nk={Nk}], got min={lo} max={hi}")
 
     def __repr__(self) -> str:
         return "key_padding(lengths)" if self.lengths is not None else "key_padding(valid)"
@@ -329,15 +417,21 @@ class Document(Mask):
     values: Tensor  # (Bm, Nk) integer document id of each key position
 
     def _query_values(self, rows: Tensor, Nq: int, Nk: int) -> Tensor:
-        """Document id at each query's position: (Bm, len(rows)); -1 before the first key."""
+        """Document id at each query's position: (Bm, *rows.shape); -1 before the first key."""
         vals = self.values.to(rows.device)
         pos = query_positions(rows, Nq, Nk)
-        return torch.where(pos[None, :] >= 0, vals[:, pos.clamp(min=0)], -1)
+        return torch.where(pos[None] >= 0, vals[:, pos.clamp(min=0)], -1)
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        q_doc = self._query_values(rows, Nq, Nk)  # (Bm, r)
-        k_doc = self.values.to(cols.device)[:, cols]  # (Bm, c)
-        return q_doc[:, :, None] == k_doc[:, None, :]
+        q_doc = self._query_values(rows, Nq, Nk)  # (Bm, *rows.shape)
+        k_doc = self.values.to(cols.device)[:, cols]  # (Bm, *cols.shape)
+        return (q_doc == k_doc)[:, None]  # (Bm, 1, *S)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        q_doc = self._query_values(_tile_offsets(q0, bm, Nq), Nq, Nk)  # (Bm, P, BM)
+        k_doc = self.values.to(k0.device)[:, _tile_offsets(k0, bn, Nk)]  # (Bm, P, BN)
+        ids = torch.cat([q_doc, k_doc], -1)
+        return _per_tile(ids - ids.amin(-1, keepdim=True))  # equal up to a shift of the ids: equal truth
 
     def _block_kinds(self, tiling, device):
         q_doc = self._query_values(torch.arange(tiling.Nq, device=device), tiling.Nq, tiling.Nk)  # (Bm, Nq)
@@ -363,13 +457,14 @@ class Document(Mask):
 
 
 def _block_min_max(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Per-block min and max of integer ids (Bm, N) -> (Bm, nblocks) each."""
+    """Per-block min and max of integer ids (Bm, N) -> (Bm, nblocks) each. The ragged last block
+    is padded with copies of its last id (no read back from the device)."""
     n = x.shape[-1]
     nb = -(-n // block)
-    pad = nb * block - n
-    lo = torch.nn.functional.pad(x, (0, pad), value=int(x.max()) if n else 0)
-    hi = torch.nn.functional.pad(x, (0, pad), value=int(x.min()) if n else 0)
-    return lo.view(x.shape[0], nb, block).amin(-1), hi.view(x.shape[0], nb, block).amax(-1)
+    if nb * block > n:
+        x = torch.cat([x, x[:, -1:].expand(-1, nb * block - n)], 1)
+    blocks = x.view(x.shape[0], nb, block)
+    return blocks.amin(-1), blocks.amax(-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,9 +478,8 @@ class Dense(Mask):
         return t.expand(*t.shape[:2], Nq, Nk)
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        full = self._full(Nq, Nk)
-        tile = full[:, :, rows.to(full.device)][:, :, :, cols.to(full.device)]
-        return tile.to(rows.device)
+        full = self._full(Nq, Nk)  # (Bm, Hm, Nq, Nk), a view
+        return full[:, :, rows.to(full.device), cols.to(full.device)].to(rows.device)  # (Bm, Hm, *S)
 
     def _block_kinds(self, tiling, device):
         t = self._full(tiling.Nq, tiling.Nk).to(device)
@@ -412,6 +506,10 @@ class _Binary(Mask):
     a: Mask
     b: Mask
 
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        return torch.cat([self.a._tile_signature(q0, k0, bm, bn, Nq, Nk),
+                          self.b._tile_signature(q0, k0, bm, bn, Nq, Nk)], 1)
+
     def _operand_kinds(self, tiling, device) -> tuple[Tensor, Tensor]:
         return _as4d(self.a._block_kinds(tiling, device)), _as4d(self.b._block_kinds(tiling, device))
 
@@ -423,11 +521,11 @@ class _Binary(Mask):
 @dataclass(frozen=True)
 class And(_Binary):
     def _evaluate(self, rows, cols, Nq, Nk):
-        return self.a.evaluate(rows, cols, Nq, Nk) & self.b.evaluate(rows, cols, Nq, Nk)
+        return self.a._evaluate(rows, cols, Nq, Nk) & self.b._evaluate(rows, cols, Nq, Nk)
 
     def _block_kinds(self, tiling, device):
         ka, kb = self._operand_kinds(tiling, device)
-        return _kinds(full=(ka == FULL) & (kb == FULL), empty=(ka == EMPTY) | (kb == EMPTY))
+        return torch.minimum(ka, kb)  # EMPTY < PARTIAL < FULL: empty if either is, full if both are
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"
@@ -436,11 +534,11 @@ class And(_Binary):
 @dataclass(frozen=True)
 class Or(_Binary):
     def _evaluate(self, rows, cols, Nq, Nk):
-        return self.a.evaluate(rows, cols, Nq, Nk) | self.b.evaluate(rows, cols, Nq, Nk)
+        return self.a._evaluate(rows, cols, Nq, Nk) | self.b._evaluate(rows, cols, Nq, Nk)
 
     def _block_kinds(self, tiling, device):
         ka, kb = self._operand_kinds(tiling, device)
-        return _kinds(full=(ka == FULL) | (kb == FULL), empty=(ka == EMPTY) & (kb == EMPTY))
+        return torch.maximum(ka, kb)  # full if either is, empty if both are
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -451,7 +549,10 @@ class Not(Mask):
     a: Mask
 
     def _evaluate(self, rows, cols, Nq, Nk):
-        return ~self.a.evaluate(rows, cols, Nq, Nk)
+        return ~self.a._evaluate(rows, cols, Nq, Nk)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        return self.a._tile_signature(q0, k0, bm, bn, Nq, Nk)
 
     def _block_kinds(self, tiling, device):
         k = self.a._block_kinds(tiling, device)
@@ -519,8 +620,13 @@ def _counts_or_flags(name: str, what: str, x: Tensor | Sequence[int]) -> tuple[T
     if t.is_floating_point() or t.dim() != 1:
         raise ValueError(f"{name}: expected {what} or a bool (B, Nk) tensor, "
                          f"got dtype={t.dtype} shape={tuple(t.shape)}")
-    if t.numel() and int(t.min()) < 0:
-        raise ValueError(f"{name}: {int(t.min())} is negative; expected {what}")
+    def no_negative() -> None:
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError(f"{name}: {int(t.min())} is negative; expected {what}")
+    if isinstance(x, Tensor):  # a tensor a model keeps and passes every call: its values are read once
+        check_values_once(t, (name, "sign"), no_negative)
+    else:
+        no_negative()
     return t.long(), None
 
 

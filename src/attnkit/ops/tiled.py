@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..bias import Bias
-from ..masks import EMPTY, FULL, PARTIAL, Mask
+from ..masks import EMPTY, PARTIAL, Mask
+from .block_plan import merged_kinds
 from .merge import lse_for_recompute, merge
 from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
 from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, upcast_for_partials, use_fused
@@ -67,15 +68,7 @@ def make_plan(mask: Mask | None, bias: Bias | None, Nq: int, Nk: int, block_q: i
     A tile is FULL for the plan only if it is FULL for every batch element and head; it is
     skipped only if it is EMPTY for all of them.
     """
-    n_q, n_k = -(-Nq // block_q), -(-Nk // block_k)
-    if mask is None:
-        kinds = torch.full((n_q, n_k), FULL, dtype=torch.int8)
-    else:
-        k4 = mask.block_kinds(Nq, Nk, block_q, block_k, device)  # (Bm, Hm, nQ, nK)
-        all_full = (k4 == FULL).flatten(0, 1).all(0)
-        all_empty = (k4 == EMPTY).flatten(0, 1).all(0)
-        kinds = torch.full((n_q, n_k), PARTIAL, dtype=torch.int8, device=k4.device)
-        kinds = kinds.masked_fill(all_full, FULL).masked_fill(all_empty, EMPTY).cpu()
+    kinds = merged_kinds(mask, Nq, Nk, block_q, block_k, device).cpu()  # (nQ, nK), shared with the Triton plan
     spans = tuple(_spans_of_row(row, block_k, Nk) for row in kinds.tolist())
     return Plan(block_q, Nq, Nk, spans)
 

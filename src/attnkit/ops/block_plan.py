@@ -1,0 +1,347 @@
+"""The block plan: a mask compiled into the tiles each program of a tiled kernel visits.
+
+For an (Nq, Nk) problem cut into BLOCK_M x BLOCK_N tiles:
+
+- the mask's tile kinds (``Mask.block_kinds``, from its structure: intervals for causal masks and
+  windows, per-block counts for global tokens and padding, per-block min/max for document ids)
+  merged over batch and heads (``merged_kinds``: a tile is skipped only if it is empty for every
+  sample and head, and runs unmasked only if it is full for all of them); the tiled backend
+  reads the same classification;
+- for each query block, the list of key blocks to visit, in CSR form (``kv_ptr``, ``kv_idx``),
+  and the transposed lists for the key-block-major backward (``q_ptr``, ``q_idx``);
+- for each PARTIAL tile, its BLOCK_M x BLOCK_N truth, one bit per pair (``pack_bits``), per
+  sample and head where the mask differs by them, evaluated by the mask on index grids for many
+  tiles at once (``Mask.evaluate_grid``); tiles whose ``Mask.tile_signature`` agree share one
+  stored truth (a window's edge tiles, a global row's tiles), so a Longformer mask stores tens
+  of tiles, not thousands; a ragged last key block is partial;
+- split work items (``split_work``): long lists cut into runs that are combined afterwards.
+
+Everything is built with tensor ops on the device the plan is for: no Python loop over blocks and
+nothing Nq x Nk (memory is nQ x nK bytes for the kinds plus the partial tiles' bits).
+
+A ``key_padding(lengths)`` factor is *not* part of a plan (``split_key_lengths``): the kernels
+read the lengths per call, so padding that changes every batch costs no new plan.
+
+Plans are cached by the mask's *structure* (``structure_key``): two masks built alike (same
+windows, same global indices, same tensors) share one plan, whether or not they are the same
+object, and looking one up reads no tensor data from a device.
+
+Legend: nQ / nK query / key blocks, T visited tiles, P partial tiles, U distinct ones, BM / BN block sizes, Bm / Hm
+the mask's batch and head extents (1 where it broadcasts), W work items, S partial slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..masks import EMPTY, FULL, PARTIAL, And, KeyPadding, Mask
+
+
+class Splits(NamedTuple):
+    """Where the partials of split blocks go (``split_work``), worked out when the plan is built so
+    that merging them reads nothing back from the device. G split blocks, S partial slots."""
+
+    slots: Tensor  # (S,) int32: the block of each partial slot (its length sizes the buffers)
+    gather: Tensor  # (G, K) int64: each split block's slots in order, -1 past its count
+    keep: Tensor  # (R,) int64: the positions, among the G x block rows of the split blocks, inside N
+    rows: Tensor  # (R,) int64: their row numbers
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Which tiles each program visits, and the truth of the partial ones (module docstring)."""
+
+    block_m: int
+    block_n: int
+    Nq: int
+    Nk: int
+    mask: Mask | None  # the mask it was built from, without its key_padding(lengths) factor
+    key: tuple  # ``structure_key`` of that mask: a plan serves every mask with the same key
+    kv_ptr: Tensor  # (nQ + 1,) int32: query block i visits kv_idx[kv_ptr[i]:kv_ptr[i + 1]]
+    kv_idx: Tensor  # (T,) int32 key block indices, ascending within a block's list
+    kv_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
+    q_ptr: Tensor  # (nK + 1,) int32: key block j is visited by q_idx[q_ptr[j]:q_ptr[j + 1]]
+    q_idx: Tensor  # (T,) int32 query block indices
+    q_tile: Tensor  # (T,) int32 partial tile id, -1 for a full tile
+    tiles: Tensor  # (Bm, Hm, max(U, 1), BM, ceil(BN / 32)) int32 words: bit c % 32 of word c // 32 = may attend
+    tiles_t: Tensor  # (Bm, Hm, max(U, 1), BN, ceil(BM / 32)): the same tiles transposed (keys x queries), for dk/dv
+    # work items (split-KV, ``split_work``): row w = (block, start, end, slot) runs one block over
+    # entries start..end of its list; slot -1 writes the block's result, slot s >= 0 a partial that
+    # is combined afterwards with the other partials of its block (``Splits``)
+    q_work: Tensor  # (W, 4) int32 over the query blocks' key lists: the forward and dq
+    q_split: Splits  # where the query blocks' partials go
+    k_work: Tensor  # (W', 4) int32 over the key blocks' query lists: dk, dv
+    k_split: Splits
+
+    def forward_tensors(self) -> list[Tensor]:
+        """What the forward kernel and its merge read."""
+        return [self.kv_idx, self.kv_tile, self.tiles, self.q_work, *self.q_split]
+
+    def backward_tensors(self) -> list[Tensor]:
+        """What the backward kernels and their sums read."""
+        return [self.kv_idx, self.kv_tile, self.q_idx, self.q_tile, self.tiles, self.tiles_t,
+                self.q_work, *self.q_split, self.k_work, *self.k_split]
+
+
+# -- tile kinds ---------------------------------------------------------------------------------------
+
+def merged_kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
+    """(nQ, nK) int8 tile kinds merged over the mask's batch and heads: FULL only where full for
+    every sample and head, EMPTY only where empty for all of them."""
+    nQ, nK = -(-Nq // bm), -(-Nk // bn)
+    if mask is None:
+        return torch.full((nQ, nK), FULL, dtype=torch.int8, device=device)
+    k4 = mask.block_kinds(Nq, Nk, bm, bn, device).to(device)  # (Bm, Hm, nQ, nK)
+    if k4.shape[0] * k4.shape[1] == 1:
+        return k4[0, 0].expand(nQ, nK).contiguous()
+    lo, hi = k4.flatten(0, 1).amin(0), k4.flatten(0, 1).amax(0)  # EMPTY < PARTIAL < FULL
+    kinds = torch.full((nQ, nK), PARTIAL, dtype=torch.int8, device=device)
+    return kinds.masked_fill(lo == FULL, FULL).masked_fill(hi == EMPTY, EMPTY)
+
+
+def kernel_kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) -> Tensor:
+    """``merged_kinds`` with the ragged last key block PARTIAL: the kernels mask its keys past Nk
+    through its tile bits."""
+    kinds = merged_kinds(mask, Nq, Nk, bm, bn, device)
+    if Nk % bn:
+        last = kinds[:, -1]
+        kinds[:, -1] = torch.where(last == FULL, torch.full_like(last, PARTIAL), last)
+    return kinds
+
+
+def _csr(kinds: Tensor, tile_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-major lists of the non-empty tiles: (ptr (rows + 1,), idx (T,), tile (T,)) int32."""
+    visit = kinds != EMPTY
+    rows, cols = visit.nonzero(as_tuple=True)  # row-major: ascending columns within a row
+    ptr = torch.zeros(kinds.shape[0] + 1, dtype=torch.int32, device=kinds.device)
+    ptr[1:] = visit.sum(1).cumsum(0)
+    return ptr, cols.to(torch.int32), tile_id[rows, cols].to(torch.int32)
+
+
+# -- partial tiles ------------------------------------------------------------------------------------
+
+def pack_bits(truth: Tensor) -> Tensor:
+    """(..., BN) bool -> (..., ceil(BN / 32)) int32 words, bit c % 32 of word c // 32 = truth[c].
+    Bits rather than bytes: a tile of bytes costs the kernel a (BM, BN) gather of pointers, which
+    spills registers; a bit tile is BM x ceil(BN / 32) word loads and register shifts. Built as
+    bytes (8 bits each) that are then read as little-endian int32 words."""
+    bn = truth.shape[-1]
+    nw = -(-bn // 32)
+    padded = torch.nn.functional.pad(truth.to(torch.uint8), (0, nw * 32 - bn))  # (..., nw * 32)
+    shifts = torch.arange(8, dtype=torch.uint8, device=truth.device)
+    octets = (padded.unflatten(-1, (nw * 4, 8)) << shifts).sum(-1, dtype=torch.uint8)  # (..., nw * 4)
+    if sys.byteorder == "little":
+        return octets.view(torch.int32)
+    words = (octets.unflatten(-1, (nw, 4)).long() << (8 * torch.arange(4, device=truth.device))).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_bits(words: Tensor, bn: int) -> Tensor:
+    """The inverse of ``pack_bits``: (..., ceil(BN / 32)) int32 -> (..., BN) bool."""
+    bits = (words.long()[..., None] >> torch.arange(32, device=words.device)) & 1  # (..., nw, 32)
+    return bits.flatten(-2)[..., :bn].bool()
+
+
+TILE_CHUNK_PAIRS = 1 << 22  # (query, key) pairs of partial tiles evaluated per mask call
+
+
+def _tile_truth(mask: Mask | None, pq: Tensor, pk: Tensor, Nq: int, Nk: int, bm: int, bn: int) -> Tensor:
+    """(Bm, Hm, p, BM, BN) bool truth of tiles (pq[i], pk[i]); False past Nq / Nk."""
+    rows = (pq[:, None] * bm + torch.arange(bm, device=pq.device))[:, :, None]  # (p, BM, 1)
+    cols = (pk[:, None] * bn + torch.arange(bn, device=pk.device))[:, None, :]  # (p, 1, BN)
+    inside = (rows < Nq) & (cols < Nk)  # (p, BM, BN)
+    if mask is None:
+        return inside[None, None]
+    return mask.evaluate_grid(rows.clamp(max=Nq - 1), cols.clamp(max=Nk - 1), Nq, Nk) & inside
+
+
+def distinct_tiles(mask: Mask | None, pq: Tensor, pk: Tensor, Nq: int, Nk: int, bm: int,
+                   bn: int) -> tuple[Tensor, Tensor]:
+    """The partial tiles (query block pq (P,), key block pk (P,)) grouped by ``Mask.tile_signature``
+    and their in-bounds extent: (first (U,), the index of one tile of each group; group (P,), each
+    tile's group). Tiles of one group have equal truth, so only U are evaluated and stored."""
+    q0, k0 = pq.long() * bm, pk.long() * bn
+    extent = torch.stack([(Nq - q0).clamp(max=bm), (Nk - k0).clamp(max=bn)], 1)  # (P, 2) rows, keys inside
+    sig = extent if mask is None else torch.cat([extent, mask.tile_signature(q0, k0, bm, bn, Nq, Nk)], 1)
+    _, group = torch.unique(sig, dim=0, return_inverse=True)  # (P,) in [0, U)
+    U = int(group.max()) + 1
+    order = torch.arange(len(group), device=group.device)
+    first = torch.full((U,), len(group), dtype=torch.long, device=group.device).scatter_reduce(
+        0, group, order, "amin")
+    return first, group
+
+
+def partial_tiles(mask: Mask | None, pq: Tensor, pk: Tensor, Nq: int, Nk: int, bm: int,
+                  bn: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The packed truth (``pack_bits``) of the distinct PARTIAL tiles among (pq, pk) (P,) each
+    (``distinct_tiles``): (Bm, Hm, max(U, 1), BM, ceil(BN / 32)) and transposed (Bm, Hm, max(U, 1),
+    BN, ceil(BM / 32)) int32, and each tile's id (P,) into them. Evaluated TILE_CHUNK_PAIRS pairs
+    at a time, so memory stays bounded."""
+    dev = pq.device
+    if len(pq) == 0:
+        truth = torch.zeros(1, 1, 1, bm, bn, dtype=torch.bool, device=dev)
+        return pack_bits(truth), pack_bits(truth.transpose(-1, -2)), torch.zeros(0, dtype=torch.long, device=dev)
+    first, group = distinct_tiles(mask, pq, pk, Nq, Nk, bm, bn)
+    chunk = max(1, TILE_CHUNK_PAIRS // (bm * bn))
+    parts, parts_t = [], []
+    for a in range(0, len(first), chunk):  # one pass per chunk of tiles, not per block
+        pick = first[a:a + chunk]
+        truth = _tile_truth(mask, pq[pick], pk[pick], Nq, Nk, bm, bn)  # (Bm, Hm, u, BM, BN)
+        parts.append(pack_bits(truth))
+        parts_t.append(pack_bits(truth.transpose(-1, -2)))
+    if len(parts) == 1:
+        return parts[0].contiguous(), parts_t[0].contiguous(), group
+    return torch.cat(parts, 2), torch.cat(parts_t, 2), group
+
+
+# -- work items ---------------------------------------------------------------------------------------
+
+SPLIT_MIN = 8  # a query block's key list is split only past max(SPLIT_MIN, 2 x the median list length)
+
+
+def split_work(ptr: Tensor, split_tiles: int | None) -> tuple[Tensor, Tensor]:
+    """Work items over CSR lists (split-KV, as flash-decoding): a block whose list is longer than
+    ``split_tiles`` (default: max(SPLIT_MIN, 2 x the median length)) is cut into runs of that many
+    tiles, each its own program, combined afterwards; so the few global query rows (forward, dq)
+    and global key columns (dk, dv) that meet all N tokens do not leave one program running alone.
+    Returns items (W, 4) int32 (block, start, end, slot; slot -1 = the whole list) in block order,
+    and slots (S,) int32, the block of each partial slot, on ptr's device."""
+    dev = ptr.device
+    ptr = ptr.long()
+    lengths = ptr[1:] - ptr[:-1]  # (nBlocks,)
+    if split_tiles is None:
+        median = int(lengths.float().median().ceil()) if len(lengths) else 0
+        split_tiles = max(SPLIT_MIN, 2 * median)
+    if split_tiles < 1:
+        raise ValueError(f"split_tiles must be >= 1 tiles per program, got {split_tiles}")
+    pieces = torch.where(lengths > split_tiles, -(-lengths // split_tiles), 1)  # (nBlocks,) items per block
+    block = torch.repeat_interleave(torch.arange(len(lengths), device=dev), pieces)  # (W,)
+    first = (pieces.cumsum(0) - pieces)[block]  # (W,) the block's first item
+    start = ptr[block] + (torch.arange(len(block), device=dev) - first) * split_tiles
+    end = torch.minimum(start + split_tiles, ptr[block + 1])
+    end = torch.where(pieces[block] == 1, ptr[block + 1], end)  # a whole list, however short
+    split = pieces[block] > 1  # (W,)
+    slot = torch.where(split, split.long().cumsum(0) - 1, -1)
+    items = torch.stack([block, start, end, slot], 1).to(torch.int32)  # (W, 4)
+    return items, block[split].to(torch.int32)
+
+
+def _splits(slots: Tensor, block: int, N: int) -> Splits:
+    """``Splits`` of the partial slots ``slots`` (``split_work``) of blocks of ``block`` rows."""
+    dev = slots.device
+    blocks, group = torch.unique(slots.long(), return_inverse=True)  # (G,), (S,)
+    counts = torch.bincount(group, minlength=len(blocks))  # (G,)
+    width = int(counts.max()) if len(blocks) else 0
+    gather = torch.full((len(blocks), width), -1, dtype=torch.long, device=dev)
+    order = torch.argsort(group, stable=True)  # slots block by block, in their order
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # (S,) each sorted slot's block start
+    gather[group[order], torch.arange(len(order), device=dev) - first] = order
+    rows = (blocks[:, None] * block + torch.arange(block, device=dev)).flatten()  # (G * block,)
+    keep = (rows < N).nonzero().squeeze(1)
+    return Splits(slots, gather, keep, rows[keep])
+
+
+# -- building and caching -----------------------------------------------------------------------------
+
+def split_key_lengths(mask: Mask | None) -> tuple[Mask | None, Tensor | None]:
+    """mask = rest & key_padding(lengths) -> (rest, lengths (B,)); (mask, None) where the mask has
+    no such factor (padding given as a bool mask, or under | or ~, stays in the tiles). The
+    kernels apply the lengths themselves, per sample (keys j >= lengths[b] masked, key blocks
+    past them skipped), so per-sample padding costs the plan no per-sample tiles and no rebuild."""
+    if isinstance(mask, KeyPadding) and mask.lengths is not None:
+        return None, mask.lengths
+    if isinstance(mask, And):
+        for this, other in ((mask.a, mask.b), (mask.b, mask.a)):
+            rest, lengths = split_key_lengths(this)
+            if lengths is not None:
+                return (other if rest is None else rest & other), lengths
+    return mask, None
+
+
+_builds = 0  # plans built since import (``plan_builds``)
+
+
+def plan_builds() -> int:
+    """How many plans ``make_plan`` has built in this process (tests count cache misses with it)."""
+    return _builds
+
+
+def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
+              split_tiles: int | None = None) -> BlockPlan:
+    """The block plan of ``mask`` for an (Nq, Nk) problem (module docstring) on ``device``.
+
+    A ``key_padding(lengths)`` factor is left out (``split_key_lengths``): pass the lengths to the
+    kernels with each call. ``split_tiles``: see ``split_work``.
+    """
+    global _builds
+    _builds += 1
+    device = torch.device(device)
+    mask, _ = split_key_lengths(mask)
+    kinds = kernel_kinds(mask, Nq, Nk, block_m, block_n, device)  # (nQ, nK)
+    pq, pk = (kinds == PARTIAL).nonzero(as_tuple=True)  # (P,) each
+    tiles, tiles_t, group = partial_tiles(mask, pq, pk, Nq, Nk, block_m, block_n)
+    tile_id = torch.full(kinds.shape, -1, dtype=torch.long, device=device)
+    tile_id[pq, pk] = group  # each partial tile's stored truth; -1 for a full one
+    kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
+    q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
+    q_work, q_slots = split_work(kv_ptr, split_tiles)
+    k_work, k_slots = split_work(q_ptr, split_tiles)
+    return BlockPlan(block_m, block_n, Nq, Nk, mask, structure_key(mask), kv_ptr, kv_idx, kv_tile, q_ptr, q_idx,
+                     q_tile, tiles, tiles_t, q_work, _splits(q_slots, block_m, Nq), k_work,
+                     _splits(k_slots, block_n, Nk))
+
+
+CONTENT_KEY_MAX = 1024  # CPU tensors up to this many elements are keyed by content, larger ones by identity
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    """A small CPU tensor (global indices from a list, a few lengths) by its content, so the same
+    values rebuilt each call share a plan. Anything else by identity and version (data pointer,
+    ``_version``, shape, strides): reading a device tensor's values would wait for the device, and
+    hashing N values on the host each call is the cost the cache is there to avoid. A plan keyed
+    by identity keeps its mask, hence the tensor, alive, so the pointer cannot be reused meanwhile;
+    an in-place change moves ``_version`` and so the key."""
+    if t.device.type == "cpu" and t.numel() <= CONTENT_KEY_MAX and t.dtype in (torch.bool, torch.int64, torch.int32):
+        return ("values", str(t.dtype), tuple(t.shape), t.detach().contiguous().numpy().tobytes())
+    return ("tensor", t.data_ptr(), t._version, tuple(t.shape), t.stride(), str(t.dtype), str(t.device))
+
+
+def structure_key(obj) -> tuple:
+    """A hashable key equal for masks built alike: class names, windows and dilations, and each
+    tensor by ``_tensor_key``. Costs a walk of the mask expression and no device read."""
+    if isinstance(obj, Tensor):
+        return _tensor_key(obj)
+    if dataclasses.is_dataclass(obj):
+        return (type(obj).__name__, *(structure_key(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
+    if isinstance(obj, (tuple, list)):
+        return tuple(structure_key(x) for x in obj)
+    return (obj,)
+
+
+PLAN_CACHE_SIZE = 64  # plans, up to two per mask structure and sizes (forward and backward blocks)
+_plans: OrderedDict = OrderedDict()  # key -> plan
+
+
+def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
+                split_tiles: int | None = None) -> BlockPlan:
+    """``make_plan``, remembered for the last PLAN_CACHE_SIZE (mask structure, sizes) pairs: a model
+    that builds its mask anew in every forward, or calls attention with it in every layer, builds
+    its plan once. The key leaves out a ``key_padding(lengths)`` factor (the kernels read it)."""
+    rest, _ = split_key_lengths(mask)
+    key = (structure_key(rest), Nq, Nk, block_m, block_n, str(torch.device(device)), split_tiles)
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+        return plan
+    plan = make_plan(rest, Nq, Nk, block_m, block_n, device, split_tiles)
+    _plans[key] = plan
+    while len(_plans) > PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan

@@ -1,0 +1,281 @@
+"""The Triton kernels of attnkit's fused attention: FlashAttention-2 (Dao 2023) over a block plan.
+
+The only module that defines kernels; ``op.py`` launches them, ``check.py`` compiles them for a GPU
+that is not here. The plan they read is ``ops/block_plan.py``'s.
+
+- ``_fwd``: one work item (a query block over a run of its key tiles): online softmax in the log2
+  domain with fp32 accumulators (Algorithm 1 of FlashAttention-2), writing out / lse, or a
+  normalized partial for split lists;
+- ``_bwd_delta``: delta = rowsum(dO * O) - dlse;
+- ``_bwd_dq``: dQ over a query block's key tiles, P recomputed from the saved lse;
+- ``_bwd_dkdv``: dK, dV over a key block's query tiles, on transposed (key x query) tiles.
+
+Rows that attend nowhere have lse = -inf, out = 0 and zero gradients. A key block at or past a
+sample's key length (``KV_LEN``) is skipped; the one that crosses it is masked per key. GQA: each
+query head reads kv head h // (Hq / Hkv).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# The kernels may read module globals only as constexprs (the interpreter does not enforce this).
+LOG2E_K = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _work_item(WORK, H, GROUP):
+    """This program's work item (program_id 0) and sequence x head (program_id 1): block, the
+    range of its list, slot, and b, h, hk (the kv head), in int64 (base offsets of big tensors
+    overflow int32)."""
+    w = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    item = WORK + 4 * w
+    return tl.load(item), tl.load(item + 1), tl.load(item + 2), tl.load(item + 3), b, h, h // GROUP, bh
+
+@triton.jit
+def _load_rows(PTR, b, h, offs, sb, sh, sn, n, D: tl.constexpr):
+    """Rows ``offs`` of sequence b, head h: (len(offs), D), zeros past n."""
+    offs_d = tl.arange(0, D)
+    return tl.load(PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], mask=(offs < n)[:, None],
+                   other=0.0)
+
+@triton.jit
+def _scores(a, b, pos_a, pos_b, slope, tile, TILES, scale_log2, kb, kv_len,
+            RA: tl.constexpr, RB: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+            HAS_KV_LEN: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """(RA, RB) scores a b^T * scale * log2(e) in the log2 domain, ALiBi (-slope |pos_a - pos_b|,
+    positions on the key axis), partial tile ``tile`` of TILES (-1: a full tile) and, where key
+    block ``kb`` crosses this sample's key length ``kv_len``, the padding keys. a / b are q / k
+    for (query, key) tiles and k / q for the transposed tiles of dk/dv (KEYS_ON_ROWS)."""
+    if IEEE:
+        s = tl.dot(a, tl.trans(b), input_precision="ieee") * scale_log2
+    else:
+        s = tl.dot(a, tl.trans(b)) * scale_log2
+    if HAS_ALIBI:
+        s -= slope * LOG2E_K * tl.abs(pos_a[:, None] - pos_b[None, :]).to(tl.float32)
+    if tile >= 0:
+        s = tl.where(_tile_bits(TILES, tile, RA, RB), s, float("-inf"))
+    if HAS_KV_LEN:
+        if KEYS_ON_ROWS:
+            if (kb + 1) * RA > kv_len:
+                s = tl.where((pos_a < kv_len)[:, None], s, float("-inf"))
+        else:
+            if (kb + 1) * RB > kv_len:
+                s = tl.where((pos_b < kv_len)[None, :], s, float("-inf"))
+    return s
+
+@triton.jit
+def _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN: tl.constexpr):
+    """Sample b's key length (keys j >= it are padding, ``split_key_lengths``); Nk without one."""
+    kv_len = Nk
+    if HAS_KV_LEN:
+        kv_len = tl.load(KV_LEN + b * len_b)
+    return kv_len
+
+@triton.jit
+def _end_at_key_length(KV_IDX, start, end, kv_len, BN: tl.constexpr):
+    """The end of entries start..end of an ascending key-block list cut before the first block
+    that starts at or past ``kv_len`` (all its keys are padding): a binary search, log2 of the
+    run's length scalar loads, instead of visiting padding-only tiles."""
+    lo = start
+    hi = end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        past = tl.load(KV_IDX + mid) * BN >= kv_len
+        hi = tl.where(past, mid, hi)
+        lo = tl.where(past, lo, mid + 1)
+    return lo
+
+
+@triton.jit
+def _tile_bits(TILES, tile, BM: tl.constexpr, BN: tl.constexpr):
+    """(BM, BN) truth of partial tile ``tile`` from its packed words (``pack_bits``): one word
+    load per row and 32 keys, then shifts in registers."""
+    NW: tl.constexpr = (BN + 31) // 32
+    c = tl.arange(0, BN)
+    row = TILES + tile.to(tl.int64) * (BM * NW) + tl.arange(0, BM) * NW  # (BM,) word pointers
+    word = tl.broadcast_to(tl.load(row)[:, None], (BM, BN))
+    for i in tl.static_range(1, NW):
+        word = tl.where((c >= 32 * i)[None, :], tl.load(row + i)[:, None], word)
+    return ((word >> (c % 32)[None, :]) & 1) != 0
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
+         H, GROUP, Nq, Nk, scale_log2, BH,
+         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+         HAS_KV_LEN: tl.constexpr):
+    """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
+    final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
+    qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
+    offs_m = qb * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    rows_ok = offs_m < Nq
+    q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    t_base = b * stb + h * sth
+    kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    if HAS_KV_LEN:  # the list is ascending: key blocks past this sample's length end it
+        end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
+    for t in range(start, end):
+        kb = tl.load(KV_IDX + t)
+        tile = tl.load(KV_TILE + t)
+        offs_n = kb * BN + tl.arange(0, BN)
+        k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
+        v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
+        s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
+                    BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep p = 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    alive = l_i > 0
+    out = acc / tl.where(alive, l_i, 1.0)[:, None]
+    lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / LOG2E_K, float("-inf"))
+    if slot < 0:
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=rows_ok[:, None])
+        tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=rows_ok)
+    else:  # PO (S, B*H, BM, D) and PLSE (S, B*H, BM), float32, contiguous
+        r = tl.arange(0, BM)
+        base = (slot.to(tl.int64) * BH + bh) * BM
+        tl.store(PO + (base + r[:, None]) * D + offs_d[None, :], out)
+        tl.store(PLSE + base + r, lse)
+
+@triton.jit
+def _bwd_delta(O, DO, DLSE, DELTA, Nq, D: tl.constexpr, BM: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse for BM rows of one sequence x head (program_id 1), in
+    float32 without a float32 copy of O or dO. O, DO (B*H, Nq, D) and DLSE, DELTA (B*H, Nq),
+    contiguous."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    bh = tl.program_id(1).to(tl.int64)
+    rows_ok = offs_m < Nq
+    o = _load_rows(O, bh, 0, offs_m, Nq * D, 0, D, Nq, D).to(tl.float32)
+    do = _load_rows(DO, bh, 0, offs_m, Nq * D, 0, D, Nq, D).to(tl.float32)
+    dlse = tl.load(DLSE + bh * Nq + offs_m, mask=rows_ok, other=0.0)
+    tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1) - dlse, mask=rows_ok)
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth, len_b,
+            H, GROUP, Nq, Nk, scale_log2, scale, BH,
+            BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+            HAS_KV_LEN: tl.constexpr):
+    """dQ of one work item: sum over its key blocks of dS K * scale, into DQ (slot -1) or into
+    the float32 partial PDQ (S, B*H, BM, D) (summed afterwards). Q, DO, DQ share strides (sq*);
+    LSE, DELTA share (sl*)."""
+    qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
+    offs_m = qb * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    rows_ok = offs_m < Nq
+    q_off = b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
+    q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+    do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K  # no key: P = 0
+    delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    t_base = b * stb + h * sth
+    kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
+    dq = tl.zeros([BM, D], tl.float32)
+    if HAS_KV_LEN:
+        end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
+    for t in range(start, end):
+        kb = tl.load(KV_IDX + t)
+        tile = tl.load(KV_TILE + t)
+        offs_n = kb * BN + tl.arange(0, BN)
+        k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
+        v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
+        s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
+                    BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
+        p = tl.exp2(s - lse[:, None])
+        if IEEE:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+    if slot < 0:
+        tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
+    else:
+        r = tl.arange(0, BM)
+        tl.store(PDQ + ((slot.to(tl.int64) * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES, KV_LEN,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth, len_b,
+              H, GROUP, Nq, Nk, scale_log2, scale, BH,
+              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+              HAS_KV_LEN: tl.constexpr):
+    """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
+    sum over the query blocks of one work item. DK, DV are (B, Hq, Nk, D) with strides sg*
+    (slot -1); slot s >= 0 writes float32 partials PDK, PDV (S', B*H, BN, D) instead."""
+    kb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
+    offs_n = kb * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    keys_ok = offs_n < Nk
+    k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
+    v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    t_base = b * stb + h * sth
+    kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, D], tl.float32)
+    if HAS_KV_LEN:
+        end = tl.where(kb * BN < kv_len, end, start)  # a block of padding keys only: dk = dv = 0
+    for t in range(start, end):
+        qb = tl.load(Q_IDX + t)
+        tile = tl.load(Q_TILE + t)
+        offs_m = qb * BM + tl.arange(0, BM)
+        rows_ok = offs_m < Nq
+        q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+        do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+        lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K
+        delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+        # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
+        s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, kb, kv_len,
+                      BN, BM, HAS_ALIBI, IEEE, HAS_KV_LEN, True)
+        p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
+        if IEEE:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+    if slot < 0:
+        g_off = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+        tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=keys_ok[:, None])
+        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=keys_ok[:, None])
+    else:
+        c = tl.arange(0, BN)
+        p_off = ((slot.to(tl.int64) * BH + bh) * BN + c[:, None]) * D + offs_d[None, :]
+        tl.store(PDK + p_off, dk * scale)
+        tl.store(PDV + p_off, dv)
+
