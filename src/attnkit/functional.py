@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _compiled, _dispatch
 from ._validate import _check_devices, _check_tensors, _normalize_bias, _normalize_mask, validate
 from .bias import Bias
 from .masks import Mask
@@ -42,6 +42,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
         out (B, Hq, Nq, Dv) in q's dtype; with ``return_lse`` also lse (B, Hq, Nq) in float32
         (float64 for float64 inputs). A query that may attend to no key gets out = 0, lse = -inf.
     """
+    if torch.compiler.is_compiling() and _compiled.routes(mask, bias, scale, impl):  # one opaque op for dynamo
+        return _compiled.attention_call(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p,
+                                        impl=impl, return_lse=return_lse)
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
     if q.shape[2] == 0 or k.shape[2] == 0:
         _dispatch.check_impl_name(impl)
