@@ -213,31 +213,38 @@ def test_through_torch_compile():
 
 def test_auto_on_cuda_leaves_sdpa_the_masks_it_takes_without_materializing(monkeypatch):
     """On CUDA (pretended here: the dispatch reads the device through _on_cuda), auto gives torch
-    SDPA what FlashAttention / cuDNN run (no mask, causal with Nq == Nk) and the Triton kernels
-    every mask SDPA would need materialized, and ALiBi. (The lse on CUDA goes past SDPA by its own
-    device check, which reads the tensors, so it is not pretended here.)"""
+    SDPA what FlashAttention / cuDNN run (no mask, causal with Nq == Nk); a mask SDPA needs
+    materialized goes where auto's cost model (_dispatch.CudaCosts) says it is cheaper: SDPA for
+    small calls and decoding steps, the Triton kernels for long ones; ALiBi (which SDPA cannot
+    take structured) to the kernels. The lse on CUDA goes past SDPA by its own device check,
+    which reads the tensors, so it is not pretended here."""
     from attnkit import _dispatch
     from attnkit._validate import validate
     monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: True)
-    q = k = v = torch.randn(2, 2, 128, 16)  # B * N * N = 32768: past the small-problem floor
-    one, small = torch.randn(2, 2, 1, 16), torch.randn(1, 2, 64, 16)
-    picks = {
-        "none": validate(q, k, v),
-        "causal": validate(q, k, v, mask=ak.causal()),
-        "window": validate(q, k, v, mask=ak.sliding_window(4)),
-        "longformer": validate(q, k, v, mask=ak.sliding_window(4) | ak.global_tokens([0])),
-        "padding": validate(q, k, v, mask=ak.key_padding([128, 31])),
-        "documents": validate(q, k, v, mask=ak.causal() & ak.document([0] * 60 + [1] * 68)),
-        "alibi": validate(q, k, v, mask=ak.causal(), bias=ak.alibi(2)),
-        "decode step": validate(one, k, v, mask=ak.causal() & ak.key_padding([128, 31])),
-        "small": validate(small, small, small, mask=ak.sliding_window(4)),
+    q = k = v = torch.randn(2, 2, 128, 16)  # small: SDPA's host path is the shorter
+    big = torch.randn(1, 12, 4096, 64)  # long: the kernels skip most of the pairs
+    one = torch.randn(2, 2, 1, 16)
+    masks = {
+        "window": ak.sliding_window(4),
+        "longformer": ak.sliding_window(4) | ak.global_tokens([0]),
+        "padding": ak.key_padding([128, 31]),
+        "documents": ak.causal() & ak.document([0] * 60 + [1] * 68),
     }
+    picks = {"none": validate(q, k, v), "causal": validate(q, k, v, mask=ak.causal()),
+             "alibi": validate(q, k, v, mask=ak.causal(), bias=ak.alibi(2)),
+             "decode step": validate(one, k, v, mask=ak.causal() & ak.key_padding([128, 31]))}
+    picks.update({f"small {name}": validate(q, k, v, mask=m) for name, m in masks.items()})
+    long_masks = {"window": ak.sliding_window(64), "longformer": ak.sliding_window(64) | ak.global_tokens([0]),
+                  "documents": ak.causal() & ak.document(torch.arange(4096) // 512)}
+    picks.update({f"long {name}": validate(big, big, big, mask=m) for name, m in long_masks.items()})
     got = {name: _dispatch.choose(call, "auto").name for name, call in picks.items()}
-    assert got == {"none": "sdpa", "causal": "sdpa", "window": "triton", "longformer": "triton",
-                   "padding": "triton", "documents": "triton", "alibi": "triton", "decode step": "sdpa",
-                   "small": "sdpa"}
-    reason = _dispatch.auto_reasons(picks["window"])["sdpa"]
-    assert "materializing" in reason and "Triton" in reason
+    want = {"none": "sdpa", "causal": "sdpa", "alibi": "triton", "decode step": "sdpa"}
+    want.update({f"small {name}": "sdpa" for name in masks})
+    want.update({f"long {name}": "triton" for name in long_masks})
+    assert got == want
+    reason = _dispatch.auto_reasons(picks["long window"])["sdpa"]
+    assert "materializing" in reason and "Triton" in reason and "estimated" in reason
+    assert "cost model" in _dispatch.auto_reasons(picks["small window"])["triton"]
     monkeypatch.setattr(_dispatch, "_on_cuda", lambda c: False)  # the CPU: never the interpreter
     assert all(_dispatch.choose(call, "auto").name != "triton" for call in picks.values())
 

@@ -75,26 +75,67 @@ def _triton_auto_why_not(c: Call) -> str | None:
     return None
 
 
-def _small_for_triton(c: Call) -> bool:
-    """Decoding steps and small problems stay with SDPA on CUDA: the Triton kernels' block plan
-    (built on the host, once per mask object and Nk: a decoding step's Nk grows every call) and
-    their 128-row tiles do not pay for themselves there."""
-    B, _, Nq, _ = c.q.shape
-    return Nq == 1 or B * Nq * c.k.shape[2] <= _sdpa.AUTO_SMALL_MASK
+@dataclass(frozen=True)
+class CudaCosts:
+    """auto's cost model on CUDA, in seconds per call: host time plus the pairs a kernel computes
+    at its rate. The rates are one H200's (2026-11-30, bf16, ../shared/anchors: SDPA's
+    mem-efficient kernel ~120 TFLOP/s with a mask, the Triton kernels ~300); the host times and
+    the mask's cost are estimates until ``benchmarks/gpu.py --issue14`` measures them on a lent GPU
+    (no GPU was lent to issue 14). What matters is the shape: a small call goes to SDPA, whose host
+    path is short; a long masked one to the kernels that skip the pairs the mask rules out."""
+
+    sdpa_host_s: float = 20e-6
+    triton_host_s: float = 80e-6
+    sdpa_masked_flops: float = 120e12  # the mem-efficient kernel, which takes a materialized mask
+    triton_flops: float = 300e12
+    mask_bytes_per_s: float = 1e12  # building the bool mask (a few passes) and reading it
+
+
+CUDA_COSTS = CudaCosts()
+
+
+def _sdpa_masked_cost(c: Call) -> float:
+    B, Hq, Nq, D = c.q.shape
+    Nk = c.k.shape[2]
+    return (CUDA_COSTS.sdpa_host_s + 4 * B * Hq * Nq * Nk * D / CUDA_COSTS.sdpa_masked_flops
+            + B * Nq * Nk / CUDA_COSTS.mask_bytes_per_s)
 
 
 def _sdpa_cuda_why_not(c: Call) -> str | None:
-    """On CUDA, a mask SDPA can take only materialized sends it to its mem-efficient kernel, which
+    """On CUDA a mask SDPA takes only materialized sends it to its mem-efficient kernel, which
     computes all Nq x Nk pairs and reads an Nq x Nk mask (FlashAttention and cuDNN take no mask);
     the Triton kernels read the mask's block plan, skip the tiles it rules out and mask only the
-    partial ones."""
-    return (f"mask {c.mask!r} needs materializing for torch SDPA (its mem-efficient kernel, all Nq x Nk pairs); "
-            "on CUDA the Triton kernels run it from its block plan")
+    partial ones, but cost more host time per call. ``CudaCosts`` decides; the plan (the kernels'
+    own, cached by structure) is built for the decision only when SDPA's estimate is above the
+    kernels' host time, the least they can cost."""
+    if c.q.shape[2] == 1:  # a decoding step: one row of a 128-row tile, a new Nk every call
+        return None
+    sdpa = _sdpa_masked_cost(c)
+    if sdpa <= CUDA_COSTS.triton_host_s:
+        return None  # small: SDPA whatever the plan would say (it is not built)
+    from .ops import block_plan
+    from .ops.triton.configs import default_blocks
+    bm, bn = default_blocks(c.q.shape[-1], c.q.dtype)
+    plan = block_plan.cached_plan(c.mask, c.q.shape[2], c.k.shape[2], bm, bn, c.q.device)  # the kernels' own
+    B, Hq, _, D = c.q.shape
+    triton = CUDA_COSTS.triton_host_s + 4 * B * Hq * plan.kv_idx.numel() * bm * bn * D / CUDA_COSTS.triton_flops
+    if sdpa <= triton:
+        return None
+    return (f"mask {c.mask!r} needs materializing for torch SDPA (its mem-efficient kernel, all Nq x Nk pairs): "
+            f"estimated {sdpa * 1e3:.3f} ms against {triton * 1e3:.3f} ms for the Triton kernels over the mask's "
+            "block plan (auto's CUDA cost model, _dispatch.CudaCosts)")
+
+
+def _triton_auto_cost_why_not(c: Call) -> str | None:
+    """Why auto passes over the Triton kernels on CUDA for a call SDPA runs cheaper (the converse
+    of ``_sdpa_cuda_why_not``)."""
+    return ("a small call or a decoding step: torch SDPA's shorter host path costs less than the kernels' "
+            "(auto's CUDA cost model, _dispatch.CudaCosts)")
 
 
 def _triton_run(c: Call):
     from .ops.triton import op  # imports triton (~0.25 s) on the first call that runs it
-    return op.triton_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale)
+    return op.run_checked(c.q, c.k, c.v, c.mask, c.bias, c.scale)  # choose() ran why_not
 
 
 BANDED_SPAN_LIMIT = 0.6  # auto takes banded while a query's window (+ one block) is <= 0.6 Nk
@@ -147,9 +188,11 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
         why["triton"] = _triton_auto_why_not(c)
     if all(why[name] is not None for name in ("triton", "banded", "tiled")):
         return why  # nothing skips the masked-out pairs: sdpa, even materializing, beats the reference
-    if (why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask)
-            and not _small_for_triton(c)):
+    if why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
         why["sdpa"] = _sdpa_cuda_why_not(c)
+        if why["sdpa"] is None:  # SDPA by the cost model: the CPU backends' rules below do not apply
+            why["triton"] = _triton_auto_cost_why_not(c)
+            return why
     if why["sdpa"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
         why["sdpa"] = _sdpa.auto_why_not(
             c.q, c.k, c.mask, lambda: work_fraction(c.mask, c.bias, c.q.shape[2], c.k.shape[2], c.q.device))
@@ -170,6 +213,8 @@ def check_impl_name(impl: str) -> None:
 def choose(c: Call, impl: str) -> Backend:
     """The backend for ``impl`` (or the first capable one for "auto"); raises with reasons."""
     if impl == "auto":
+        if BACKENDS["sdpa"].why_not(c) is None and not _sdpa.needs_materializing(c.q, c.k, c.mask):
+            return BACKENDS["sdpa"]  # first in AUTO_ORDER and nothing passes it over: the short path
         why = auto_reasons(c)
         for name in AUTO_ORDER:
             if why[name] is None:

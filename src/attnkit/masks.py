@@ -23,6 +23,7 @@ the block plan (``ops/block_plan.py``) evaluates every partial tile of a mask in
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -90,15 +91,15 @@ _values_checked: OrderedDict = OrderedDict()
 
 
 def check_values_once(t: Tensor, what: tuple, check: Callable[[], None]) -> None:
-    """Run ``check``, which reads ``t``'s values, once per tensor (data pointer, version, shape,
-    device) and ``what`` (the sizes it checks against): on a GPU reading values waits for the
-    device, which a call that reuses its lengths or indices should not pay every time. The tensor
-    is held while remembered, so its memory cannot be reused by another tensor meanwhile; an
-    in-place change moves its version and checks it again. While a CUDA graph is being captured
+    """Run ``check``, which reads ``t``'s values, once per tensor object, version and ``what`` (the
+    sizes it checks against): on a GPU reading values waits for the device, which a call that
+    reuses its lengths or indices should not pay every time. The tensor is held while remembered,
+    so its id cannot pass to another tensor meanwhile; an in-place change moves its version and
+    checks it again. While a CUDA graph is being captured
     nothing can be read back: the check is skipped (run the call once before capturing)."""
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
-    key = (t.data_ptr(), t._version, tuple(t.shape), str(t.device), what)
+    key = (id(t), t._version, what)  # the tensor is held while remembered: its id stays its own
     if key in _values_checked:
         _values_checked.move_to_end(key)
         return
@@ -106,6 +107,23 @@ def check_values_once(t: Tensor, what: tuple, check: Callable[[], None]) -> None
     _values_checked[key] = t
     while len(_values_checked) > VALUE_CHECKS_KEPT:
         _values_checked.popitem(last=False)
+
+
+CONTENT_KEY_MAX = 1024  # CPU tensors up to this many elements are keyed by content, larger ones by identity
+
+
+def tensor_key(t: Tensor | None) -> tuple:
+    """A tensor inside a mask, for ``Mask.structure_key``: a small CPU tensor (indices from a list,
+    a few lengths) by its content, so the same values rebuilt each call compare equal; anything
+    else by identity and version (data pointer, ``_version``, shape, strides): reading a device
+    tensor's values would wait for the device, and hashing N values on the host each call is the
+    cost a cache keyed by this is there to avoid. Whoever keeps such a key must keep the tensor
+    alive with it (so its memory is not reused meanwhile); an in-place change moves its version."""
+    if t is None:
+        return (None,)
+    if t.device.type == "cpu" and t.numel() <= CONTENT_KEY_MAX and t.dtype in (torch.bool, torch.int64, torch.int32):
+        return ("values", str(t.dtype), tuple(t.shape), t.detach().contiguous().numpy().tobytes())
+    return ("tensor", t.data_ptr(), t._version, tuple(t.shape), t.stride(), str(t.dtype), str(t.device))
 
 
 def _kinds(full: Tensor, empty: Tensor) -> Tensor:
@@ -158,6 +176,19 @@ class Mask:
 
     def check(self, B: int, H: int, Nq: int, Nk: int) -> None:
         """Raise ValueError if this mask cannot apply to a (B, H, Nq, Nk) problem."""
+
+    def structure_key(self) -> tuple:
+        """A hashable key, equal for masks built alike (same classes, windows, dilations, and
+        tensors equal by ``tensor_key``) whether or not they are one object: what the block
+        plan cache is keyed by. Reads no device tensor's values. This default walks the
+        dataclass fields; the masks below spell theirs out (a call computes it every time)."""
+        def part(x):
+            if isinstance(x, Tensor):
+                return tensor_key(x)
+            if isinstance(x, Mask):
+                return x.structure_key()
+            return x if not isinstance(x, list) else tuple(x)
+        return (type(self).__name__, *(part(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def is_top_left_causal(self, q0: int, k0: int, Nq: int, Nk: int) -> bool:
         """True if, on the tile starting at (query q0, key k0), this mask is exactly "key j' <= query
@@ -249,6 +280,9 @@ class Causal(Mask):
     def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
         return _diagonal(q0, k0, Nq, Nk).clamp(-bn, bm)  # past these the tile is full / empty
 
+    def structure_key(self):
+        return ("causal",)
+
     def is_top_left_causal(self, q0, k0, Nq, Nk):
         return k0 == q0 + (Nk - Nq)
 
@@ -297,6 +331,9 @@ class SlidingWindow(Mask):
         reach = max(self.dilation) if isinstance(self.dilation, tuple) else self.dilation
         lo, hi = -self.left * reach - bn, self.right * reach + bm  # past these the tile is empty
         return _diagonal(q0, k0, Nq, Nk).clamp(lo, hi)
+
+    def structure_key(self):
+        return ("window", self.left, self.right, self.dilation)
 
     def check(self, B, H, Nq, Nk):
         if isinstance(self.dilation, tuple) and len(self.dilation) != H:
@@ -357,6 +394,9 @@ class GlobalTokens(Mask):
                 raise ValueError(f"global_tokens: a bool mask of shape {tuple(self.flags.shape)} "
                                  f"does not fit B={B}, Nk={Nk}; expected (B, Nk) or (1, Nk)")
 
+    def structure_key(self):
+        return ("global", tensor_key(self.indices), tensor_key(self.flags))
+
     def _check_indices(self, Nk: int) -> None:
         if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= Nk):
             raise ValueError(f"global_tokens: indices must lie in [0, Nk={Nk}), got "
@@ -400,6 +440,9 @@ class KeyPadding(Mask):
         elif self.valid.shape[-1] != Nk or self.valid.shape[0] not in (1, B):
             raise ValueError(f"key_padding: bool mask of shape {tuple(self.valid.shape)} does not fit "
                              f"B={B}, Nk={Nk}; expected (B, Nk) with True = real token")
+
+    def structure_key(self):
+        return ("padding", tensor_key(self.lengths), tensor_key(self.valid))
 
     def _check_lengths(self, Nk: int) -> None:
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
@@ -452,6 +495,9 @@ class Document(Mask):
             raise ValueError(f"document: Nq={Nq} > Nk={Nk} puts queries before the first key, so they "
                              "have no document; use Nq <= Nk")
 
+    def structure_key(self):
+        return ("document", tensor_key(self.values))
+
     def __repr__(self) -> str:
         return f"document(<ids {tuple(self.values.shape)}>)"
 
@@ -493,6 +539,9 @@ class Dense(Mask):
     def check(self, B, H, Nq, Nk):
         check_broadcastable("mask", self.tensor, (B, H, Nq, Nk))
 
+    def structure_key(self):
+        return ("dense", tensor_key(self.tensor))
+
     def __repr__(self) -> str:
         return f"dense_mask(<bool {tuple(self.tensor.shape)}>)"
 
@@ -527,6 +576,9 @@ class And(_Binary):
         ka, kb = self._operand_kinds(tiling, device)
         return torch.minimum(ka, kb)  # EMPTY < PARTIAL < FULL: empty if either is, full if both are
 
+    def structure_key(self):
+        return ("&", self.a.structure_key(), self.b.structure_key())
+
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"
 
@@ -539,6 +591,9 @@ class Or(_Binary):
     def _block_kinds(self, tiling, device):
         ka, kb = self._operand_kinds(tiling, device)
         return torch.maximum(ka, kb)  # full if either is, empty if both are
+
+    def structure_key(self):
+        return ("|", self.a.structure_key(), self.b.structure_key())
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -560,6 +615,9 @@ class Not(Mask):
 
     def check(self, B, H, Nq, Nk):
         self.a.check(B, H, Nq, Nk)
+
+    def structure_key(self):
+        return ("~", self.a.structure_key())
 
     def __repr__(self) -> str:
         return f"~{self.a!r}"

@@ -32,7 +32,6 @@ the mask's batch and head extents (1 where it broadcasts), W work items, S parti
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -298,31 +297,11 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
                      _splits(k_slots, block_n, Nk))
 
 
-CONTENT_KEY_MAX = 1024  # CPU tensors up to this many elements are keyed by content, larger ones by identity
-
-
-def _tensor_key(t: Tensor) -> tuple:
-    """A small CPU tensor (global indices from a list, a few lengths) by its content, so the same
-    values rebuilt each call share a plan. Anything else by identity and version (data pointer,
-    ``_version``, shape, strides): reading a device tensor's values would wait for the device, and
-    hashing N values on the host each call is the cost the cache is there to avoid. A plan keyed
-    by identity keeps its mask, hence the tensor, alive, so the pointer cannot be reused meanwhile;
-    an in-place change moves ``_version`` and so the key."""
-    if t.device.type == "cpu" and t.numel() <= CONTENT_KEY_MAX and t.dtype in (torch.bool, torch.int64, torch.int32):
-        return ("values", str(t.dtype), tuple(t.shape), t.detach().contiguous().numpy().tobytes())
-    return ("tensor", t.data_ptr(), t._version, tuple(t.shape), t.stride(), str(t.dtype), str(t.device))
-
-
-def structure_key(obj) -> tuple:
-    """A hashable key equal for masks built alike: class names, windows and dilations, and each
-    tensor by ``_tensor_key``. Costs a walk of the mask expression and no device read."""
-    if isinstance(obj, Tensor):
-        return _tensor_key(obj)
-    if dataclasses.is_dataclass(obj):
-        return (type(obj).__name__, *(structure_key(getattr(obj, f.name)) for f in dataclasses.fields(obj)))
-    if isinstance(obj, (tuple, list)):
-        return tuple(structure_key(x) for x in obj)
-    return (obj,)
+def structure_key(mask: Mask | None) -> tuple:
+    """``Mask.structure_key`` (None for no mask): equal for masks built alike, from the masks'
+    structure and their tensors' ``masks.tensor_key`` (small CPU tensors by content, others by
+    identity and version); costs a walk of the expression and no device read."""
+    return (None,) if mask is None else mask.structure_key()
 
 
 PLAN_CACHE_SIZE = 64  # plans, up to two per mask structure and sizes (forward and backward blocks)

@@ -21,6 +21,7 @@ before triton is first imported (slow: tests at small sizes).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -35,6 +36,7 @@ MAX_BH = 65535  # grid axis 1 is B * Hq: CUDA's limit on gridDim.y
 __all__ = ["DTYPES", "HEAD_DIMS", "MAX_BH", "available", "interpreting", "why_not"]
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether triton is installed (looked up, not imported: importing it costs seconds)."""
     return importlib.util.find_spec("triton") is not None

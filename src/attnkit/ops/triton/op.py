@@ -270,10 +270,24 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     reason = why_not(q, k, v, mask, bias, 0.0)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}")
+    return run_checked(q, k, v, mask, bias, scale, block_m, block_n, plan, plan_bwd, split_tiles)
+
+
+_no_slopes: dict[torch.device, Tensor] = {}  # a placeholder per device, not a new tensor per call
+
+
+def run_checked(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, scale: float | None,
+                block_m: int | None = None, block_n: int | None = None, plan: BlockPlan | None = None,
+                plan_bwd: BlockPlan | None = None, split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
+    """``triton_attention`` for a call ``why_not`` has passed already (the dispatcher checks once)."""
     fwd, bwd, kv_len = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles)
     has_alibi = isinstance(bias, Alibi)
-    slopes = (bias.slopes.detach().to(device=q.device, dtype=torch.float32) if has_alibi
-              else torch.zeros(1, dtype=torch.float32, device=q.device))
+    if has_alibi:
+        slopes = bias.slopes.detach().to(device=q.device, dtype=torch.float32)
+    else:
+        slopes = _no_slopes.get(q.device)
+        if slopes is None:
+            slopes = _no_slopes[q.device] = torch.zeros(1, dtype=torch.float32, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), fwd.forward_tensors(),
                          bwd.backward_tensors(), slopes, kv_len, scale, fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n,
