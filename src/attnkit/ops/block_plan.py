@@ -126,20 +126,25 @@ def _csr(kinds: Tensor, tile_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # -- partial tiles ------------------------------------------------------------------------------------
 
+_GATHER_BITS = 0x0102040810204080  # times 8 bytes of 0/1 (one int64): byte i's bit lands at bit 56 + i
+
+
 def pack_bits(truth: Tensor) -> Tensor:
     """(..., BN) bool -> (..., ceil(BN / 32)) int32 words, bit c % 32 of word c // 32 = truth[c].
     Bits rather than bytes: a tile of bytes costs the kernel a (BM, BN) gather of pointers, which
-    spills registers; a bit tile is BM x ceil(BN / 32) word loads and register shifts. Built as
-    bytes (8 bits each) that are then read as little-endian int32 words."""
+    spills registers; a bit tile is BM x ceil(BN / 32) word loads and register shifts. Packed 8
+    at a time: 8 bools read as one little-endian int64, times ``_GATHER_BITS``, top byte = the 8
+    bits in order; 4 such bytes are one int32 word."""
     bn = truth.shape[-1]
     nw = -(-bn // 32)
-    padded = torch.nn.functional.pad(truth.to(torch.uint8), (0, nw * 32 - bn))  # (..., nw * 32)
-    shifts = torch.arange(8, dtype=torch.uint8, device=truth.device)
-    octets = (padded.unflatten(-1, (nw * 4, 8)) << shifts).sum(-1, dtype=torch.uint8)  # (..., nw * 4)
-    if sys.byteorder == "little":
-        return octets.view(torch.int32)
-    words = (octets.unflatten(-1, (nw, 4)).long() << (8 * torch.arange(4, device=truth.device))).sum(-1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    padded = torch.nn.functional.pad(truth, (0, nw * 32 - bn)).contiguous()  # (..., nw * 32) bool
+    if sys.byteorder != "little":  # the byte tricks below read memory little-endian
+        bits = padded.to(torch.int64).unflatten(-1, (nw, 32)) << torch.arange(32, device=truth.device)
+        words = bits.sum(-1)
+        return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    eights = padded.view(torch.uint8).view(torch.int64)  # (..., nw * 4): 8 bools each
+    octets = ((eights * _GATHER_BITS) >> 56) & 0xFF  # (..., nw * 4) the packed bytes
+    return octets.to(torch.uint8).view(torch.int32)  # (..., nw)
 
 
 def unpack_bits(words: Tensor, bn: int) -> Tensor:
