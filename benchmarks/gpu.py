@@ -6,12 +6,13 @@
     python benchmarks/gpu.py --tune           # sweep attnkit's block sizes, warps and stages instead
     python benchmarks/gpu.py --acceptance     # only the three cases of issue 6's acceptance
     python benchmarks/gpu.py --kinds longformer --ns 65536,131072   # a subset (one device call is 10 min)
+    python benchmarks/gpu.py --issue14 --out DIR   # issue 14's tables in one short run (benchmarks/gpu_issue14.sh)
 
 In one process, on the same bf16 inputs (B=1):
 - dense and causal, H=16, D = 64 and 128, N = 1k, 4k, 16k: attnkit triton, SDPA FLASH / CUDNN /
   EFFICIENT (``sdpa_kernel``), FlexAttention compiled (causal: a causal block mask);
 - the Longformer pattern (H=12, D=64, window of W=256 keys on each side, G=16 global tokens at the start),
-  N = 4k, 16k, 64k, 128k: attnkit triton, FlexAttention compiled with the same block mask.
+  N = 4k, 16k, 64k, 256k, 1M: attnkit triton, FlexAttention compiled with the same block mask.
 
 Before timing, every contender's output is checked against the float32 reference on 64 sampled
 query rows (attnkit.viz.capture's row recomputation, which evaluates the mask on those rows), and
@@ -30,12 +31,29 @@ same warps and stages and the same blocks in both passes, output checked first; 
 tune_*.json / .md with the forward and the backward (fwd+bwd minus fwd) times, fastest first, so
 the forward's and the backward's best can be read apart. Its winners go into ``attnkit.ops.triton.configs.gpu_blocks``
 and ``launch_config`` (and ``python -m attnkit.ops.triton_check`` must still pass).
+
+``--issue14`` runs issue 14's measurements, step by step (``--step`` picks some; each step stops
+starting new cases past its soft limit, ``ISSUE14_LIMITS_S``), writing as it goes to
+``issue14.json`` (all steps' rows), ``issue14.md`` and ``issue14_rows.jsonl`` in ``--out``:
+- ``tests``: the gpu-marked correctness tests first (the case table on CUDA, the no-sync /
+  CUDA-graph test, ``check_backend`` on CUDA), pytest in a child process with a timeout;
+- ``overhead``: host overhead, wall time per call at B=1, H=8, D=64, bf16, N = 128 and 1024
+  (``host_overhead``): torch SDPA, ak auto and ak triton, causal and window+global, each with the
+  mask reused across calls and rebuilt inside the loop as a model does; ratios to SDPA;
+- ``plans``: the plan-build table on CUDA (``benchmarks/plan_build.py``'s cases, N = 4k..1M)
+  beside FlexAttention's compiled ``create_block_mask`` for the same masks, and cache hits;
+- ``longformer``: the Longformer fwd / fwd+bwd comparison with Flex at N = 4k..1M (``measure``).
+``benchmarks/gpu_issue14.sh`` runs the four steps under ``timeout`` for one device call.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -52,6 +70,20 @@ from attnkit.ops.triton import configs as triton_configs
 from attnkit.ops.triton.configs import default_blocks
 from attnkit.ops.triton.op import triton_attention
 from attnkit.viz.capture import AttentionRecord
+
+
+
+def _sibling(name: str):
+    """A script beside this one, imported by path (``benchmarks/`` is no package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+plan_build = _sibling("plan_build")
 
 W, G = 256, 16
 CHECK_ROWS = 64
@@ -274,6 +306,315 @@ def tune_markdown(rows: list, device: str) -> str:
 
 
 KINDS = ("dense", "causal", "longformer")
+LONGFORMER_NS = (4096, 16384, 65536, 262144, 1 << 20)
+
+
+# -- issue 14: host overhead, plan builds, the Longformer table ---------------------------------------
+
+OVERHEAD_NS = (128, 1024)
+OVERHEAD_B, OVERHEAD_H, OVERHEAD_D = 1, 8, 64
+WG_WINDOW, WG_GLOBALS = 64, (0, 1, 2, 3)
+OVERHEAD_TOLERANCE = 0.05  # max |out - SDPA's| allowed before a contender is timed (bf16)
+OVERHEAD_DTYPE = torch.bfloat16
+
+
+def window_global_mask() -> ak.Mask:
+    """The host-overhead table's structured mask: sliding_window(64) | global_tokens([0, 1, 2, 3])."""
+    return ak.sliding_window(WG_WINDOW) | ak.global_tokens(list(WG_GLOBALS))
+
+
+def overhead_contenders(q, k, v) -> dict:
+    """name -> (call with the mask built once, call that builds its mask as a model does, the
+    name of the SDPA contender computing the same function). Forward only, no autograd."""
+    N, dev = q.shape[2], q.device
+    causal, wg = ak.causal(), window_global_mask()
+    wg_dense = wg.materialize(N, N, dev)  # (1, 1, N, N) bool
+
+    def sdpa_causal():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def ak_call(impl, mask_of):
+        return lambda: ak.attention(q, k, v, mask=mask_of(), impl=impl)
+    return {
+        "sdpa causal": (sdpa_causal, sdpa_causal, "sdpa causal"),
+        "sdpa window+global (bool mask)": (
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=wg_dense),
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=window_global_mask().materialize(N, N, dev)),
+            "sdpa window+global (bool mask)"),
+        "ak auto causal": (ak_call("auto", lambda: causal), ak_call("auto", ak.causal), "sdpa causal"),
+        "ak triton causal": (ak_call("triton", lambda: causal), ak_call("triton", ak.causal), "sdpa causal"),
+        "ak triton window+global": (ak_call("triton", lambda: wg), ak_call("triton", window_global_mask),
+                                    "sdpa window+global (bool mask)"),
+        "ak auto window+global": (ak_call("auto", lambda: wg), ak_call("auto", window_global_mask),
+                                  "sdpa window+global (bool mask)"),
+    }
+
+
+def _loop(fn, calls: int) -> None:
+    for _ in range(calls):
+        fn()
+
+
+def per_call_ms(fn, device, rounds: int = 5, max_calls: int = 200, min_calls: int = 10,
+                round_s: float = 0.15) -> tuple[float, int, list]:
+    """Wall milliseconds per call: two warm-up calls (compiles, plans, caches), then ``rounds``
+    loops of ``calls`` calls (as many as fit in ``round_s``, within [min_calls, max_calls]),
+    synchronized around each loop and not per call, as a model's calls run back to back; the
+    median of the loops' means, the calls per loop, and each loop's mean."""
+    fn()
+    est, _ = plan_build.wall_ms(fn, device)
+    calls = max(min_calls, min(max_calls, int(round_s * 1e3 / max(est, 1e-3))))
+    means = [plan_build.wall_ms(lambda: _loop(fn, calls), device)[0] / calls for _ in range(rounds)]
+    return statistics.median(means), calls, [round(m, 5) for m in means]
+
+
+def host_overhead(device, dtype=torch.bfloat16, ns=OVERHEAD_NS, on_row=print, deadline: float | None = None,
+                  **timing) -> list:
+    """The host-overhead rows: every contender of ``overhead_contenders`` at each N, mask reused
+    and rebuilt; each output checked against its SDPA counterpart before it is timed. ``timing``
+    goes to ``per_call_ms``. Ratios are added by ``overhead_ratios``."""
+    rows = []
+    for N in ns:
+        g = torch.Generator(device=device).manual_seed(N)
+        q, k, v = (torch.randn(OVERHEAD_B, OVERHEAD_H, N, OVERHEAD_D, device=device, dtype=dtype, generator=g)
+                   for _ in range(3))
+        with torch.no_grad():
+            runs = overhead_contenders(q, k, v)
+            want = {name: reused().float() for name, (reused, _, same) in runs.items() if name == same}
+            for name, (reused, rebuilt, same) in runs.items():
+                auto = ak.explain(q, k, v, mask=window_global_mask() if "window" in name else ak.causal()).chosen
+                for mode, fn in (("reused", reused), ("rebuilt", rebuilt)):
+                    row = {"step": "overhead", "contender": name, "mask_mode": mode, "N": N, "B": OVERHEAD_B,
+                           "H": OVERHEAD_H, "D": OVERHEAD_D, "dtype": str(dtype).replace("torch.", ""),
+                           "baseline": same}
+                    if name.startswith("ak auto"):
+                        row["auto_picks"] = auto
+                    if deadline is not None and time.monotonic() > deadline:
+                        row["error"] = "skipped: time limit"
+                    else:
+                        try:
+                            err = (fn().float() - want[same]).abs().max().item()
+                            row["max_err_vs_sdpa"] = err
+                            if not err <= OVERHEAD_TOLERANCE:
+                                raise RuntimeError(f"output differs from {same} by {err:.3g}: not timed")
+                            ms, calls, means = per_call_ms(fn, device, **timing)
+                            row.update(ms_per_call=ms, calls_per_loop=calls, loop_means_ms=means)
+                        except Exception as e:  # reported, and the table goes on
+                            row["error"] = error_text(e)
+                    rows.append(row)
+                    on_row(row)
+    return overhead_ratios(rows)
+
+
+def overhead_ratios(rows: list) -> list:
+    """Adds to each timed row its ratio to SDPA causal and to the SDPA call of the same mask
+    (same N and mask mode)."""
+    ms = {(r["contender"], r["mask_mode"], r["N"]): r.get("ms_per_call") for r in rows}
+    for r in rows:
+        if r.get("ms_per_call") is None:
+            continue
+        for key, base in (("ratio_to_sdpa_causal", "sdpa causal"), ("ratio_to_sdpa_same_mask", r["baseline"])):
+            b = ms.get((base, r["mask_mode"], r["N"]))
+            r[key] = r["ms_per_call"] / b if b else None
+    return rows
+
+
+def overhead_markdown(rows: list) -> str:
+    """The host-overhead table; ratios worked out here too, so a table written mid-run has them."""
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}x"
+
+    def cell(r):
+        if r is None:
+            return ""
+        if "error" in r:
+            return r["error"]
+        same = "" if r["baseline"] == "sdpa causal" else f", {ratio(r['ratio_to_sdpa_same_mask'])} same-mask SDPA"
+        return f"{r['ms_per_call']:.4f} ms ({ratio(r['ratio_to_sdpa_causal'])}{same})"
+    rows = overhead_ratios([dict(r) for r in rows])
+    by = {(r["contender"], r["mask_mode"], r["N"]): r for r in rows}
+    lines = [f"Wall time per call, B={OVERHEAD_B}, H={OVERHEAD_H}, D={OVERHEAD_D}, forward without autograd; "
+             "median of the loop means, synchronized around each loop and not per call; (ratio to SDPA causal, and to SDPA with the same "
+             "mask as a bool tensor). window+global = sliding_window(64) | global_tokens([0, 1, 2, 3]).", "",
+             "| N | contender | auto picks | mask reused | mask rebuilt per call |", "|---|---|---|---|---|"]
+    for name, _, N in dict.fromkeys((r["contender"], 0, r["N"]) for r in rows):
+        reused, rebuilt = by.get((name, "reused", N)), by.get((name, "rebuilt", N))
+        picks = (reused or rebuilt or {}).get("auto_picks", "")
+        lines.append(f"| {N} | {name} | {picks} | {cell(reused)} | {cell(rebuilt)} |")
+    return "\n".join(lines) + "\n"
+
+
+ISSUE14_STEPS = ("tests", "overhead", "plans", "longformer")
+ISSUE14_LIMITS_S = {"tests": 120, "overhead": 40, "plans": 90, "longformer": 120}  # soft: no new case after
+GPU_TESTS = ("tests/test_triton.py", "tests/test_block_plan.py", "tests/test_numerics.py")
+PLAN_NS = (4096, 16384, 65536, 262144, 1 << 20)
+PLAN_MASKS = ("longformer", "docs512", "causal_window", "causal", "docs1", "docs8", "docs64")  # acceptance first
+PLAN_CACHE_N = 65536
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Issue14Report:
+    """``issue14.json`` (meta and each step's rows), ``issue14.md`` and ``issue14_rows.jsonl`` in
+    ``out``, rewritten after every row; a step run in another process adds to the same files."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out = out
+        path = out / "issue14.json"
+        self.doc = json.loads(path.read_text()) if path.exists() else {"meta": dict(meta), "steps": {}}
+        self.doc["meta"].setdefault("runs", []).append(dict(meta))  # one entry per process (step)
+
+    def start(self, step: str, **info) -> None:
+        self.doc["steps"][step] = {"info": {"started": datetime.now(UTC).isoformat(timespec="seconds"), **info},
+                                   "rows": []}
+        self.write()
+
+    def add(self, step: str, row: dict, log: bool = True) -> None:
+        self.doc["steps"][step]["rows"].append(row)
+        if log:
+            with (self.out / "issue14_rows.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        print(f"[{step}] {json.dumps(row)}", flush=True)
+        self.write()
+
+    def finish(self, step: str, rows: list | None = None, **info) -> None:
+        if rows is not None:
+            self.doc["steps"][step]["rows"] = rows
+        self.doc["steps"][step]["info"].update(finished=datetime.now(UTC).isoformat(timespec="seconds"), **info)
+        self.write()
+
+    def write(self) -> None:
+        (self.out / "issue14.json").write_text(json.dumps(self.doc, indent=1) + "\n")
+        (self.out / "issue14.md").write_text(issue14_markdown(self.doc))
+
+
+def issue14_markdown(doc: dict) -> str:
+    meta, steps = doc["meta"], doc["steps"]
+    lines = [f"# Issue 14 on {meta.get('device')}: {meta.get('date')}", "",
+             f"torch {meta.get('torch')}, triton {meta.get('triton')}, attnkit {meta.get('attnkit_commit')}.", ""]
+    for step in ISSUE14_STEPS:
+        if step not in steps:
+            continue
+        info, rows = steps[step]["info"], steps[step]["rows"]
+        lines += [f"## {step}", "", "`" + json.dumps(info) + "`", ""]
+        if step == "tests":
+            lines += ["```", *info.get("tail", "").splitlines()[-15:], "```", ""]
+        elif step == "overhead" and rows:
+            lines.append(overhead_markdown(rows))
+        elif step == "plans" and rows:
+            lines.append(plan_build.markdown({}, rows, body_only=True))
+        elif step == "longformer" and rows:
+            lines.append(markdown(rows, meta.get("device", "?")).split("\n", 2)[2])
+    return "\n".join(lines) + "\n"
+
+
+def run_child(cmd: list, env: dict, timeout_s: float) -> tuple:
+    """(return code or "timeout", its stdout and stderr) of a command run in the repository."""
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        return done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return "timeout", text + f"\n(stopped after {timeout_s} s)"
+
+
+def step_tests(report: Issue14Report, limit_s: float) -> None:
+    """The gpu-marked tests of GPU_TESTS in a child pytest (3 workers where pytest-xdist is
+    there), stopped after ``limit_s``; the log goes to issue14_pytest.log."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", *GPU_TESTS]
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", "3"]
+    env = {**os.environ}
+    env["PYTHONPATH"] = str(REPO / "src") + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    report.start("tests", command=" ".join(cmd[1:]))
+    t0 = time.monotonic()
+    rc, text = run_child(cmd, env, limit_s)
+    (report.out / "issue14_pytest.log").write_text(text)
+    report.finish("tests", returncode=rc, wall_s=round(time.monotonic() - t0, 1), tail=text[-3000:])
+    print(text[-3000:], flush=True)
+
+
+def step_overhead(report: Issue14Report, device, limit_s: float) -> None:
+    """``host_overhead`` at OVERHEAD_NS in bfloat16."""
+    report.start("overhead", ns=list(OVERHEAD_NS), dtype=str(OVERHEAD_DTYPE))
+    rows = host_overhead(device, OVERHEAD_DTYPE, ns=OVERHEAD_NS, on_row=lambda r: report.add("overhead", r),
+                         deadline=time.monotonic() + limit_s)
+    report.finish("overhead", rows)
+
+
+def _raise_recompile_limits() -> None:
+    """Flex's create_block_mask recompiles per mask_mod and once more when N goes dynamic; the
+    default limit (8) would send the later masks to eager mode, which materializes N x N."""
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+
+def step_plans(report: Issue14Report, device, limit_s: float) -> None:
+    """``plan_build.run`` on ``device`` at PLAN_NS for PLAN_MASKS, Flex beside, cache hits at PLAN_CACHE_N."""
+    ns, masks = PLAN_NS, PLAN_MASKS
+    report.start("plans", ns=list(ns), masks=list(masks))
+    _raise_recompile_limits()
+    rows = plan_build.run(ns, masks, plan_build.default_blocks(), torch.device(device), reps=5, budget_s=2.0,
+                          flex=True, cache_n=PLAN_CACHE_N, cache_calls=200, on_row=lambda r: report.add("plans", r),
+                          deadline=time.monotonic() + limit_s)
+    report.finish("plans", rows)
+
+
+def step_longformer(report: Issue14Report, device, limit_s: float) -> None:
+    """``measure`` at each of LONGFORMER_NS (attnkit triton and compiled Flex, fwd and fwd+bwd);
+    no new N past the limit."""
+    ns = LONGFORMER_NS
+    report.start("longformer", ns=list(ns))
+    deadline, rows = time.monotonic() + limit_s, _Reported(report, "longformer")
+    for N in ns:
+        if time.monotonic() > deadline:
+            rows.append({"case": "longformer", "N": N, "D": 64, "H": 12, "contender": "(all)",
+                         "error": "skipped: time limit"})
+            continue
+        measure("longformer", N, 64, 12, device, rows, Path(os.devnull))  # rows reach the report as measured
+
+
+class _Reported(list):
+    """A list of rows that hands each appended row to the report (``measure`` appends them)."""
+
+    def __init__(self, report: Issue14Report, step: str):
+        super().__init__()
+        self.report, self.step = report, step
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.report.add(self.step, row)
+
+
+def issue14(out: Path, steps=ISSUE14_STEPS, device=None, limits: dict | None = None) -> int:
+    """Run the steps of issue 14 in order (module docstring)."""
+    device = torch.device(device or "cuda")
+    limits = {**ISSUE14_LIMITS_S, **(limits or {})}
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "steps": list(steps), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "attnkit_commit": plan_build._commit(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "cpu_model": plan_build.cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+    report = Issue14Report(out, meta)
+    for step in steps:
+        t0 = time.monotonic()
+        print(f"== issue14 step {step} (soft limit {limits[step]} s)", flush=True)
+        try:
+            if step == "tests":
+                step_tests(report, limits[step])
+            elif step == "overhead":
+                step_overhead(report, device, limits[step])
+            elif step == "plans":
+                step_plans(report, device, limits[step])
+            elif step == "longformer":
+                step_longformer(report, device, limits[step])
+        except Exception as e:  # one step failing leaves the others to run
+            report.doc["steps"].setdefault(step, {"info": {}, "rows": []})
+            report.finish(step, error=error_text(e))
+            print(f"issue14 step {step} failed: {error_text(e)}", flush=True)
+        print(f"== issue14 step {step} took {time.monotonic() - t0:.1f} s", flush=True)
+    print(issue14_markdown(report.doc), flush=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence lengths, comma-separated, instead of each kind's defaults")
     p.add_argument("--ds", metavar="D,...", type=CommaList(int), default=(64, 128),
                    help="head dims of the dense and causal cases, comma-separated (default 64,128)")
+    p.add_argument("--issue14", action="store_true",
+                   help="issue 14's run instead: tests, host overhead, plan builds beside Flex, the Longformer table "
+                        "(issue14.json / .md / _rows.jsonl in --out, written as it goes)")
+    p.add_argument("--step", action="append", choices=ISSUE14_STEPS, default=None,
+                   help="with --issue14: run only this step (repeat for several; default all, in order: "
+                        + ", ".join(ISSUE14_STEPS) + ")")
+    p.add_argument("--limit-s", type=float, default=None,
+                   help="with --issue14: each step's soft time limit in seconds, after which it starts no new case "
+                        f"(default per step: {ISSUE14_LIMITS_S})")
     return p
 
 
@@ -313,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = args.kinds
     ns = args.ns or None
     dense_n = ns or ((1024, 4096) if args.quick else (1024, 4096, 16384))
-    lf_n = ns or ((4096,) if args.quick else (4096, 16384, 65536, 131072))
+    lf_n = ns or ((4096,) if args.quick else LONGFORMER_NS)
     cases = [(kind, N, D, 16) for kind in ("dense", "causal") if kind in kinds
              for D in args.ds for N in dense_n]
     cases += [("longformer", N, 64, 12) for N in lf_n if "longformer" in kinds]
@@ -321,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         cases = [("longformer", 65536, 64, 12), ("dense", 16384, 128, 16), ("causal", 16384, 64, 16)]
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device")
+    if args.issue14:
+        limits = None if args.limit_s is None else {step: args.limit_s for step in ISSUE14_STEPS}
+        return issue14(out, tuple(args.step or ISSUE14_STEPS), limits=limits)
     dev = torch.device("cuda")
     device = torch.cuda.get_device_name(dev)
     rows: list = []
