@@ -52,6 +52,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -508,21 +509,35 @@ def issue14_markdown(doc: dict) -> str:
 
 
 def run_child(cmd: list, env: dict, timeout_s: float) -> tuple:
-    """(return code or "timeout", its stdout and stderr) of a command run in the repository."""
+    """(return code or "timeout", its stdout and stderr) of a command run in the repository, in its
+    own process group: at the timeout, or if this process is stopped meanwhile, the whole group is
+    killed (pytest-xdist's workers too), so nothing keeps the GPU busy under the next step."""
+    child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-        return done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return "timeout", text + f"\n(stopped after {timeout_s} s)"
+        out = child.communicate(timeout=timeout_s)[0]
+        return child.returncode, out
+    except subprocess.TimeoutExpired:
+        _kill_group(child)
+        return "timeout", (child.communicate()[0] or "") + f"\n(stopped after {timeout_s} s)"
+    finally:
+        if child.poll() is None:
+            _kill_group(child)
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def step_tests(report: Issue14Report, limit_s: float) -> None:
-    """The gpu-marked tests of GPU_TESTS in a child pytest (3 workers where pytest-xdist is
+    """The gpu-marked tests of GPU_TESTS in a child pytest (5 workers where pytest-xdist is
     there), stopped after ``limit_s``; the log goes to issue14_pytest.log."""
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", *GPU_TESTS]
-    if importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", "3"]
+    if importlib.util.find_spec("xdist") is not None:  # one worker per test: the 3 dtypes' case tables compile apart
+        cmd += ["-n", "5"]
     env = {**os.environ}
     env["PYTHONPATH"] = str(REPO / "src") + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     report.start("tests", command=" ".join(cmd[1:]))
@@ -586,6 +601,10 @@ class _Reported(list):
         self.report.add(self.step, row)
 
 
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def issue14(out: Path, steps=ISSUE14_STEPS, device=None, limits: dict | None = None) -> int:
     """Run the steps of issue 14 in order (module docstring)."""
     device = torch.device(device or "cuda")
@@ -596,6 +615,7 @@ def issue14(out: Path, steps=ISSUE14_STEPS, device=None, limits: dict | None = N
             "cpu_model": plan_build.cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
     report = Issue14Report(out, meta)
+    signal.signal(signal.SIGTERM, _exit_on_term)  # `timeout` stops a step: its pytest child goes with it
     for step in steps:
         t0 = time.monotonic()
         print(f"== issue14 step {step} (soft limit {limits[step]} s)", flush=True)

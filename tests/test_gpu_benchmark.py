@@ -283,11 +283,7 @@ def test_the_issue14_run_on_the_cpu(gpu, pb, eager_flex, monkeypatch, tmp_path):
 
 
 def test_the_issue14_steps_respect_their_time_limits(gpu, monkeypatch, tmp_path):
-    import subprocess as sp
-
-    def too_slow(cmd, **kw):
-        raise sp.TimeoutExpired(cmd, kw["timeout"], output=b"collected 5 items\n")
-    monkeypatch.setattr(gpu.subprocess, "run", too_slow)  # under run_child
+    monkeypatch.setattr(gpu, "run_child", lambda cmd, env, timeout_s: ("timeout", "collected 5 items\n(stopped)"))
     monkeypatch.setattr(gpu, "measure", lambda *a: pytest.fail("measure ran past the time limit"))
     gpu.issue14(tmp_path, gpu.ISSUE14_STEPS, device="cpu", limits=dict.fromkeys(gpu.ISSUE14_STEPS, 0))
     doc = json.loads((tmp_path / "issue14.json").read_text())
@@ -323,3 +319,35 @@ def test_the_issue14_shell_script_runs_each_step_under_a_timeout(tmp_path):
     assert steps == ["tests", "overhead", "plans", "longformer"]
     assert all(f"== {s} exit 0" in log for s in steps)
     assert f"--out {out}" in log and "/src" in log.split("PYTHONPATH=")[1].split(":")[0]
+
+
+def test_a_child_past_its_time_is_killed_with_its_own_children(gpu, tmp_path):
+    """run_child (the tests step's pytest) kills the child's whole process group at the timeout:
+    a grandchild (an xdist worker, say) does not outlive it to load the GPU under the next step."""
+    import subprocess
+    import sys
+    marker = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "  # holds no pipe: communicate() does not wait on it
+            f"open({str(marker)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(300)")
+    rc, out = gpu.run_child([sys.executable, "-c", code], dict(os.environ), 3)
+    assert rc == "timeout" and "started" in out and "stopped after 3 s" in out
+    pid = int(marker.read_text())
+    try:
+        for _ in range(50):  # the kill is immediate; reaping by init may take a moment
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            if subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                              text=True).stdout.strip().startswith("Z"):
+                break
+            __import__("time").sleep(0.1)
+        else:
+            pytest.fail(f"the grandchild {pid} outlived the timeout")
+    finally:
+        try:
+            os.kill(pid, 9)  # the test's own grandchild, should it have survived
+        except ProcessLookupError:
+            pass
+    assert gpu.run_child([sys.executable, "-c", "print('ok')"], dict(os.environ), 30) == (0, "ok\n")
