@@ -153,6 +153,16 @@ def _per_tile(x: Tensor) -> Tensor:
     return x.transpose(0, 1).flatten(1).long()
 
 
+def _per_tile_bits(flags: Tensor) -> Tensor:
+    """(Bm, P, n) bool -> (P, Bm * ceil(n / 64)) int64: the flags packed 64 to a word, so that
+    grouping tiles sorts a few words per tile instead of n flags."""
+    Bm, P, n = flags.shape
+    words = -(-n // 64)
+    padded = torch.nn.functional.pad(flags.to(torch.int64), (0, words * 64 - n)).view(Bm, P, words, 64)
+    packed = (padded << torch.arange(64, device=flags.device)).sum(-1)  # wraps past bit 62: still one-to-one
+    return packed.transpose(0, 1).flatten(1)
+
+
 class Mask:
     """Base of every attnkit mask. Subclasses implement ``_evaluate`` and ``_block_kinds``."""
 
@@ -374,7 +384,7 @@ class GlobalTokens(Mask):
 
     def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
         q_flag, k_flag = self._both_flags(_tile_offsets(q0, bm, Nq), _tile_offsets(k0, bn, Nk), Nq, Nk)
-        return _per_tile(torch.cat([q_flag, k_flag], -1))  # (P, Bm * (BM + BN))
+        return _per_tile_bits(torch.cat([q_flag, k_flag], -1))  # (P, Bm * ceil((BM + BN) / 64))
 
     def _block_kinds(self, tiling, device):
         q_flag, k_flag = self._both_flags(torch.arange(tiling.Nq, device=device),
@@ -424,7 +434,7 @@ class KeyPadding(Mask):
         return self._valid(Nk, cols.device)[:, cols][:, None]  # (B, 1, *cols.shape)
 
     def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
-        return _per_tile(self._valid(Nk, k0.device)[:, _tile_offsets(k0, bn, Nk)])  # (P, B * BN)
+        return _per_tile_bits(self._valid(Nk, k0.device)[:, _tile_offsets(k0, bn, Nk)])  # (P, B * ceil(BN / 64))
 
     def _block_kinds(self, tiling, device):
         kc, ks = tiling.pool_counts(self._valid(tiling.Nk, device), tiling.block_k)  # (B, nK)

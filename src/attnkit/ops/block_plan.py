@@ -115,13 +115,23 @@ def kernel_kinds(mask: Mask | None, Nq: int, Nk: int, bm: int, bn: int, device) 
     return kinds
 
 
-def _csr(kinds: Tensor, tile_id: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Row-major lists of the non-empty tiles: (ptr (rows + 1,), idx (T,), tile (T,)) int32."""
-    visit = kinds != EMPTY
-    rows, cols = visit.nonzero(as_tuple=True)  # row-major: ascending columns within a row
-    ptr = torch.zeros(kinds.shape[0] + 1, dtype=torch.int32, device=kinds.device)
-    ptr[1:] = visit.sum(1).cumsum(0)
-    return ptr, cols.to(torch.int32), tile_id[rows, cols].to(torch.int32)
+def _lists(kinds: Tensor, group: Tensor) -> tuple[Tensor, ...]:
+    """The non-empty tiles as row-major lists (query block -> key blocks) and column-major lists
+    (key block -> query blocks), CSR: (kv_ptr (nQ + 1,), kv_idx (T,), kv_tile (T,), q_ptr
+    (nK + 1,), q_idx (T,), q_tile (T,)) int32. ``group`` (P,): the stored tile of each PARTIAL
+    tile in row-major order (``partial_tiles``); a FULL tile's id is -1. One pass over the nQ x nK
+    kinds; the column-major lists come from sorting the T visited tiles, not from the grid."""
+    nQ, nK = kinds.shape
+    rows, cols = (kinds != EMPTY).nonzero(as_tuple=True)  # (T,) row-major: ascending keys within a row
+    partial = kinds[rows, cols] == PARTIAL  # (T,); the partial tiles in the same row-major order as group
+    tile = torch.full(rows.shape, -1, dtype=torch.int32, device=kinds.device)
+    tile[partial] = group.to(torch.int32)
+    order = torch.argsort(cols * nQ + rows)  # column-major: ascending query blocks within a key block
+    kv_ptr = torch.zeros(nQ + 1, dtype=torch.int32, device=kinds.device)
+    kv_ptr[1:] = torch.bincount(rows, minlength=nQ).cumsum(0)
+    q_ptr = torch.zeros(nK + 1, dtype=torch.int32, device=kinds.device)
+    q_ptr[1:] = torch.bincount(cols, minlength=nK).cumsum(0)
+    return (kv_ptr, cols.to(torch.int32), tile, q_ptr, rows[order].to(torch.int32), tile[order])
 
 
 # -- partial tiles ------------------------------------------------------------------------------------
@@ -291,10 +301,7 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     kinds = kernel_kinds(mask, Nq, Nk, block_m, block_n, device)  # (nQ, nK)
     pq, pk = (kinds == PARTIAL).nonzero(as_tuple=True)  # (P,) each
     tiles, tiles_t, group = partial_tiles(mask, pq, pk, Nq, Nk, block_m, block_n)
-    tile_id = torch.full(kinds.shape, -1, dtype=torch.long, device=device)
-    tile_id[pq, pk] = group  # each partial tile's stored truth; -1 for a full one
-    kv_ptr, kv_idx, kv_tile = _csr(kinds, tile_id)
-    q_ptr, q_idx, q_tile = _csr(kinds.T, tile_id.T)
+    kv_ptr, kv_idx, kv_tile, q_ptr, q_idx, q_tile = _lists(kinds, group)
     q_work, q_slots = split_work(kv_ptr, split_tiles)
     k_work, k_slots = split_work(q_ptr, split_tiles)
     return BlockPlan(block_m, block_n, Nq, Nk, mask, structure_key(mask), kv_ptr, kv_idx, kv_tile, q_ptr, q_idx,
