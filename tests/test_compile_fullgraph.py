@@ -24,14 +24,23 @@ B, H, N, D = 2, 2, 48, 16
 TOL = 1e-5
 
 
-def _qkv(hkv: int = H, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def _qkv(hkv: int = H, dtype: torch.dtype = torch.float32, seed: int = 0, bnhd: bool = False) -> tuple[torch.Tensor, ...]:
+    """q (B, H, N, D), k and v (B, hkv, N, D), leaves that require grad; with ``bnhd`` views of
+    (B, N, H, D) leaves, as a model's projections give them (not contiguous)."""
     g = torch.Generator().manual_seed(seed)
     shapes = ((B, H, N, D), (B, hkv, N, D), (B, hkv, N, D))
+    if bnhd:
+        return tuple(torch.randn(b, n, h, d, generator=g, dtype=dtype).requires_grad_().transpose(1, 2)
+                     for b, h, n, d in shapes)
     return tuple(torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes)
 
 
 def _window_global():
     return dict(mask=ak.sliding_window(4) | ak.global_tokens([0, 21])), []
+
+
+def _dilated_window():
+    return dict(mask=ak.sliding_window(3, 2, dilation=(1, 2))), []  # one dilation per head: a tuple field
 
 
 def _key_padding_lengths():
@@ -77,6 +86,7 @@ def _dense_mask():
 # name -> (builder of (ak.attention kwargs, bias tensors whose gradient is checked), impls, Hkv)
 CASES = {
     "window|global": (_window_global, ("auto", "tiled", "banded", "reference"), H),
+    "dilated window": (_dilated_window, ("auto", "banded", "reference"), H),
     "key_padding(lengths)": (_key_padding_lengths, ("auto", "tiled", "reference"), H),
     "window&key_padding": (_window_key_padding, ("auto", "banded"), H),
     "key_padding(valid)": (_key_padding_valid, ("auto", "tiled", "reference"), H),
@@ -107,7 +117,7 @@ def test_fullgraph_matches_eager(name, impl):
     torch._dynamo.reset()
     build, _, hkv = CASES[name]
     kwargs, bias_tensors = build()
-    q, k, v = _qkv(hkv)
+    q, k, v = _qkv(hkv, bnhd=True)
 
     def f(q, k, v):
         return ak.attention(q, k, v, impl=impl, **kwargs)
@@ -127,6 +137,43 @@ def test_no_graph_break(name):
     q, k, v = _qkv()
     explanation = torch._dynamo.explain(lambda q, k, v: ak.attention(q, k, v, **kwargs))(q, k, v)
     assert (explanation.graph_break_count, explanation.graph_count) == (0, 1), explanation.break_reasons
+
+
+@pytest.mark.parametrize("scale", [0.37, torch.tensor(0.37)], ids=["float", "tensor"])
+def test_scale(scale):
+    """A float scale travels as the op's argument, a one-element tensor in its tensor list."""
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    mask = ak.sliding_window(5) | ak.global_tokens([3])
+
+    def f(q, k, v):
+        return ak.attention(q, k, v, mask=mask, scale=scale)
+
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    ref = f(q, k, v)
+    _assert_close(out, ref, "out")
+    assert (ref - ak.attention(q, k, v, mask=mask)).abs().max() > 1e-3  # the scale mattered
+    _check_grads(out, ref, (q, k, v), torch.randn_like(ref), "scale")
+
+
+def test_dispatch_sees_what_eager_sees():
+    """impl='tiled' refuses a bias that requires grad (it computes no bias gradient): the op runs
+    the call with the traced requires_grad and grad mode, so it refuses it in the forward, as eager
+    does, and takes it under no_grad."""
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    bias = ak.alibi(ak.alibi_slopes(H).requires_grad_())
+
+    def f(q, k, v):
+        return ak.attention(q, k, v, mask=ak.causal(), bias=bias, impl="tiled")
+
+    compiled = torch.compile(f, fullgraph=True)
+    with pytest.raises(ValueError, match="bias requires grad"):
+        f(q, k, v)
+    with pytest.raises(ValueError, match="bias requires grad"):
+        compiled(q, k, v)
+    with torch.no_grad():
+        _assert_close(compiled(q, k, v), f(q, k, v), "out under no_grad")
 
 
 def _padding_causal(valid, ids):
@@ -186,6 +233,21 @@ def test_return_lse(name):
     want = torch.autograd.grad((ref * ref).sum() + ref_lse.sum(), inputs)
     for i, (a, b) in enumerate(zip(got, want)):
         _assert_close(a, b, f"gradient of input {i}")
+
+
+def test_loss_of_lse_alone():
+    """A loss that reads lse only gets eager's gradients (through dlse; autograd hands the backward
+    zeros for dout)."""
+    torch._dynamo.reset()
+    kwargs, _ = _window_global()
+    q, k, v = _qkv()
+
+    def f(q, k, v):
+        return ak.attention(q, k, v, return_lse=True, **kwargs)[1]
+
+    lse = torch.compile(f, fullgraph=True)(q, k, v)
+    ref = f(q, k, v)
+    _check_grads(lse, ref, (q, k, v), torch.randn_like(ref), "lse alone")
 
 
 def test_return_lse_of_shifted_rows_and_float64():
@@ -253,8 +315,52 @@ def test_dropout_is_reproducible_and_its_backward_drops_the_same(impl):
     assert abs((first * upstream).sum().item() - (dv * v).sum().item()) < 1e-4
 
 
-def _graph_ops(fn, *args) -> list[str]:
-    """The call targets of the graph dynamo captures for fn(*args)."""
+def test_model_with_a_windowed_mask_compiles_as_one_graph():
+    """A DecoderLM (Mistral-style causal & sliding_window mask) is captured with fullgraph=True;
+    logits and every parameter's gradient match eager. Backend aot_eager: dynamo and AOTAutograd
+    (the fake kernels, the autograd formula) without inductor's codegen of the whole model (30 s
+    cold on 2 cores); test_ops_against_their_fake_kernels checks the strides inductor asserts."""
+    from torch import nn
+
+    from attnkit import nn as aknn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    E = 32
+    blocks = [aknn.PreNormBlock(aknn.MultiHeadAttention(E, 4, num_kv_heads=2, positional=aknn.RotaryEmbedding(8)),
+                                aknn.SwiGLU(E, 64), aknn.RMSNorm(E), aknn.RMSNorm(E))]
+    model = aknn.DecoderLM(aknn.TokenEmbeddings(50, E), blocks, aknn.RMSNorm(E), nn.Linear(E, 50),
+                           mask=ak.causal() & ak.sliding_window(4, 0))
+    ids = torch.randint(0, 50, (2, 16))
+    logits = torch.compile(model, fullgraph=True, backend="aot_eager")(ids)
+    ref = model(ids)
+    _assert_close(logits, ref, "logits")
+    params = [p for p in model.parameters() if p.requires_grad]
+    _check_grads(logits, ref, params, torch.randn_like(ref), "model")
+
+
+def test_ops_against_their_fake_kernels():
+    """torch.library.opcheck: the fake kernels give the real outputs' shapes, dtypes and strides
+    (inductor asserts them) for inputs laid out as (B, N, H, D) views, and the autograd formula is
+    registered; the backward op on inputs that need no grad (it has no double backward)."""
+    torch._dynamo.reset()
+    q, k, v = _qkv(hkv=1, bnhd=True)
+    slopes = ak.alibi_slopes(H).requires_grad_()
+    spec, tensors = _compiled.encode(ak.sliding_window(3) & ak.key_padding(torch.tensor([20, 48])), ak.alibi(slopes))
+    grad_idx = [0, 1, 2, 4]  # q, k, v, slopes (tensors[0] is the lengths)
+    args = (q, k, v, tensors, spec, None, 0.0, "auto", True, True, grad_idx)
+    torch.library.opcheck(_compiled._attention_call, args,
+                          test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+    plain = [t.detach() for t in (q, k, v, *tensors)]
+    dout = torch.randn(B, N, H, D).transpose(1, 2)
+    bargs = (*plain[:3], plain[3:], spec, None, 0.0, "auto", True, grad_idx, torch.zeros((), dtype=torch.int64),
+             dout, torch.randn(B, H, N))
+    torch.library.opcheck(_compiled._attention_call_backward, bargs,
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def _graph_calls(fn, *args) -> list[tuple[str, tuple]]:
+    """(target, args) of each call in the graph dynamo captures for fn(*args)."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -263,17 +369,21 @@ def _graph_ops(fn, *args) -> list[str]:
 
     torch._dynamo.reset()
     torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    return [(str(node.target), node.args) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
 
 
 def test_causal_calls_stay_inline_and_structured_calls_become_one_op():
     """No mask or causal(): torch's SDPA in the graph (inductor sees it, backward without recompute);
-    a structured mask: one attnkit::attention_call node."""
+    a structured mask: one attnkit::attention_call node, whose spec (a constant of the graph, so
+    part of torch's compile-cache key) carries the hash of _compiled.py's source."""
     q, k, v = _qkv()
-    inline = _graph_ops(lambda q, k, v: ak.attention(q, k, v, mask=ak.causal()), q, k, v)
+    inline = [t for t, _ in _graph_calls(lambda q, k, v: ak.attention(q, k, v, mask=ak.causal()), q, k, v)]
     assert not any("attnkit" in t for t in inline) and any("scaled_dot_product" in t for t in inline), inline
-    routed = _graph_ops(lambda q, k, v: ak.attention(q, k, v, mask=ak.sliding_window(3)), q, k, v)
-    assert sum("attnkit.attention_call" in t for t in routed) == 1, routed
+    routed = _graph_calls(lambda q, k, v: ak.attention(q, k, v, mask=ak.sliding_window(3)), q, k, v)
+    ops = [args for t, args in routed if "attnkit.attention_call" in t]
+    assert len(ops) == 1, routed
+    spec = ops[0][4]
+    assert _compiled.SOURCE_VERSION in spec and len(_compiled.SOURCE_VERSION) == 16, spec
 
 
 @pytest.mark.parametrize("name", list(CASES))

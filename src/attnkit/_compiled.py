@@ -3,34 +3,41 @@
 What. While dynamo traces (``torch.compiler.is_compiling()``), ``ak.attention`` hands calls with
 structured masks or biases to ``attention_call`` here, which puts the call into the graph as one
 ``torch.library`` op, ``attnkit::attention_call``. Its inputs are q, k, v, the flat list of the
-tensors found inside the mask, the bias and the scale, and a *spec*: a string (JSON) that
-describes the mask and bias trees (each node's class and scalar fields, and which list entry
-each tensor is). At run time the op rebuilds the mask and bias from spec and tensors and calls
-the ordinary eager ``ak.attention``, so validation, dispatch, plan caches and every backend run
-unchanged, on real tensors.
+tensors found inside the mask and the bias (and a tensor scale or dropout_p), scale and
+dropout_p as floats otherwise, and a *spec*: a string (JSON) that describes the mask and bias
+trees (each node's class and scalar fields, and which list entry each tensor is). At run time
+the op rebuilds the mask and bias from spec and tensors and calls the ordinary eager
+``ak.attention``, so validation, dispatch, plan caches and every backend run unchanged, on real
+tensors.
 
 Why. Validation and the backends do data-dependent Python work: ``int()`` / ``bool()`` on
 tensors (index bounds, NaN checks, huge-bias rows), Python loops over blocks, caches keyed by
-tensor identity. Traced by dynamo each of those is a graph break (about 22 for a
-sliding_window | global_tokens mask, 5 for key padding, 6 for ALiBi), and ``fullgraph=True``
-refuses the function. Making every path traceable would mean rewriting each backend; behind
-one opaque op dynamo sees a call whose output shapes ``register_fake`` gives, and nothing else.
-The spec is a string because custom ops take strings but not arbitrary Python objects; dynamo
-treats it as a constant, so a new mask *structure* (another window, another class) recompiles
-while a new mask object of the same structure with new tensors reuses the compiled graph.
+tensor identity. Traced by dynamo each of those is a graph break (torch 2.13, B=2, H=2, N=48:
+9 for a sliding_window | global_tokens mask, 2 for key padding, 4 for ALiBi; issue 14 counted
+22, 5 and 6), and ``fullgraph=True`` refuses the function. Making every path traceable would
+mean rewriting each backend; behind one opaque op dynamo sees a call whose output shapes
+``register_fake`` gives, and nothing else. The spec is a string because custom ops take
+strings but not arbitrary Python objects; dynamo treats it as a constant, so a new mask
+*structure* (another class, another window size) recompiles while a new mask object of the same
+structure with new tensors (lengths, document ids) reuses the compiled graph.
 
-Which calls. ``routes`` keeps the calls that trace into one graph already (no mask or
-``causal()``, no bias, impl "auto" / "sdpa" / "reference", real scale): inductor sees torch's
-SDPA there and its backward needs no recompute. Everything else goes through the op.
+Which calls. ``routes`` keeps inline the calls that trace into one graph already (no mask or
+``causal()``, no bias, impl "auto" / "sdpa" / "reference", no tensor scale): inductor sees
+torch's SDPA there and their backward needs no recompute. Everything else goes through the op,
+impl="triton" too (its kernels are their own custom op, called from inside this one).
 
 Gradients. ``register_autograd`` gives q, k, v and every floating tensor of the bias that
 requires grad (a dense bias, ALiBi slopes) their gradient through a second op,
-``attnkit::attention_call_backward``, which re-runs the eager call with grad enabled on detached
-copies and calls ``torch.autograd.grad`` with (dout, dlse). That costs one extra forward per
-backward (no autograd graph survives an op boundary, so there is nothing to reuse). The
-forward op runs the eager call with the caller's grad mode and the inputs' ``requires_grad``
-(recorded at trace time in the spec), so it picks the same backend as eager and as the
-backward's recompute (``impl="tiled"`` refuses a bias that requires grad in both).
+``attnkit::attention_call_backward``, which re-runs the eager call with autograd recording on
+detached copies and calls ``torch.autograd.grad`` with (dout, dlse). That costs one extra
+forward per backward (no autograd graph survives an op boundary, so there is nothing to reuse).
+A custom op's kernel runs below autograd, so the recompute lifts that exclusion for its body
+with ``torch._C._ForceDispatchKeyGuard`` (private; torch's own ``invoke_leaf_function`` does
+the same). The forward op runs the eager call with the traced grad mode and with leaves that
+require grad where the traced inputs did (``grad_idx``), recording nothing, so it picks the
+backend eager would pick and the recompute will pick (``impl="tiled"`` refuses a bias that
+requires grad in both). The spec carries a hash of this module's source, so that torch's on-disk
+compile caches (keyed by the graph, not by a custom op's Python) miss after this module changes.
 
 Dropout. ``dropout_p > 0`` is supported and reproducible: the forward op draws a seed from the
 CPU generator (so ``torch.manual_seed`` before a call fixes the result, as in eager), runs the
@@ -38,12 +45,21 @@ call with the device's generator seeded by it (and restored afterwards), and ret
 a third output that the backward's recompute reuses, so forward and backward drop the same
 probabilities. The dropout pattern differs from an eager call's under the same global seed.
 
+Limits. A mask or bias built *inside* the compiled function must come from constructors that
+read no tensor values: ``causal``, ``sliding_window``, ``key_padding(bool valid)``,
+``document``, ``dense_mask`` and ``&``, ``|``, ``~`` are fine; ``key_padding(lengths)``,
+``global_tokens(...)`` and ``alibi(...)`` check their tensors' values when built and break the
+graph there (build them outside, or pass them in). Float fields of a user's mask class must be
+constants (dynamo cannot write a symbolic float into the spec).
+
 Legend: B batch, Hq / Hkv query / key-value heads, Nq / Nk queries / keys, D / Dv head dims.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib
 import json
 import math
@@ -61,10 +77,26 @@ from .ops.precision import compute_dtype
 INLINE_IMPLS = ("auto", "sdpa", "reference")  # impls that trace into one graph for causal / no mask
 
 
+def _source_version() -> str:
+    """A hash of this module's source, written into every spec. torch's on-disk FX-graph and
+    AOTAutograd caches key a compiled graph by the graph (the spec is one of its constants), not by
+    the Python of a custom op's fake kernel or backward formula: without it, after this module
+    changes they serve graphs traced with the old ones (seen: a stale stride assertion)."""
+    try:
+        with open(__file__, "rb") as source:
+            return hashlib.sha256(source.read()).hexdigest()[:16]
+    except OSError:
+        return "unknown"
+
+
+SOURCE_VERSION = _source_version()
+
+
 def routes(mask: object, bias: object, scale: object, impl: object) -> bool:
-    """True when a call traced by dynamo should go through the custom op: every call but those
-    with no mask or ``causal()``, no bias, a scale that is not a tensor and impl auto, sdpa or
-    reference (those trace into one graph without breaks, and inductor sees torch's SDPA)."""
+    """True when a call that dynamo traces should go through the custom op (``ak.attention``
+    asks at its top): every call but those with no mask or ``causal()``, no bias, a scale that
+    is not a tensor and impl auto, sdpa or reference, which trace into one graph without breaks
+    (and there inductor sees torch's SDPA)."""
     simple_mask = mask is None or type(mask) is Causal
     return not (simple_mask and bias is None and not isinstance(scale, Tensor) and impl in INLINE_IMPLS)
 
@@ -129,7 +161,7 @@ def encode(mask: object, bias: object, scale: object = None, dropout_p: object =
     parts = [("mask", mask), ("bias", bias), ("scale", scale if isinstance(scale, Tensor) else None),
              ("dropout_p", dropout_p if isinstance(dropout_p, Tensor) else None)]
     body = ", ".join(['"' + key + '": ' + enc.node(value, key) for key, value in parts])
-    return "{" + body + "}", enc.tensors
+    return '{"version": "' + SOURCE_VERSION + '", ' + body + "}", enc.tensors
 
 
 def _find_class(name: str) -> type:
@@ -153,9 +185,15 @@ def _decode(node: object, tensors: list[Tensor]) -> object:
     return node
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(spec: str) -> dict:
+    return json.loads(spec)
+
+
 def decode(spec: str, tensors: list[Tensor]) -> dict[str, object]:
-    """The (mask, bias, scale, dropout_p) that ``encode`` described, rebuilt on ``tensors``."""
-    return {key: _decode(node, tensors) for key, node in json.loads(spec).items()}
+    """The mask, bias, scale and dropout_p that ``encode`` described, rebuilt on ``tensors``
+    (scale and dropout_p: None where they were not tensors)."""
+    return {key: _decode(node, tensors) for key, node in _parse(spec).items() if key != "version"}
 
 
 # -- the ops --------------------------------------------------------------------------------------
@@ -190,24 +228,26 @@ def _autograd_recording() -> Iterator[None]:
         yield
 
 
-def _eager(q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], spec: str, scale: float | None,
-           dropout_p: float, impl: str, return_lse: bool, seed: int | None) -> tuple[Tensor, Tensor]:
-    """The eager ``ak.attention`` call the spec describes: (out, lse); lse is (0,) without return_lse."""
-    from .functional import attention  # functional imports this module
+def _call_args(spec: str, tensors: list[Tensor], scale: float | None, dropout_p: float) -> dict[str, object]:
+    """ak.attention's mask, bias, scale and dropout_p for the op's inputs."""
     args = decode(spec, tensors)
-    scale = scale if args["scale"] is None else args["scale"]
-    dropout_p = dropout_p if args["dropout_p"] is None else args["dropout_p"]
+    args["scale"] = scale if args["scale"] is None else args["scale"]
+    args["dropout_p"] = dropout_p if args["dropout_p"] is None else args["dropout_p"]
+    return args
+
+
+def _drops(args: dict[str, object]) -> bool:
+    return float(args["dropout_p"]) > 0.0
+
+
+def _eager(q: Tensor, k: Tensor, v: Tensor, args: dict[str, object], impl: str, return_lse: bool,
+           seed: int | None) -> tuple[Tensor, Tensor]:
+    """The eager ``ak.attention`` call: (out, lse); lse is (0,) without return_lse."""
+    from .functional import attention  # functional imports this module
     with _seeded(q.device, seed):
-        result = attention(q, k, v, mask=args["mask"], bias=args["bias"], scale=scale, dropout_p=dropout_p,
-                           impl=impl, return_lse=return_lse)
+        result = attention(q, k, v, impl=impl, return_lse=return_lse, **args)
     out, lse = result if return_lse else (result, q.new_empty((0,)))
     return out, lse.to(compute_dtype(q.dtype))
-
-
-def _drops(spec: str, tensors: list[Tensor], dropout_p: float) -> bool:
-    """Whether the call drops out (dropout_p may be a tensor in the list)."""
-    p = decode(spec, tensors)["dropout_p"]
-    return float(dropout_p if p is None else p) > 0.0
 
 
 def _leaves(tensors: list[Tensor], grad_idx: list[int]) -> list[Tensor]:
@@ -237,10 +277,11 @@ def _attention_call(q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], spec
     that dispatch decides as eager would; nothing records a graph (custom-op kernels run below
     autograd)."""
     inputs = [q, k, v, *tensors]
-    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)) if _drops(spec, tensors, dropout_p) else None
     leaves = _leaves(inputs, grad_idx if grad_enabled else [])
+    args = _call_args(spec, leaves[3:], scale, dropout_p)
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)) if _drops(args) else None
     with torch.set_grad_enabled(grad_enabled):
-        out, lse = _eager(*leaves[:3], leaves[3:], spec, scale, dropout_p, impl, return_lse, seed)
+        out, lse = _eager(*leaves[:3], args, impl, return_lse, seed)
     # on q's device (a CUDA graph takes no CPU output); without dropout no host value is copied
     seed_t = q.new_zeros((), dtype=torch.int64) if seed is None else torch.tensor(seed, device=q.device)
     return _fresh(out, inputs), _fresh(lse, inputs), seed_t
@@ -259,24 +300,25 @@ def _attention_call_backward(q: Tensor, k: Tensor, v: Tensor, tensors: list[Tens
                              dropout_p: float, impl: str, return_lse: bool, grad_idx: list[int], seed: Tensor,
                              dout: Tensor, dlse: Tensor | None) -> list[Tensor]:
     """The gradients of [q, k, v, *tensors][i] for i in grad_idx: the forward re-run with autograd
-    recording (the same seed, so the same dropout) and ``torch.autograd.grad`` with (dout, dlse)."""
+    recording (the same seed, so the same dropout) and ``torch.autograd.grad`` with (dout, dlse);
+    dlse is None without return_lse (autograd hands zeros, not None, for an output a loss skips)."""
     inputs = [q, k, v, *tensors]
     leaves = _leaves(inputs, grad_idx)
-    drop_seed = int(seed) if _drops(spec, tensors, dropout_p) else None
+    args = _call_args(spec, leaves[3:], scale, dropout_p)
     wanted = [leaves[i] for i in grad_idx]
     with _autograd_recording():
-        out, lse = _eager(*leaves[:3], leaves[3:], spec, scale, dropout_p, impl, return_lse, drop_seed)
+        out, lse = _eager(*leaves[:3], args, impl, return_lse, int(seed) if _drops(args) else None)
         pairs = [(out, dout)] + ([(lse, dlse)] if return_lse and dlse is not None else [])
         pairs = [(t, g.to(t.dtype)) for t, g in pairs if t.requires_grad]
         found = torch.autograd.grad([t for t, _ in pairs], wanted, [g for _, g in pairs],
                                     allow_unused=True) if pairs else [None] * len(wanted)
-    return [torch.zeros_like(x) if g is None else _fresh(g, inputs) for x, g in zip(wanted, found)]
+    return [x.new_zeros(x.shape) if g is None else _fresh(g, inputs) for x, g in zip(wanted, found)]
 
 
 @_attention_call_backward.register_fake
 def _(q, k, v, tensors, spec, scale, dropout_p, impl, return_lse, grad_idx, seed, dout, dlse):
     inputs = [q, k, v, *tensors]
-    return [torch.empty_like(inputs[i]) for i in grad_idx]
+    return [inputs[i].new_empty(inputs[i].shape) for i in grad_idx]  # contiguous, as _fresh makes them
 
 
 def _setup_context(ctx, inputs, output) -> None:
