@@ -24,7 +24,8 @@ B, H, N, D = 2, 2, 48, 16
 TOL = 1e-5
 
 
-def _qkv(hkv: int = H, dtype: torch.dtype = torch.float32, seed: int = 0, bnhd: bool = False) -> tuple[torch.Tensor, ...]:
+def _qkv(hkv: int = H, dtype: torch.dtype = torch.float32, seed: int = 0,
+         bnhd: bool = False) -> tuple[torch.Tensor, ...]:
     """q (B, H, N, D), k and v (B, hkv, N, D), leaves that require grad; with ``bnhd`` views of
     (B, N, H, D) leaves, as a model's projections give them (not contiguous)."""
     g = torch.Generator().manual_seed(seed)
@@ -156,6 +157,20 @@ def test_scale(scale):
     _check_grads(out, ref, (q, k, v), torch.randn_like(ref), "scale")
 
 
+def test_tensor_dropout_p_with_a_causal_mask():
+    """A one-element tensor dropout_p (eager takes it) would break the inline causal path on
+    float(): such a call goes through the op."""
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+
+    def f(q, k, v, p):
+        return ak.attention(q, k, v, mask=ak.causal(), dropout_p=p)
+
+    p = torch.tensor(0.0)
+    out = torch.compile(f, fullgraph=True)(q, k, v, p)
+    _assert_close(out, f(q, k, v, p), "out")
+
+
 def test_dispatch_sees_what_eager_sees():
     """impl='tiled' refuses a bias that requires grad (it computes no bias gradient): the op runs
     the call with the traced requires_grad and grad mode, so it refuses it in the forward, as eager
@@ -202,15 +217,22 @@ def test_mask_built_inside_the_compiled_function(make_mask):
     _check_grads(out, ref, (q, k, v), torch.randn_like(ref), "mask built inside")
 
 
-@pytest.mark.xfail(strict=True, reason="known: key_padding(lengths), global_tokens(...) and alibi(...) check their "
-                   "tensors' values (int(t.min()), bool(isfinite(t).all())) when built, which breaks the graph "
-                   "when they are built inside the compiled function; built outside they compile")
-@pytest.mark.parametrize("make_mask", [lambda n: ak.key_padding(n), lambda n: ak.sliding_window(3) | ak.global_tokens(n)])
-def test_value_checked_constructors_inside_the_compiled_function(make_mask):
+@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError),
+                   reason="known: key_padding(lengths), global_tokens(...) and alibi(...) read their tensors' "
+                   "values when built (int(t.min()), bool(isfinite(t).all()), a cache keyed by data pointer), which "
+                   "breaks the graph when they are built inside the compiled function; built outside it they compile")
+@pytest.mark.parametrize("build", [lambda t: dict(mask=ak.key_padding(t.long())),
+                                   lambda t: dict(mask=ak.sliding_window(3) | ak.global_tokens(t.long())),
+                                   lambda t: dict(bias=ak.alibi(t.float()))], ids=["key_padding", "global", "alibi"])
+def test_value_checked_constructors_inside_the_compiled_function(build):
     torch._dynamo.reset()
     q, k, v = _qkv()
-    lengths = torch.tensor([30, 48])
-    torch.compile(lambda q, k, v, n: ak.attention(q, k, v, mask=make_mask(n)), fullgraph=True)(q, k, v, lengths)
+    t = torch.tensor([30, 40])  # lengths, global positions or slopes
+
+    def f(q, k, v, t):
+        return ak.attention(q, k, v, **build(t))
+
+    torch.compile(f, fullgraph=True)(q, k, v, t)
 
 
 @pytest.mark.parametrize("name", ["window|global", "dense float bias"])

@@ -22,9 +22,10 @@ strings but not arbitrary Python objects; dynamo treats it as a constant, so a n
 structure with new tensors (lengths, document ids) reuses the compiled graph.
 
 Which calls. ``routes`` keeps inline the calls that trace into one graph already (no mask or
-``causal()``, no bias, impl "auto" / "sdpa" / "reference", no tensor scale): inductor sees
-torch's SDPA there and their backward needs no recompute. Everything else goes through the op,
-impl="triton" too (its kernels are their own custom op, called from inside this one).
+``causal()``, no bias, impl "auto" / "sdpa" / "reference", no tensor scale or dropout_p):
+inductor sees torch's SDPA there and their backward needs no recompute. Everything else goes
+through the op, impl="triton" too (its kernels are their own custom op, called from inside this
+one).
 
 Gradients. ``register_autograd`` gives q, k, v and every floating tensor of the bias that
 requires grad (a dense bias, ALiBi slopes) their gradient through a second op,
@@ -92,13 +93,14 @@ def _source_version() -> str:
 SOURCE_VERSION = _source_version()
 
 
-def routes(mask: object, bias: object, scale: object, impl: object) -> bool:
+def routes(mask: object, bias: object, scale: object, dropout_p: object, impl: object) -> bool:
     """True when a call that dynamo traces should go through the custom op (``ak.attention``
-    asks at its top): every call but those with no mask or ``causal()``, no bias, a scale that
-    is not a tensor and impl auto, sdpa or reference, which trace into one graph without breaks
-    (and there inductor sees torch's SDPA)."""
+    asks at its top): every call but those with no mask or ``causal()``, no bias, scale and
+    dropout_p that are not tensors and impl auto, sdpa or reference, which trace into one graph
+    without breaks (and there inductor sees torch's SDPA)."""
     simple_mask = mask is None or type(mask) is Causal
-    return not (simple_mask and bias is None and not isinstance(scale, Tensor) and impl in INLINE_IMPLS)
+    plain_numbers = not isinstance(scale, Tensor) and not isinstance(dropout_p, Tensor)
+    return not (simple_mask and bias is None and plain_numbers and impl in INLINE_IMPLS)
 
 
 # -- the spec: mask / bias trees as a string ------------------------------------------------------

@@ -41,8 +41,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype; with ``return_lse`` also lse (B, Hq, Nq) in float32
         (float64 for float64 inputs). A query that may attend to no key gets out = 0, lse = -inf.
+
+    Under ``torch.compile`` a call with a structured mask or a bias becomes one opaque op, so
+    ``fullgraph=True`` captures it (``attnkit._compiled``).
     """
-    if torch.compiler.is_compiling() and _compiled.routes(mask, bias, scale, impl):  # one opaque op for dynamo
+    if torch.compiler.is_compiling() and _compiled.routes(mask, bias, scale, dropout_p, impl):  # one op for dynamo
         return _compiled.attention_call(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p,
                                         impl=impl, return_lse=return_lse)
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
