@@ -217,14 +217,14 @@ def test_mask_built_inside_the_compiled_function(make_mask):
     _check_grads(out, ref, (q, k, v), torch.randn_like(ref), "mask built inside")
 
 
-@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError),
-                   reason="known: key_padding(lengths), global_tokens(...) and alibi(...) read their tensors' "
-                   "values when built (int(t.min()), bool(isfinite(t).all()), a cache keyed by data pointer), which "
-                   "breaks the graph when they are built inside the compiled function; built outside it they compile")
 @pytest.mark.parametrize("build", [lambda t: dict(mask=ak.key_padding(t.long())),
                                    lambda t: dict(mask=ak.sliding_window(3) | ak.global_tokens(t.long())),
                                    lambda t: dict(bias=ak.alibi(t.float()))], ids=["key_padding", "global", "alibi"])
 def test_value_checked_constructors_inside_the_compiled_function(build):
+    """key_padding(lengths), global_tokens(...) and alibi(...) read their tensors' values when
+    built eagerly; inside a compiled function they leave that to the mask's / bias's check(), which
+    the compiled call's op runs on real tensors, so the graph does not break and bad values are
+    still refused."""
     torch._dynamo.reset()
     q, k, v = _qkv()
     t = torch.tensor([30, 40])  # lengths, global positions or slopes
@@ -232,7 +232,11 @@ def test_value_checked_constructors_inside_the_compiled_function(build):
     def f(q, k, v, t):
         return ak.attention(q, k, v, **build(t))
 
-    torch.compile(f, fullgraph=True)(q, k, v, t)
+    out = torch.compile(f, fullgraph=True)(q, k, v, t)
+    torch.testing.assert_close(out, f(q, k, v, t), atol=TOL, rtol=TOL)
+    bad = torch.tensor([-1, 40]) if "bias" not in build(t) else torch.tensor([1.0, float("inf")])
+    with pytest.raises(ValueError, match="negative|must lie in|finite"):
+        torch.compile(f, fullgraph=True)(q, k, v, bad)
 
 
 @pytest.mark.parametrize("name", ["window|global", "dense float bias"])

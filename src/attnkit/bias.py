@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import check_broadcastable, query_positions
+from .masks import check_broadcastable, check_values_once, query_positions
 
 
 class Bias:
@@ -57,6 +57,14 @@ class Alibi(Bias):
         if self.slopes.shape[0] != H:
             raise ValueError(f"alibi: {self.slopes.shape[0]} slopes for Hq={H} query heads; give one per head "
                              "(ak.alibi_slopes(H) gives the paper's)")
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Finite slopes, read once per slopes tensor and version (``masks.check_values_once``)."""
+        def finite() -> None:
+            if not torch.isfinite(self.slopes).all():
+                raise ValueError("alibi: slopes must be finite")
+        check_values_once(self.slopes, ("alibi",), finite)
 
     def __repr__(self) -> str:
         return f"alibi(<{self.slopes.shape[0]} slopes>)"
@@ -227,6 +235,7 @@ def alibi(slopes: Tensor | int) -> Alibi:
     t = torch.as_tensor(slopes)
     if not t.is_floating_point() or t.dim() != 1:
         raise ValueError(f"alibi: expected float slopes of shape (H,), got dtype={t.dtype} shape={tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError("alibi: slopes must be finite")
-    return Alibi(t)
+    bias = Alibi(t)
+    if not torch.compiler.is_compiling():  # while dynamo traces, check() in the compiled call's op does it
+        bias.check_values()
+    return bias

@@ -691,10 +691,12 @@ def _counts_or_flags(name: str, what: str, x: Tensor | Sequence[int]) -> tuple[T
     def no_negative() -> None:
         if t.numel() and int(t.min()) < 0:
             raise ValueError(f"{name}: {int(t.min())} is negative; expected {what}")
-    if isinstance(x, Tensor):  # a tensor a model keeps and passes every call: its values are read once
-        check_values_once(t, (name, "sign"), no_negative)
-    else:
+    if not isinstance(x, Tensor):
         no_negative()
+    elif not torch.compiler.is_compiling():  # a tensor a model keeps and passes every call: read once
+        check_values_once(t, (name, "sign"), no_negative)
+    # while dynamo traces, reading values would break the graph: the mask's check() (run by the
+    # compiled call's op, on real tensors) refuses negative lengths and indices
     return t.long(), None
 
 
