@@ -8,8 +8,10 @@
 #   overhead    host overhead per call, N = 128 and 1024, mask reused and rebuilt, ratios to SDPA
 #   plans       make_plan on CUDA, N = 4k..1M, beside Flex's compiled create_block_mask; cache hits
 #   longformer  attnkit triton vs compiled Flex, fwd and fwd+bwd, N = 4k, 16k, 64k, 256k, 1M
+#   profile     benchmarks/gpu_profile_call.py at N = 4096: torch.profiler tables, traces, the host path alone
 # attnkit is not installed on the device machine: PYTHONPATH=src. What comes back from $OUT:
-# issue14.json, issue14.md, issue14_rows.jsonl, issue14_pytest.log, issue14_log.txt (5 files).
+# issue14.json, issue14.md, issue14_rows.jsonl, issue14_pytest.log, issue14_log.txt, and the profile's
+# host_N128.json, profile_longformer_N4096_{fwd,fwdbwd}.{txt,json}.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/issue14}"
@@ -34,5 +36,7 @@ run_step tests 140 120
 run_step overhead 60 40
 run_step plans 110 90
 run_step longformer 150 120
+echo "== profile (hard 60 s): where a warm call's time goes, host and device" | tee -a "$log"
+timeout -k 5 60 "$py" benchmarks/gpu_profile_call.py --out "$out" --n 4096 2>&1 | tee -a "$log" | tail -n 20
 echo "== total $SECONDS s; results in $out" | tee -a "$log"
 cat "$out/issue14.md" 2>/dev/null | tail -n 120

@@ -318,6 +318,7 @@ def test_the_issue14_shell_script_runs_each_step_under_a_timeout(tmp_path):
     steps = [line.split("--step ")[1].split()[0] for line in log.splitlines() if line.startswith("ARGS benchmarks/gpu.py")]
     assert steps == ["tests", "overhead", "plans", "longformer"]
     assert all(f"== {s} exit 0" in log for s in steps)
+    assert f"ARGS benchmarks/gpu_profile_call.py --out {out} --n 4096" in log  # the profile last
     assert f"--out {out}" in log and "/src" in log.split("PYTHONPATH=")[1].split(":")[0]
 
 
