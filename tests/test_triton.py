@@ -137,6 +137,26 @@ def test_key_lengths_leave_the_mask_only_where_they_are_a_factor():
         assert split_key_lengths(kept) == (kept, None)
 
 
+@pytest.mark.parametrize("build", [
+    lambda a, b: ak.key_padding(a) & ak.key_padding(b),
+    lambda a, b: (ak.causal() & ak.key_padding(a)) & ak.key_padding(b),
+    lambda a, b: ak.key_padding(a) & (ak.sliding_window(6) & ak.key_padding(b)),
+    lambda a, b: (ak.key_padding(a) & ak.document(torch.arange(40) // 15)) & (ak.causal() & ak.key_padding(b)),
+], ids=["two", "causal-two", "nested", "documents"])
+def test_several_key_length_factors_are_all_applied(build):
+    """Every key_padding(lengths) factor of an & counts (their minimum per sample), in any order
+    and nesting: splitting them off the plan must not drop one."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    for a, b in ((torch.tensor([30, 40]), torch.tensor([12, 35])), (torch.tensor([12]), torch.tensor([30, 5]))):
+        for mask in (build(a, b), build(b, a)):
+            rest, lengths = split_key_lengths(mask)
+            assert split_key_lengths(rest) == (rest, None)  # nothing left to split
+            got = triton_attention(q, k, v, mask=mask)[0]
+            want = ak.attention(q, k, v, mask=mask, impl="reference")
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_key_lengths_are_applied_in_the_kernels():
     """Per-sample lengths (one of them 0: a sample with no key) go to the kernels, not the tiles;
     forward, lse and gradients against the reference, with GQA and every list split."""

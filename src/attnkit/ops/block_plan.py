@@ -32,6 +32,7 @@ the mask's batch and head extents (1 where it broadcasts), W work items, S parti
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -264,19 +265,29 @@ def _splits(slots: Tensor, block: int, N: int) -> Splits:
 
 # -- building and caching -----------------------------------------------------------------------------
 
+def _and_factors(mask: Mask) -> list[Mask]:
+    """The operands of a tree of ``&``, left to right."""
+    return _and_factors(mask.a) + _and_factors(mask.b) if isinstance(mask, And) else [mask]
+
+
 def split_key_lengths(mask: Mask | None) -> tuple[Mask | None, Tensor | None]:
-    """mask = rest & key_padding(lengths) -> (rest, lengths (B,)); (mask, None) where the mask has
-    no such factor (padding given as a bool mask, or under | or ~, stays in the tiles). The
-    kernels apply the lengths themselves, per sample (keys j >= lengths[b] masked, key blocks
-    past them skipped), so per-sample padding costs the plan no per-sample tiles and no rebuild."""
-    if isinstance(mask, KeyPadding) and mask.lengths is not None:
-        return None, mask.lengths
-    if isinstance(mask, And):
-        for this, other in ((mask.a, mask.b), (mask.b, mask.a)):
-            rest, lengths = split_key_lengths(this)
-            if lengths is not None:
-                return (other if rest is None else rest & other), lengths
-    return mask, None
+    """mask = rest & key_padding(lengths) [& key_padding(lengths2) ...] -> (rest, lengths (B,)),
+    the lengths of several such factors combined by their minimum (keys j < every length are
+    visible); (mask, None) where the mask has no such factor (padding given as a bool mask, or
+    under | or ~, stays in the tiles). The kernels apply the lengths themselves, per sample (keys
+    j >= lengths[b] masked, key blocks past them skipped), so per-sample padding costs the plan no
+    per-sample tiles and no rebuild. ``rest`` has no such factor left, so splitting it again
+    changes nothing."""
+    if mask is None:
+        return None, None
+    factors = _and_factors(mask)
+    is_length = [isinstance(f, KeyPadding) and f.lengths is not None for f in factors]
+    if not any(is_length):
+        return mask, None
+    lengths = [f.lengths for f, cut in zip(factors, is_length) if cut]
+    combined = functools.reduce(torch.minimum, lengths)  # (B,) or (1,); the tensor itself when one
+    kept = [f for f, cut in zip(factors, is_length) if not cut]
+    return (functools.reduce(And, kept) if kept else None), combined
 
 
 _builds = 0  # plans built since import (``plan_builds``)
