@@ -214,3 +214,79 @@ def test_a_cache_hit_does_not_sync_and_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_subclass_that_evaluates_otherwise_gets_its_own_plan():
+    """Keys name the class itself: a user's mask derived from a built-in one (here causal aligned
+    top-left) must not share the built-in's plan, either way round (found by review)."""
+    _triton_or_skip()
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class TopLeftCausal(ak.masks.Causal):
+        def _evaluate(self, rows, cols, Nq, Nk):
+            return (cols <= rows)[None, None]
+
+        def _block_kinds(self, tiling, device):
+            return ak.dense_mask(self.materialize(tiling.Nq, tiling.Nk))._block_kinds(tiling, device)
+
+        def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+            return torch.stack([q0, k0], 1).long()
+
+    assert structure_key(TopLeftCausal()) != structure_key(ak.causal())
+    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    for mask in (ak.causal(), TopLeftCausal(), ak.causal()):
+        got = ak.attention(q[:, :, :12], k, v, mask=mask, impl="triton")
+        want = ak.attention(q[:, :, :12], k, v, mask=mask, impl="reference")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled", "triton"])
+def test_inference_mode_tensors_are_checked_every_time_and_never_cached(impl):
+    """Inference tensors have no version counter: a mask holding one runs (it crashed reading
+    ``_version``), its values are checked each call, and no plan built from it is cached."""
+    if impl == "triton":
+        _triton_or_skip()
+    q, k, v = (torch.randn(2, 1, 1500, 16) for _ in range(3))
+    with torch.inference_mode():
+        ids = torch.arange(1500).repeat(2, 1) // 500  # (2, 1500): past CONTENT_KEY_MAX, identity-keyed
+        for mask in (ak.causal() & ak.key_padding(torch.tensor([1500, 700])), ak.document(ids)):
+            before = plan_builds()
+            got = [ak.attention(q[:, :, :64], k, v, mask=mask, impl=impl) for _ in range(2)]
+            want = ak.attention(q[:, :, :64], k, v, mask=mask, impl="reference")
+            torch.testing.assert_close(got[1], want, atol=1e-5, rtol=1e-5)
+            if impl == "triton" and "document" in repr(mask):
+                assert plan_builds() - before == 2  # not cached: its values could change unseen
+        with pytest.raises(ValueError, match="must lie in"):
+            ak.attention(q, k, v, mask=ak.key_padding(torch.tensor([1500, 1501])), impl=impl)
+
+
+def test_a_direct_triton_call_checks_its_mask_and_make_plan_its_blocks():
+    op = _triton_or_skip()
+    q = k = v = torch.randn(1, 2, 20, 16)
+    with pytest.raises(ValueError, match="3 per-head dilations for Hq=2"):
+        op.triton_attention(q, k, v, mask=ak.sliding_window(2, dilation=(1, 2, 3)))
+    for bad in (0, -16, 1.5):
+        with pytest.raises(ValueError, match="block_m must be an int >= 1"):
+            make_plan(ak.causal(), 20, 20, bad, 16, "cpu")
+
+
+def test_per_sample_global_flags_plan_in_bounded_memory():
+    """Per-sample global tokens (B, N) flags, as the nn Longformer passes them: the tile grouping
+    reads the flags' bytes (no int64 copy per flag) and evaluates tiles in chunks sized by the
+    mask's batch, so the plan builds at B=16 (it took 29 s and 2 GB at N=16k before)."""
+    B, N = 16, 2048
+    flags = torch.zeros(B, N, dtype=torch.bool)
+    flags[torch.arange(B)[:, None], torch.randint(0, N, (B, 4))] = True
+    mask = ak.sliding_window(64) | ak.global_tokens(flags)
+    plan = make_plan(mask, N, N, 64, 64, "cpu")
+    tiles = plan.tiles.shape[2]
+    assert plan.tiles.shape[0] == B and tiles <= int((plan.kv_tile >= 0).sum())
+    rows = torch.arange(N)[:, None]
+    truth = mask.materialize(N, N)  # (B, 1, N, N)
+    qb, kb = 5, int(plan.kv_idx[plan.kv_ptr[5]])  # a visited tile of query block 5, checked bit for bit
+    t = int(plan.kv_tile[plan.kv_ptr[5]])
+    if t >= 0:
+        from attnkit.ops.block_plan import unpack_bits
+        assert torch.equal(unpack_bits(plan.tiles[:, 0, t], 64), truth[:, 0, qb * 64:(qb + 1) * 64, kb * 64:(kb + 1) * 64])
+    del rows

@@ -445,3 +445,20 @@ def test_encode_refuses_what_it_cannot_rebuild():
         _compiled.encode(ak.causal() & _NotADataclass(), None)
     with pytest.raises(TypeError, match=r"mask.window holds a list"):
         _compiled.encode(_OddField([1, 2]), None)
+
+
+@pytest.mark.parametrize("build", [lambda: dict(mask=ak.sliding_window(3) | ak.global_tokens([0, 17])),
+                                   lambda: dict(mask=ak.sliding_window(3) | ak.global_tokens(range(4))),
+                                   lambda: dict(mask=ak.causal() & ak.key_padding([48, 10]))],
+                         ids=["global-list", "global-range", "padding-list"])
+def test_masks_from_python_lists_inside_the_compiled_function(build):
+    """The README's spelling, global_tokens([0, 17]), built inside a compiled function: its
+    constructor leaves the sign check to check() while dynamo traces (found by review: the
+    check on the list's tensor broke the graph)."""
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+
+    def f(q, k, v):
+        return ak.attention(q, k, v, **build())
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v), atol=TOL, rtol=TOL)

@@ -105,9 +105,9 @@ def _sdpa_cuda_why_not(c: Call) -> str | None:
     """On CUDA a mask SDPA takes only materialized sends it to its mem-efficient kernel, which
     computes all Nq x Nk pairs and reads an Nq x Nk mask (FlashAttention and cuDNN take no mask);
     the Triton kernels read the mask's block plan, skip the tiles it rules out and mask only the
-    partial ones, but cost more host time per call. ``CudaCosts`` decides; the plan (the kernels'
-    own, cached by structure) is built for the decision only when SDPA's estimate is above the
-    kernels' host time, the least they can cost."""
+    partial ones, but cost more host time per call. ``CudaCosts`` decides; the tiles the kernels
+    would visit are counted (from a cached plan, else from the tile kinds: no plan is built for
+    the decision) only when SDPA's estimate is above the kernels' host time, the least they cost."""
     if c.q.shape[2] == 1:  # a decoding step: one row of a 128-row tile, a new Nk every call
         return None
     sdpa = _sdpa_masked_cost(c)
@@ -116,9 +116,9 @@ def _sdpa_cuda_why_not(c: Call) -> str | None:
     from .ops import block_plan
     from .ops.triton.configs import default_blocks
     bm, bn = default_blocks(c.q.shape[-1], c.q.dtype)
-    plan = block_plan.cached_plan(c.mask, c.q.shape[2], c.k.shape[2], bm, bn, c.q.device)  # the kernels' own
+    tiles = block_plan.visited_tiles(c.mask, c.q.shape[2], c.k.shape[2], bm, bn, c.q.device)  # builds no plan
     B, Hq, _, D = c.q.shape
-    triton = CUDA_COSTS.triton_host_s + 4 * B * Hq * plan.kv_idx.numel() * bm * bn * D / CUDA_COSTS.triton_flops
+    triton = CUDA_COSTS.triton_host_s + 4 * B * Hq * tiles * bm * bn * D / CUDA_COSTS.triton_flops
     if sdpa <= triton:
         return None
     return (f"mask {c.mask!r} needs materializing for torch SDPA (its mem-efficient kernel, all Nq x Nk pairs): "

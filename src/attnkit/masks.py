@@ -99,6 +99,9 @@ def check_values_once(t: Tensor, what: tuple, check: Callable[[], None]) -> None
     nothing can be read back: the check is skipped (run the call once before capturing)."""
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
+    if t.is_inference():  # no version counter: checked every time
+        check()
+        return
     key = (id(t), t._version, what)  # the tensor is held while remembered: its id stays its own
     if key in _values_checked:
         _values_checked.move_to_end(key)
@@ -110,6 +113,7 @@ def check_values_once(t: Tensor, what: tuple, check: Callable[[], None]) -> None
 
 
 CONTENT_KEY_MAX = 1024  # CPU tensors up to this many elements are keyed by content, larger ones by identity
+UNCACHEABLE = "uncacheable"  # in a key: no cache may keep what was built from it (``tensor_key``)
 
 
 def tensor_key(t: Tensor | None) -> tuple:
@@ -118,11 +122,17 @@ def tensor_key(t: Tensor | None) -> tuple:
     else by identity and version (data pointer, ``_version``, shape, strides): reading a device
     tensor's values would wait for the device, and hashing N values on the host each call is the
     cost a cache keyed by this is there to avoid. Whoever keeps such a key must keep the tensor
-    alive with it (so its memory is not reused meanwhile); an in-place change moves its version."""
+    alive with it (so its memory is not reused meanwhile); an in-place change moves its version.
+    Writes that torch does not count (through ``.data``, a NumPy view from ``.numpy()`` or
+    ``torch.from_numpy``, DLPack) do not: a buffer refilled that way must be a new tensor, or
+    small enough to be keyed by content. An inference tensor (``torch.inference_mode``) has no
+    version: its key holds ``UNCACHEABLE``, and nothing built from it is cached."""
     if t is None:
         return (None,)
     if t.device.type == "cpu" and t.numel() <= CONTENT_KEY_MAX and t.dtype in (torch.bool, torch.int64, torch.int32):
         return ("values", str(t.dtype), tuple(t.shape), t.detach().contiguous().numpy().tobytes())
+    if t.is_inference():  # no version counter (torch.inference_mode): its identity says nothing of its values
+        return (UNCACHEABLE,)
     return ("tensor", t.data_ptr(), t._version, tuple(t.shape), t.stride(), str(t.dtype), str(t.device))
 
 
@@ -154,13 +164,11 @@ def _per_tile(x: Tensor) -> Tensor:
 
 
 def _per_tile_bits(flags: Tensor) -> Tensor:
-    """(Bm, P, n) bool -> (P, Bm * ceil(n / 64)) int64: the flags packed 64 to a word, so that
-    grouping tiles sorts a few words per tile instead of n flags."""
+    """(Bm, P, n) bool -> (P, Bm * ceil(n / 8)) int64: the flags' bytes read 8 to a word (no copy
+    wider than the flags), so that grouping tiles sorts n / 8 words per tile instead of n flags."""
     Bm, P, n = flags.shape
-    words = -(-n // 64)
-    padded = torch.nn.functional.pad(flags.to(torch.int64), (0, words * 64 - n)).view(Bm, P, words, 64)
-    packed = (padded << torch.arange(64, device=flags.device)).sum(-1)  # wraps past bit 62: still one-to-one
-    return packed.transpose(0, 1).flatten(1)
+    padded = torch.nn.functional.pad(flags, (0, -n % 8)).contiguous()  # (Bm, P, 8 * ceil(n / 8)) bool
+    return padded.view(torch.uint8).view(torch.int64).transpose(0, 1).flatten(1)
 
 
 class Mask:
@@ -198,7 +206,7 @@ class Mask:
             if isinstance(x, Mask):
                 return x.structure_key()
             return x if not isinstance(x, list) else tuple(x)
-        return (type(self).__name__, *(part(getattr(self, f.name)) for f in dataclasses.fields(self)))
+        return (type(self), *(part(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def is_top_left_causal(self, q0: int, k0: int, Nq: int, Nk: int) -> bool:
         """True if, on the tile starting at (query q0, key k0), this mask is exactly "key j' <= query
@@ -291,7 +299,7 @@ class Causal(Mask):
         return _diagonal(q0, k0, Nq, Nk).clamp(-bn, bm)  # past these the tile is full / empty
 
     def structure_key(self):
-        return ("causal",)
+        return (type(self),)  # the class itself: a subclass that evaluates otherwise is another key
 
     def is_top_left_causal(self, q0, k0, Nq, Nk):
         return k0 == q0 + (Nk - Nq)
@@ -343,7 +351,7 @@ class SlidingWindow(Mask):
         return _diagonal(q0, k0, Nq, Nk).clamp(lo, hi)
 
     def structure_key(self):
-        return ("window", self.left, self.right, self.dilation)
+        return (type(self), self.left, self.right, self.dilation)
 
     def check(self, B, H, Nq, Nk):
         if isinstance(self.dilation, tuple) and len(self.dilation) != H:
@@ -405,7 +413,7 @@ class GlobalTokens(Mask):
                                  f"does not fit B={B}, Nk={Nk}; expected (B, Nk) or (1, Nk)")
 
     def structure_key(self):
-        return ("global", tensor_key(self.indices), tensor_key(self.flags))
+        return (type(self), tensor_key(self.indices), tensor_key(self.flags))
 
     def _check_indices(self, Nk: int) -> None:
         if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= Nk):
@@ -452,7 +460,7 @@ class KeyPadding(Mask):
                              f"B={B}, Nk={Nk}; expected (B, Nk) with True = real token")
 
     def structure_key(self):
-        return ("padding", tensor_key(self.lengths), tensor_key(self.valid))
+        return (type(self), tensor_key(self.lengths), tensor_key(self.valid))
 
     def _check_lengths(self, Nk: int) -> None:
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
@@ -506,7 +514,7 @@ class Document(Mask):
                              "have no document; use Nq <= Nk")
 
     def structure_key(self):
-        return ("document", tensor_key(self.values))
+        return (type(self), tensor_key(self.values))
 
     def __repr__(self) -> str:
         return f"document(<ids {tuple(self.values.shape)}>)"
@@ -550,7 +558,7 @@ class Dense(Mask):
         check_broadcastable("mask", self.tensor, (B, H, Nq, Nk))
 
     def structure_key(self):
-        return ("dense", tensor_key(self.tensor))
+        return (type(self), tensor_key(self.tensor))
 
     def __repr__(self) -> str:
         return f"dense_mask(<bool {tuple(self.tensor.shape)}>)"
@@ -587,7 +595,7 @@ class And(_Binary):
         return torch.minimum(ka, kb)  # EMPTY < PARTIAL < FULL: empty if either is, full if both are
 
     def structure_key(self):
-        return ("&", self.a.structure_key(), self.b.structure_key())
+        return (type(self), self.a.structure_key(), self.b.structure_key())
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"
@@ -603,7 +611,7 @@ class Or(_Binary):
         return torch.maximum(ka, kb)  # full if either is, empty if both are
 
     def structure_key(self):
-        return ("|", self.a.structure_key(), self.b.structure_key())
+        return (type(self), self.a.structure_key(), self.b.structure_key())
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -627,7 +635,7 @@ class Not(Mask):
         self.a.check(B, H, Nq, Nk)
 
     def structure_key(self):
-        return ("~", self.a.structure_key())
+        return (type(self), self.a.structure_key())
 
     def __repr__(self) -> str:
         return f"~{self.a!r}"
@@ -691,12 +699,12 @@ def _counts_or_flags(name: str, what: str, x: Tensor | Sequence[int]) -> tuple[T
     def no_negative() -> None:
         if t.numel() and int(t.min()) < 0:
             raise ValueError(f"{name}: {int(t.min())} is negative; expected {what}")
-    if not isinstance(x, Tensor):
+    if torch.compiler.is_compiling():
+        pass  # reading values would break the graph: check(), run by the compiled call's op, refuses them
+    elif not isinstance(x, Tensor):
         no_negative()
-    elif not torch.compiler.is_compiling():  # a tensor a model keeps and passes every call: read once
+    else:  # a tensor a model keeps and passes every call: read once per tensor and version
         check_values_once(t, (name, "sign"), no_negative)
-    # while dynamo traces, reading values would break the graph: the mask's check() (run by the
-    # compiled call's op, on real tensors) refuses negative lengths and indices
     return t.long(), None
 
 

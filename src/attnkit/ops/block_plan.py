@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..masks import EMPTY, FULL, PARTIAL, And, KeyPadding, Mask
+from ..masks import EMPTY, FULL, PARTIAL, UNCACHEABLE, And, KeyPadding, Mask
 
 
 class Splits(NamedTuple):
@@ -204,7 +204,8 @@ def partial_tiles(mask: Mask | None, pq: Tensor, pk: Tensor, Nq: int, Nk: int, b
         truth = torch.zeros(1, 1, 1, bm, bn, dtype=torch.bool, device=dev)
         return pack_bits(truth), pack_bits(truth.transpose(-1, -2)), torch.zeros(0, dtype=torch.long, device=dev)
     first, group = distinct_tiles(mask, pq, pk, Nq, Nk, bm, bn)
-    chunk = max(1, TILE_CHUNK_PAIRS // (bm * bn))
+    head = _tile_truth(mask, pq[first[:1]], pk[first[:1]], Nq, Nk, bm, bn)  # one tile: the (Bm, Hm) extents
+    chunk = max(1, TILE_CHUNK_PAIRS // (bm * bn * head.shape[0] * head.shape[1]))
     parts, parts_t = [], []
     for a in range(0, len(first), chunk):  # one pass per chunk of tiles, not per block
         pick = first[a:a + chunk]
@@ -307,6 +308,9 @@ def make_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, d
     """
     global _builds
     _builds += 1
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"make_plan: {name} must be an int >= 1 (rows / keys per tile), got {size!r}")
     device = torch.device(device)
     mask, _ = split_key_lengths(mask)
     kinds = kernel_kinds(mask, Nq, Nk, block_m, block_n, device)  # (nQ, nK)
@@ -327,8 +331,34 @@ def structure_key(mask: Mask | None) -> tuple:
     return (None,) if mask is None else mask.structure_key()
 
 
+def _holds(key: tuple, marker: str) -> bool:
+    """Whether ``marker`` is anywhere in a nested key tuple."""
+    return any(x == marker if not isinstance(x, tuple) else _holds(x, marker) for x in key)
+
+
 PLAN_CACHE_SIZE = 64  # plans, up to two per mask structure and sizes (forward and backward blocks)
 _plans: OrderedDict = OrderedDict()  # key -> plan
+
+
+def _cache_key(rest: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
+               split_tiles: int | None) -> tuple | None:
+    """The cache's key for a mask without key-length factors; None when it may not be cached."""
+    structure = structure_key(rest)
+    if _holds(structure, UNCACHEABLE):  # an inference tensor: its values may change unseen
+        return None
+    return (structure, Nq, Nk, block_m, block_n, str(torch.device(device)), split_tiles)
+
+
+def visited_tiles(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device) -> int:
+    """How many tiles the kernels would visit for this mask: from the cached plan when there is
+    one, else counted from the tile kinds alone (no partial tile evaluated, nothing cached), so a
+    cost estimate (``_dispatch``) does not build a plan for a call that may not run on it."""
+    rest, _ = split_key_lengths(mask)
+    key = _cache_key(rest, Nq, Nk, block_m, block_n, device, None)
+    plan = None if key is None else _plans.get(key)
+    if plan is not None:
+        return plan.kv_idx.numel()
+    return int((kernel_kinds(rest, Nq, Nk, block_m, block_n, device) != EMPTY).sum())
 
 
 def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
@@ -337,7 +367,9 @@ def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int,
     that builds its mask anew in every forward, or calls attention with it in every layer, builds
     its plan once. The key leaves out a ``key_padding(lengths)`` factor (the kernels read it)."""
     rest, _ = split_key_lengths(mask)
-    key = (structure_key(rest), Nq, Nk, block_m, block_n, str(torch.device(device)), split_tiles)
+    key = _cache_key(rest, Nq, Nk, block_m, block_n, device, split_tiles)
+    if key is None:
+        return make_plan(rest, Nq, Nk, block_m, block_n, device, split_tiles)
     plan = _plans.get(key)
     if plan is not None:
         _plans.move_to_end(key)

@@ -270,6 +270,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     reason = why_not(q, k, v, mask, bias, 0.0)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}")
+    B, Hq, Nq, _ = q.shape
+    for part in (mask, bias):  # ak.attention validates; a direct call must too (dilations per head, ...)
+        if part is not None:
+            part.check(B, Hq, Nq, k.shape[2])
     return run_checked(q, k, v, mask, bias, scale, block_m, block_n, plan, plan_bwd, split_tiles)
 
 
