@@ -267,3 +267,27 @@ def test_encoder_decoder_generate_checks_the_decoders_table_before_generating():
     with pytest.raises(ValueError, match=r"EncoderDecoder.generate: .* max_new_tokens=8 need positions 0\.\.8"):
         seq2seq.generate(src, start, 8)
     assert not calls
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padding_reaches_attention_as_lengths(layout, monkeypatch):
+    """After the real tokens are moved first, DecoderLM and Encoder give ak.attention the padding as
+    key_padding(lengths): the Triton kernels read lengths per call, so a new padding pattern every
+    batch costs no new block plan (a bool (B, N) mask would)."""
+    from attnkit.nn import attention as nn_attention
+    from attnkit.ops.block_plan import split_key_lengths
+    seen = []
+    real = nn_attention.attention
+
+    def spy(q, k, v, *, mask=None, **kw):
+        seen.append(mask)
+        return real(q, k, v, mask=mask, **kw)
+    monkeypatch.setattr(nn_attention, "attention", spy)
+    ids, mask = pad(layout)
+    for model in (decoder("rope", next(iter(DECODER_MASKS))), encoder("learned", next(iter(ENCODER_MASKS)))):
+        seen.clear()
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        assert seen and all(split_key_lengths(m)[1] is not None for m in seen), [repr(m) for m in seen]
+        lengths = split_key_lengths(seen[0])[1]
+        assert lengths.tolist() == mask.sum(-1).tolist()

@@ -262,7 +262,7 @@ class Encoder(nn.Module):
             if token_type_ids is not None:
                 token_type_ids = token_type_ids.gather(1, order.to(token_type_ids.device))
         x = self.embeddings(input_ids, token_type_ids)  # (B, N, E)
-        padding = None if valid is None else key_padding(valid)
+        padding = None if valid is None else key_padding(valid.sum(-1))  # a prefix now: lengths (B,)
         mask = padding if self.mask is None else self.mask if padding is None else self.mask & padding
         ctx = Context(mask=mask)
         states = [x]
@@ -348,7 +348,9 @@ class DecoderLM(nn.Module):
                 input_ids, valid = input_ids.gather(1, order.to(input_ids.device)), valid.gather(1, order)
                 if memory is not None:
                     memory_mask = _reorder_query_mask(memory_mask, order, N, memory.shape[1])
-            positions, mask = _token_positions(valid, N), self.mask & key_padding(valid)
+            # real tokens first: the padding is a prefix, given as lengths (B,), which the Triton kernels
+            # read per call (a bool (B, N) mask would be a new block plan every batch)
+            positions, mask = _token_positions(valid, N), self.mask & key_padding(valid.sum(-1))
         else:
             self._check_cached_layout(valid)
             # A bounded cache holds only the last `stored` keys; with left padding the dropped ones are
