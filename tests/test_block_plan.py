@@ -290,3 +290,17 @@ def test_per_sample_global_flags_plan_in_bounded_memory():
         from attnkit.ops.block_plan import unpack_bits
         assert torch.equal(unpack_bits(plan.tiles[:, 0, t], 64), truth[:, 0, qb * 64:(qb + 1) * 64, kb * 64:(kb + 1) * 64])
     del rows
+
+
+def test_the_cache_holds_a_bounded_number_of_bytes(monkeypatch):
+    """A dense mask rebuilt every call (a new tensor, so a new key) must not pin PLAN_CACHE_SIZE
+    masks: entries are evicted past PLAN_CACHE_BYTES, counting the plans' tensors and their masks'."""
+    from attnkit.ops import block_plan as bp
+    monkeypatch.setattr(bp, "_plans", type(bp._plans)())
+    monkeypatch.setattr(bp, "_plan_bytes", {})
+    monkeypatch.setattr(bp, "PLAN_CACHE_BYTES", 200_000)
+    for _ in range(10):
+        cached_plan(ak.dense_mask(torch.rand(256, 256) < 0.5), 256, 256, 64, 64, "cpu")  # 64 KiB of mask each
+    assert 1 <= len(bp._plans) < 10 and sum(bp._plan_bytes.values()) <= 200_000
+    assert set(bp._plan_bytes) == set(bp._plans)
+    assert all(bp._plan_bytes[k] >= 256 * 256 for k in bp._plans)  # the mask's bytes are counted

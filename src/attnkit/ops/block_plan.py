@@ -32,6 +32,7 @@ the mask's batch and head extents (1 where it broadcasts), W work items, S parti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections import OrderedDict
@@ -337,7 +338,27 @@ def _holds(key: tuple, marker: str) -> bool:
 
 
 PLAN_CACHE_SIZE = 64  # plans, up to two per mask structure and sizes (forward and backward blocks)
+PLAN_CACHE_BYTES = 1 << 30  # and at most this much held: the plans' tensors and their masks'
 _plans: OrderedDict = OrderedDict()  # key -> plan
+_plan_bytes: dict = {}  # key -> bytes the entry holds
+
+
+def held_bytes(plan: BlockPlan) -> int:
+    """Bytes a cached plan keeps alive: its own tensors and the tensors of the mask it holds (a
+    dense mask rebuilt every call would otherwise pin PLAN_CACHE_SIZE of them)."""
+    tensors = [t for t in (plan.kv_ptr, plan.kv_idx, plan.kv_tile, plan.q_ptr, plan.q_idx, plan.q_tile, plan.tiles,
+                           plan.tiles_t, plan.q_work, *plan.q_split, plan.k_work, *plan.k_split)]
+    tensors += _mask_tensors(plan.mask)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _mask_tensors(obj) -> list[Tensor]:
+    """The tensors inside a mask expression."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, Mask) and dataclasses.is_dataclass(obj):
+        return [t for f in dataclasses.fields(obj) for t in _mask_tensors(getattr(obj, f.name))]
+    return []
 
 
 def _cache_key(rest: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
@@ -363,9 +384,10 @@ def visited_tiles(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: in
 
 def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int, device,
                 split_tiles: int | None = None) -> BlockPlan:
-    """``make_plan``, remembered for the last PLAN_CACHE_SIZE (mask structure, sizes) pairs: a model
-    that builds its mask anew in every forward, or calls attention with it in every layer, builds
-    its plan once. The key leaves out a ``key_padding(lengths)`` factor (the kernels read it)."""
+    """``make_plan``, remembered for the last PLAN_CACHE_SIZE (mask structure, sizes) pairs holding
+    at most PLAN_CACHE_BYTES together (``held_bytes``): a model that builds its mask anew in every
+    forward, or calls attention with it in every layer, builds its plan once. The key leaves out a
+    ``key_padding(lengths)`` factor (the kernels read it)."""
     rest, _ = split_key_lengths(mask)
     key = _cache_key(rest, Nq, Nk, block_m, block_n, device, split_tiles)
     if key is None:
@@ -375,7 +397,7 @@ def cached_plan(mask: Mask | None, Nq: int, Nk: int, block_m: int, block_n: int,
         _plans.move_to_end(key)
         return plan
     plan = make_plan(rest, Nq, Nk, block_m, block_n, device, split_tiles)
-    _plans[key] = plan
-    while len(_plans) > PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
+    _plans[key], _plan_bytes[key] = plan, held_bytes(plan)
+    while len(_plans) > 1 and (len(_plans) > PLAN_CACHE_SIZE or sum(_plan_bytes.values()) > PLAN_CACHE_BYTES):
+        _plan_bytes.pop(_plans.popitem(last=False)[0])  # the least recently used first; the newest stays
     return plan
