@@ -105,6 +105,19 @@ def test_log_lines_come_at_most_every_interval():
     assert len(lines) == 2 and "0/10000" in lines[0] and "10000/10000" in lines[1], lines
 
 
+def _read_all(fd: int) -> str:
+    """Everything written to a pty so far: one os.read returns only what one chunk holds (under
+    load the bar's redraws arrived in several, and a single read saw only the first)."""
+    import select
+    chunks = []
+    while select.select([fd], [], [], 0.5)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def test_a_terminal_gets_the_bar_redrawn_in_place():
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
@@ -114,7 +127,7 @@ def test_a_terminal_gets_the_bar_redrawn_in_place():
                 for _ in range(3):
                     bar.update(1)
             tty.flush()
-        shown = os.read(leader, 65536).decode()
+        shown = _read_all(leader)
     finally:
         os.close(leader)
         os.close(follower)
