@@ -21,7 +21,6 @@ before triton is first imported (slow: tests at small sizes).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -36,10 +35,15 @@ MAX_BH = 65535  # grid axis 1 is B * Hq: CUDA's limit on gridDim.y
 __all__ = ["DTYPES", "HEAD_DIMS", "MAX_BH", "available", "interpreting", "why_not"]
 
 
-@functools.lru_cache(maxsize=None)
+_available: bool | None = None  # looked up once (a plain global: dynamo warns on an lru_cache)
+
+
 def available() -> bool:
-    """Whether triton is installed (looked up, not imported: importing it costs seconds)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton is installed (looked up once, not imported: importing it costs seconds)."""
+    global _available
+    if _available is None:
+        _available = importlib.util.find_spec("triton") is not None
+    return _available
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float) -> str | None:
