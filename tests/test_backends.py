@@ -51,14 +51,16 @@ def _banded(kernel):
     return make
 
 
-def _triton(block_m, block_n, split_tiles=None):
+def _triton(block_m=None, block_n=None, split_tiles=None, **switches):
+    """The Triton kernels at these blocks, split, and Schedule switches (configs.Schedule)."""
     def make(case):
         mask, bias = case.make_mask(), case.make_bias()
 
         def run(q, k, v):
+            from attnkit.ops.triton.configs import Schedule
             from attnkit.ops.triton.op import triton_attention
             return triton_attention(q, k, v, mask=mask, bias=bias, scale=case.D ** -0.5, block_m=block_m,
-                                    block_n=block_n, split_tiles=split_tiles)
+                                    block_n=block_n, split_tiles=split_tiles, schedule=Schedule(**switches))
         return run, mask, bias
     return make
 
@@ -80,7 +82,25 @@ RUNNERS = {
     "triton": _public("triton"),  # the Triton kernels (on the CPU: Triton's interpreter)
     "triton-32x16": _triton(32, 16),  # BLOCK_M != BLOCK_N
     "triton-split": _triton(16, 16, split_tiles=2),
+    # the kernels' Schedule switches (issue 15; off in the shipped table until timed on a GPU), on
+    # SCHEDULE_CASES, the split lists included
+    "triton-atomic-dq": _triton(16, 16, split_tiles=2, dq="atomic"),
+    "triton-fused-delta": _triton(16, 16, split_tiles=2, delta="fused"),
+    "triton-gqa-group": _triton(16, 16, split_tiles=2, gqa="group"),
+    "triton-tma-ws": _triton(16, 32, split_tiles=2, tma=True, warp_specialize=True),
+    "triton-all-switches": _triton(32, 16, split_tiles=2, dq="atomic", gqa="group", tma=True, warp_specialize=True),
 }
+# Each switch on the cases where it changes something (the interpreter is slow); all switches at once
+# (split lists too) on every one of them.
+_EDGES = {"causal-nq>nk", "padding-empty", "lf-all-padding", "lf-nq<nk"}  # dead rows, padding, Nq != Nk
+SCHEDULE_CASES = {
+    "triton-atomic-dq": _EDGES | {"mqa-causal", "documents-causal", "causal-decode"},
+    "triton-fused-delta": _EDGES | {"dense-odd", "mqa-causal"},
+    "triton-gqa-group": {"mqa-causal", "alibi-window-gqa", "documents-causal"},  # GQA/MQA, per-head slopes
+    "triton-tma-ws": _EDGES | {"dense-odd", "causal-decode", "mqa-causal"},
+}
+SCHEDULE_CASES["triton-all-switches"] = set().union(*SCHEDULE_CASES.values()) | {
+    "gqa-dense", "causal-window-gqa", "lf-dilated", "lf-per-sample-global", "longformer-mix"}
 
 
 def _supported(runner: str, case, dtype) -> str | None:
@@ -109,6 +129,8 @@ def test_fp32_forward_backward(runner, case):
         pytest.skip("the interpreter is slow: the big cases run once, with the default blocks (runner 'triton')")
     if runner == "triton-split" and case.name not in SPLIT_CASES:
         pytest.skip("split-KV runs on SPLIT_CASES (the interpreter is slow)")
+    if runner in SCHEDULE_CASES and case.name not in SCHEDULE_CASES[runner]:
+        pytest.skip("the Schedule switches run on SCHEDULE_CASES (the interpreter is slow)")
     why = _supported(runner, case, torch.float32)
     if why:
         pytest.skip(why)
@@ -123,10 +145,12 @@ HALF_CASES = ["dense-odd", "gqa-dense", "causal-nq>nk", "window-global", "paddin
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("runner", ["sdpa", "tiled", "tiled-fused-small", "tiled-math-small", "banded", "banded-math",
-                                    "triton"])
+                                    "triton", "triton-all-switches"])
 @pytest.mark.parametrize("name", HALF_CASES)
 def test_half_forward_backward(name, runner, dtype):
     case = BY_NAME[name]
+    if runner in SCHEDULE_CASES and name not in SCHEDULE_CASES[runner]:
+        pytest.skip("the Schedule switches run on SCHEDULE_CASES (the interpreter is slow)")
     if runner == "triton" and "big" in case.tags:
         pytest.skip("the interpreter is slow: big cases run in fp32 only")
     why = _supported(runner, case, dtype)

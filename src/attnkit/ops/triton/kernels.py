@@ -10,6 +10,12 @@ that is not here. The plan they read is ``ops/block_plan.py``'s.
 - ``_bwd_dq``: dQ over a query block's key tiles, P recomputed from the saved lse;
 - ``_bwd_dkdv``: dK, dV over a key block's query tiles, on transposed (key x query) tiles.
 
+Switches (constexprs, ``configs.Schedule``; off unless a table row turns them on): ``TMA`` loads the
+loop's tiles through tensor descriptors; ``WS`` asks for warp-specialized main loops; ``FUSED_DELTA``
+computes delta inside ``_bwd_dq``; ``ATOMIC_DQ`` adds dQ from ``_bwd_dkdv`` with float32 atomics (no
+``_bwd_dq`` launch); ``GQA_GROUP`` runs one ``_bwd_dkdv`` program per kv head over its group's query
+heads.
+
 Rows that attend nowhere have lse = -inf, out = 0 and zero gradients. A key block at or past a
 sample's key length (``KV_LEN``) is skipped; the one that crosses it is masked per key. GQA: each
 query head reads kv head h // (Hq / Hkv).
@@ -43,6 +49,35 @@ def _load_rows(PTR, b, h, offs, sb, sh, sn, n, D: tl.constexpr):
     offs_d = tl.arange(0, D)
     return tl.load(PTR + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :], mask=(offs < n)[:, None],
                    other=0.0)
+
+@triton.jit
+def _rows_source(PTR, b, h, sb, sh, sn, n, BLOCK: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Where ``_load_block`` reads the rows of sequence b, head h: a tensor descriptor of its
+    (n, D) rows in blocks of BLOCK (TMA), else the pointer itself."""
+    if TMA:
+        return tl.make_tensor_descriptor(PTR + b * sb + h * sh, shape=[n, D], strides=[sn, 1],
+                                         block_shape=[BLOCK, D])
+    else:
+        return PTR
+
+
+@triton.jit
+def _load_block(src, b, h, blk, sb, sh, sn, n, BLOCK: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Rows blk * BLOCK .. + BLOCK of ``_rows_source``'s sequence and head: (BLOCK, D), zeros past n
+    (the descriptor pads out-of-bounds rows with zeros too)."""
+    if TMA:
+        return src.load([blk * BLOCK, 0])
+    else:
+        return _load_rows(src, b, h, blk * BLOCK + tl.arange(0, BLOCK), sb, sh, sn, n, D)
+
+
+@triton.jit
+def _row_lse(LSE, b, h, slb, slh, offs_m, rows_ok):
+    """The saved lse of rows offs_m in the log2 domain, +inf for rows that attend nowhere (and
+    rows past N), so that P = exp2(s - lse) = 0 there."""
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K
+
 
 @triton.jit
 def _scores(a, b, pos_a, pos_b, slope, tile, TILES, scale_log2, kb, kv_len,
@@ -109,7 +144,7 @@ def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
          H, GROUP, Nq, Nk, scale_log2, BH,
          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-         HAS_KV_LEN: tl.constexpr):
+         HAS_KV_LEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
     final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
     qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
@@ -127,12 +162,14 @@ def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN
     acc = tl.zeros([BM, D], tl.float32)
     if HAS_KV_LEN:  # the list is ascending: key blocks past this sample's length end it
         end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
-    for t in range(start, end):
+    k_src = _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA)
+    v_src = _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA)
+    for t in tl.range(start, end, warp_specialize=WS):
         kb = tl.load(KV_IDX + t)
         tile = tl.load(KV_TILE + t)
         offs_n = kb * BN + tl.arange(0, BN)
-        k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
-        v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
+        k = _load_block(k_src, b, hk, kb, skb, skh, skn, Nk, BN, D, TMA)
+        v = _load_block(v_src, b, hk, kb, svb, svh, svn, Nk, BN, D, TMA)
         s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
                     BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -172,14 +209,16 @@ def _bwd_delta(O, DO, DLSE, DELTA, Nq, D: tl.constexpr, BM: tl.constexpr):
     tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1) - dlse, mask=rows_ok)
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+def _bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, stb, sth, len_b,
             H, GROUP, Nq, Nk, scale_log2, scale, BH,
             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-            HAS_KV_LEN: tl.constexpr):
+            HAS_KV_LEN: tl.constexpr, FUSED_DELTA: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     """dQ of one work item: sum over its key blocks of dS K * scale, into DQ (slot -1) or into
-    the float32 partial PDQ (S, B*H, BM, D) (summed afterwards). Q, DO, DQ share strides (sq*);
-    LSE, DELTA share (sl*)."""
+    the float32 partial PDQ (S, B*H, BM, D) (summed afterwards). Q, O, DO, DQ share strides (sq*);
+    LSE, DLSE, DELTA share (sl*). FUSED_DELTA: this kernel computes delta = rowsum(dO * O) - dlse
+    for its rows and writes it to DELTA for ``_bwd_dkdv`` (every work item of a split block writes
+    the same values); otherwise it reads ``_bwd_delta``'s."""
     qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
     offs_m = qb * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
@@ -187,9 +226,14 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOP
     q_off = b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
     q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
     do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
-    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K  # no key: P = 0
-    delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+    lse = _row_lse(LSE, b, h, slb, slh, offs_m, rows_ok)
+    if FUSED_DELTA:
+        o = _load_rows(O, b, h, offs_m, sqb, sqh, sqn, Nq, D)
+        dlse = tl.load(DLSE + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
+        tl.store(DELTA + b * slb + h * slh + offs_m, delta, mask=rows_ok)
+    else:
+        delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h)
@@ -198,12 +242,14 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOP
     dq = tl.zeros([BM, D], tl.float32)
     if HAS_KV_LEN:
         end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
-    for t in range(start, end):
+    k_src = _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA)
+    v_src = _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA)
+    for t in tl.range(start, end, warp_specialize=WS):
         kb = tl.load(KV_IDX + t)
         tile = tl.load(KV_TILE + t)
         offs_n = kb * BN + tl.arange(0, BN)
-        k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
-        v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
+        k = _load_block(k_src, b, hk, kb, skb, skh, skn, Nk, BN, D, TMA)
+        v = _load_block(v_src, b, hk, kb, svb, svh, svn, Nk, BN, D, TMA)
         s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
                     BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
         p = tl.exp2(s - lse[:, None])
@@ -222,55 +268,77 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TILES, SLOP
         tl.store(PDQ + ((slot.to(tl.int64) * BH + bh) * BM + r[:, None]) * D + offs_d[None, :], dq * scale)
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES, KV_LEN,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, DQACC, WORK, Q_IDX, Q_TILE, TILES_T, SLOPES, KV_LEN,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sgb, sgh, sgn, slb, slh, stb, sth, len_b,
               H, GROUP, Nq, Nk, scale_log2, scale, BH,
               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-              HAS_KV_LEN: tl.constexpr):
-    """dK, dV of one key block for one *query* head (summed over each GQA group afterwards):
-    sum over the query blocks of one work item. DK, DV are (B, Hq, Nk, D) with strides sg*
-    (slot -1); slot s >= 0 writes float32 partials PDK, PDV (S', B*H, BN, D) instead."""
-    kb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
+              HAS_KV_LEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, GQA_GROUP: tl.constexpr, TMA: tl.constexpr,
+              WS: tl.constexpr):
+    """dK, dV of one key block over the query blocks of one work item. Without GQA_GROUP, for one
+    *query* head (grid axis 1 B * Hq; under GQA summed over each group afterwards): DK, DV are
+    (B, Hq, Nk, D). With GQA_GROUP, for one kv head over its GROUP query heads (grid axis 1
+    B * Hkv): DK, DV are (B, Hkv, Nk, D). Strides sg*; slot s >= 0 writes float32 partials
+    PDK, PDV (S', BH, BN, D) instead. ATOMIC_DQ: also adds dS^T K * scale of each tile into DQACC
+    (B, Hq, Nq, D) float32 with strides sq*."""
+    if GQA_GROUP:
+        kb, start, end, slot, b, hk, _unused, bh = _work_item(WORK, H // GROUP, 1)
+        h_first = hk * GROUP
+        n_heads = GROUP
+        h_out = hk
+    else:
+        kb, start, end, slot, b, h_first, hk, bh = _work_item(WORK, H, GROUP)
+        n_heads = 1
+        h_out = h_first
     offs_n = kb * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
     keys_ok = offs_n < Nk
     k = _load_rows(K, b, hk, offs_n, skb, skh, skn, Nk, D)
     v = _load_rows(V, b, hk, offs_n, svb, svh, svn, Nk, D)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h)
-    t_base = b * stb + h * sth
     kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, D], tl.float32)
     if HAS_KV_LEN:
         end = tl.where(kb * BN < kv_len, end, start)  # a block of padding keys only: dk = dv = 0
-    for t in range(start, end):
-        qb = tl.load(Q_IDX + t)
-        tile = tl.load(Q_TILE + t)
-        offs_m = qb * BM + tl.arange(0, BM)
-        rows_ok = offs_m < Nq
-        q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
-        do = _load_rows(DO, b, h, offs_m, sqb, sqh, sqn, Nq, D)
-        lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=rows_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_K
-        delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
-        # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
-        s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, kb, kv_len,
-                      BN, BM, HAS_ALIBI, IEEE, HAS_KV_LEN, True)
-        p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
-        if IEEE:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
-            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
-        else:
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dp_t = tl.dot(v, tl.trans(do))
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+    for g in range(n_heads):
+        h = h_first + g
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h)
+        t_base = b * stb + h * sth
+        q_src = _rows_source(Q, b, h, sqb, sqh, sqn, Nq, BM, D, TMA)
+        do_src = _rows_source(DO, b, h, sqb, sqh, sqn, Nq, BM, D, TMA)
+        for t in tl.range(start, end, warp_specialize=WS):
+            qb = tl.load(Q_IDX + t)
+            tile = tl.load(Q_TILE + t)
+            offs_m = qb * BM + tl.arange(0, BM)
+            rows_ok = offs_m < Nq
+            q = _load_block(q_src, b, h, qb, sqb, sqh, sqn, Nq, BM, D, TMA)
+            do = _load_block(do_src, b, h, qb, sqb, sqh, sqn, Nq, BM, D, TMA)
+            lse = _row_lse(LSE, b, h, slb, slh, offs_m, rows_ok)
+            delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
+            # transposed (BN, BM) scores: P^T and dS^T come out in the layout their dots take
+            s_t = _scores(k, q, offs_n, offs_m + (Nk - Nq), slope, tile, TILES_T + t_base, scale_log2, kb, kv_len,
+                          BN, BM, HAS_ALIBI, IEEE, HAS_KV_LEN, True)
+            p_t = tl.exp2(s_t - lse[None, :])  # (BN, BM)
+            if IEEE:
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+                dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+                if ATOMIC_DQ:
+                    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision="ieee")
+            else:
+                dv += tl.dot(p_t.to(do.dtype), do)
+                dp_t = tl.dot(v, tl.trans(do))
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q)
+                if ATOMIC_DQ:
+                    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k)
+            if ATOMIC_DQ:
+                tl.atomic_add(DQACC + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], dq * scale,
+                              mask=rows_ok[:, None], sem="relaxed")
     if slot < 0:
-        g_off = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]
+        g_off = b * sgb + h_out * sgh + offs_n[:, None] * sgn + offs_d[None, :]
         tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=keys_ok[:, None])
         tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=keys_ok[:, None])
     else:
@@ -278,4 +346,3 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, WORK, Q_IDX, Q_TILE, TI
         p_off = ((slot.to(tl.int64) * BH + bh) * BN + c[:, None]) * D + offs_d[None, :]
         tl.store(PDK + p_off, dk * scale)
         tl.store(PDV + p_off, dv)
-

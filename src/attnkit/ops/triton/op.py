@@ -22,10 +22,11 @@ from ...bias import Alibi, Bias
 from ...masks import Mask
 from ..block_plan import BlockPlan, Splits, cached_plan, split_key_lengths, structure_key
 from ..merge import merge_groups
-from . import why_not
-from . import configs
-from .configs import DELTA_ROWS, default_blocks
+from . import configs, why_not
+from .configs import DELTA_ROWS, Schedule, default_blocks
 from .kernels import LOG2E, _bwd_delta, _bwd_dkdv, _bwd_dq, _fwd
+
+LAUNCHED = ("_fwd", "_bwd_delta", "_bwd_dq", "_bwd_dkdv")  # the order of the op's ``launch`` list: (warps, stages) each
 
 def _tile_strides(tiles: Tensor) -> tuple[int, int]:
     """Batch and head strides of the partial tiles, 0 where the mask broadcasts."""
@@ -37,11 +38,44 @@ def _len_stride(kv_len: Tensor) -> int:
     return 1 if kv_len.shape[0] > 1 else 0
 
 
-def _launch(kernel: str, block_m: int, block_n: int, q: Tensor) -> dict:
-    """``launch_config`` on the GPU; nothing in the interpreter."""
+def launch_settings(blocks: tuple[int, int, int, int], D: int, dtype: torch.dtype, kind: str) -> list[int]:
+    """[warps, stages] of each kernel of LAUNCHED, flat, from ``configs.launch_config`` (looked up
+    per call: the tuning sweep patches it). blocks: the forward's and the backward's (BM, BN)."""
+    out = []
+    for kernel in LAUNCHED:
+        bm, bn = (DELTA_ROWS, DELTA_ROWS) if kernel == "_bwd_delta" else blocks[:2] if kernel == "_fwd" else blocks[2:]
+        config = configs.launch_config(kernel, bm, bn, D, dtype, kind)
+        out += [config["num_warps"], config["num_stages"]]
+    return out
+
+
+def _launch(kernel: str, launch: list[int], q: Tensor) -> dict:
+    """The launch keywords of ``kernel`` on the GPU (``launch_settings``); nothing in the interpreter."""
     if q.device.type != "cuda":
         return {}
-    return configs.launch_config(kernel, block_m, block_n, q.shape[-1], q.dtype)  # looked up per call: tuning patches it
+    i = 2 * LAUNCHED.index(kernel)
+    return {"num_warps": launch[i], "num_stages": launch[i + 1]}
+
+
+def _tma_ready(*tensors: Tensor) -> bool:
+    """Whether tensor descriptors can read these tensors: 16-byte aligned bases and row strides
+    (TMA's rule). Where not, the kernels take their pointer path for this call (the same
+    arithmetic, no N x N fallback). Installs triton's allocator for in-kernel descriptors once."""
+    if any(t.data_ptr() % 16 or (t.stride(2) * t.element_size()) % 16 for t in tensors):
+        return False
+    global _allocator_set
+    if not _allocator_set:
+        import triton
+
+        def alloc(size: int, alignment: int, stream):  # scratch for descriptors made inside kernels
+            return torch.empty(size, dtype=torch.int8, device=tensors[0].device)
+
+        triton.set_allocator(alloc)
+        _allocator_set = True
+    return True
+
+
+_allocator_set = False
 
 
 def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, split: Splits, block: int) -> None:
@@ -75,9 +109,10 @@ def _partials(split: Splits, BH: int, rows: int, D: int, device) -> Tensor:
     return torch.empty(max(split.slots.numel(), 1), BH, rows, D, dtype=torch.float32, device=device)
 
 
-def _forward(q, k, v, plan: list[Tensor], slopes, kv_len, scale, block_m, block_n, has_alibi):
+def _forward(q, k, v, plan: list[Tensor], slopes, kv_len, scale, block_m, block_n, has_alibi, schedule: Schedule,
+             launch: list[int]):
     """(out, lse) of the forward kernel over ``BlockPlan.forward_tensors``, split blocks merged.
-    kv_len (B,) or (1,) int32 key lengths, or (0,) for none."""
+    kv_len (B,) or (1,) int32 key lengths, or (0,) for none; schedule: its tma / warp_specialize."""
     kv_idx, kv_tile, tiles, q_work, *q_split = plan
     q_split = Splits(*q_split)
     B, H, Nq, D = q.shape
@@ -93,51 +128,61 @@ def _forward(q, k, v, plan: list[Tensor], slopes, kv_len, scale, block_m, block_
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), stb, sth, _len_stride(kv_len), H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
         BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
-        HAS_KV_LEN=kv_len.numel() > 0, **_launch("_fwd", block_m, block_n, q))
+        HAS_KV_LEN=kv_len.numel() > 0, TMA=schedule.tma and _tma_ready(k, v), WS=schedule.warp_specialize,
+        **_launch("_fwd", launch, q))
     if q_split.slots.numel():
         _merge_slots(out, lse, po, plse, q_split, block_m)
     return out, lse
 
 
 def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, kv_len, scale, block_m, block_n,
-              has_alibi):
-    """(dq, dk, dv) of the backward kernels over ``BlockPlan.backward_tensors``."""
+              has_alibi, schedule: Schedule, launch: list[int]):
+    """(dq, dk, dv) of the backward kernels over ``BlockPlan.backward_tensors``, in the variants
+    ``schedule`` names."""
     kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, q_work, *rest = plan
     q_split, k_work, k_split = Splits(*rest[:4]), rest[4], Splits(*rest[5:])
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous()
     # delta_i = rowsum(dO * O) - dlse_i: the lse's own gradient enters dS = P (dP - delta) through it
-    out, dlse = out.contiguous(), dlse.float().contiguous()
+    out, dlse, lse = out.contiguous(), dlse.float().contiguous(), lse.contiguous()
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    _bwd_delta[(-(-Nq // DELTA_ROWS), B * H)](out, dout, dlse, delta, Nq, D=D, BM=DELTA_ROWS,
-                                              **_launch("_bwd_delta", DELTA_ROWS, DELTA_ROWS, q))
-    lse = lse.contiguous()
-    dq = torch.empty_like(q)
-    dk_h = torch.empty(B, H, Nk, D, dtype=q.dtype if Hkv == H else torch.float32, device=q.device)
+    fused_delta, atomic = schedule.delta == "fused", schedule.dq == "atomic"
+    if not fused_delta:
+        _bwd_delta[(-(-Nq // DELTA_ROWS), B * H)](out, dout, dlse, delta, Nq, D=D, BM=DELTA_ROWS,
+                                                  **_launch("_bwd_delta", launch, q))
+    group = schedule.gqa == "group" and Hkv != H  # one dk/dv program per kv head
+    heads = Hkv if group else H
+    dk_h = torch.empty(B, heads, Nk, D, dtype=q.dtype if heads == Hkv else torch.float32, device=q.device)
     dv_h = torch.empty_like(dk_h)
-    pdq = _partials(q_split, B * H, block_m, D, q.device)
-    pdk, pdv = _partials(k_split, B * H, block_n, D, q.device), _partials(k_split, B * H, block_n, D, q.device)
+    pdk, pdv = (_partials(k_split, B * heads, block_n, D, q.device) for _ in range(2))
+    tma = schedule.tma and _tma_ready(q, k, v, dout)
     common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
-                  HAS_KV_LEN=kv_len.numel() > 0)
-    _bwd_dq[(q_work.shape[0], B * H)](
-        q, k, v, dout, lse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), *_tile_strides(tiles),
-        _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * H, **common,
-        **_launch("_bwd_dq", block_m, block_n, q))
-    _bwd_dkdv[(k_work.shape[0], B * H)](
-        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, k_work, q_idx, q_tile, tiles_t, slopes, kv_len,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dk_h.stride(0), dk_h.stride(1), dk_h.stride(2),
-        lse.stride(0), lse.stride(1), *_tile_strides(tiles_t), _len_stride(kv_len), H, H // Hkv, Nq, Nk,
-        scale * LOG2E, scale, B * H, **common, **_launch("_bwd_dkdv", block_m, block_n, q))
-    if q_split.slots.numel():
+                  HAS_KV_LEN=kv_len.numel() > 0, TMA=tma, WS=schedule.warp_specialize)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    if atomic:  # dk/dv's kernel adds dQ too: float32, summed in whatever order the atomics land
+        dq_acc, dq = torch.zeros(B, H, Nq, D, dtype=torch.float32, device=q.device), None
+    else:
+        dq, dq_acc = torch.empty_like(q), torch.empty(1, dtype=torch.float32, device=q.device)
+        pdq = _partials(q_split, B * H, block_m, D, q.device)
+        _bwd_dq[(q_work.shape[0], B * H)](
+            q, k, v, out, dout, lse, dlse, delta, dq, pdq, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
+            *strides, lse.stride(0), lse.stride(1), *_tile_strides(tiles), _len_stride(kv_len), H, H // Hkv, Nq, Nk,
+            scale * LOG2E, scale, B * H, FUSED_DELTA=fused_delta, **common, **_launch("_bwd_dq", launch, q))
+    _bwd_dkdv[(k_work.shape[0], B * heads)](
+        q, k, v, dout, lse, delta, dk_h, dv_h, pdk, pdv, dq_acc, k_work, q_idx, q_tile, tiles_t, slopes, kv_len,
+        *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), lse.stride(0), lse.stride(1),
+        *_tile_strides(tiles_t), _len_stride(kv_len), H, H // Hkv, Nq, Nk, scale * LOG2E, scale, B * heads,
+        ATOMIC_DQ=atomic, GQA_GROUP=group, **common, **_launch("_bwd_dkdv", launch, q))
+    if atomic:
+        dq = dq_acc.to(q.dtype)
+    elif q_split.slots.numel():
         _sum_slots(dq, pdq, q_split, block_m)
     if k_split.slots.numel():
         _sum_slots(dk_h, pdk, k_split, block_n)
         _sum_slots(dv_h, pdv, k_split, block_n)
-    if Hkv != H:  # each kv head's gradient is the sum over the query heads that read it
+    if heads != Hkv:  # each kv head's gradient is the sum over the query heads that read it
         dk_h = dk_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(k.dtype)
         dv_h = dv_h.view(B, Hkv, H // Hkv, Nk, D).sum(2).to(v.dtype)
     return dq, dk_h, dv_h
@@ -148,8 +193,9 @@ def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, kv_len,
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, fwd_plan: list[Tensor], bwd_plan: list[Tensor], slopes: Tensor,
                   kv_len: Tensor, scale: float, block_m: int, block_n: int, b_block_m: int, b_block_n: int,
-                  has_alibi: bool) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, fwd_plan, slopes, kv_len, scale, block_m, block_n, has_alibi)
+                  has_alibi: bool, schedule: str, launch: list[int]) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, fwd_plan, slopes, kv_len, scale, block_m, block_n, has_alibi, Schedule.parse(schedule),
+                    launch)
 
 
 @_attention_op.register_fake
@@ -160,8 +206,9 @@ def _(q, k, v, *rest):
 @torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
                            plan: list[Tensor], slopes: Tensor, kv_len: Tensor, scale: float, block_m: int,
-                           block_n: int, has_alibi: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, q, k, v, out, lse, dlse, plan, slopes, kv_len, scale, block_m, block_n, has_alibi)
+                           block_n: int, has_alibi: bool, schedule: str, launch: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, q, k, v, out, lse, dlse, plan, slopes, kv_len, scale, block_m, block_n, has_alibi,
+                     Schedule.parse(schedule), launch)
 
 
 @_attention_backward_op.register_fake
@@ -170,9 +217,9 @@ def _(dout, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, fwd_plan, bwd_plan, slopes, kv_len, scale, _, _, b_block_m, b_block_n, has_alibi = inputs
+    q, k, v, fwd_plan, bwd_plan, slopes, kv_len, scale, _, _, b_block_m, b_block_n, has_alibi, schedule, launch = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], slopes, kv_len, *bwd_plan)
-    ctx.config = (scale, b_block_m, b_block_n, has_alibi)
+    ctx.config = (scale, b_block_m, b_block_n, has_alibi, schedule, launch)
     ctx.plan_sizes = (len(fwd_plan), len(bwd_plan))
 
 
@@ -182,7 +229,7 @@ def _autograd_backward(ctx, dout, dlse):
         dlse = torch.zeros_like(lse)
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, plan, slopes, kv_len, *ctx.config)
     n_fwd, n_bwd = ctx.plan_sizes  # the gradient's structure must follow the inputs': one None per plan tensor
-    return dq, dk, dv, [None] * n_fwd, [None] * n_bwd, None, None, None, None, None, None, None, None
+    return dq, dk, dv, [None] * n_fwd, [None] * n_bwd, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -213,16 +260,18 @@ def _check_blocks(block_m: int, block_n: int) -> None:
 
 
 def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, plan_bwd,
-               split_tiles) -> tuple[BlockPlan, BlockPlan, Tensor]:
+               split_tiles) -> tuple[BlockPlan, BlockPlan, Tensor, str]:
     """The forward's and the backward's plans. Given plans are checked. A missing forward plan
     comes from ``cached_plan`` at block_m x block_n (default ``default_blocks``). A missing
     backward plan is the forward's when a plan or block sizes were given (a ``plan=`` caller
     under torch.compile builds plans outside the graph: give ``plan_bwd=`` for other blocks);
     otherwise ``cached_plan`` at the backward's default blocks and the same split_tiles, built
     only when a gradient will be asked for. Also returns the key lengths the kernels read
-    (``split_key_lengths``), (B,) or (1,) int32 on q's device, (0,) without."""
+    (``split_key_lengths``), (B,) or (1,) int32 on q's device, (0,) without, and the mask's kind
+    for the config table (``configs.mask_kind`` of the mask without its key lengths)."""
     D, Nq, Nk = q.shape[-1], q.shape[2], k.shape[2]
     rest, lengths = split_key_lengths(mask)
+    kind = configs.mask_kind(rest)
     kv_len = (torch.empty(0, dtype=torch.int32, device=q.device) if lengths is None
               else lengths.to(device=q.device, dtype=torch.int32))
     chosen = plan is not None or block_m is not None or block_n is not None
@@ -231,7 +280,7 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
             raise ValueError("block_m, block_n and split_tiles are the plan's: give them to make_plan, not with plan=")
         _check_plan("plan", plan, rest, Nq, Nk)
     else:
-        bm, bn = default_blocks(D, q.dtype)
+        bm, bn = default_blocks(D, q.dtype, kind=kind)
         bm, bn = block_m or bm, block_n or bn
         _check_blocks(bm, bn)
         plan = cached_plan(rest, Nq, Nk, bm, bn, q.device, split_tiles)
@@ -239,18 +288,18 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
     if plan_bwd is not None:
         _check_plan("plan_bwd", plan_bwd, rest, Nq, Nk)
         _check_batch(plan_bwd, kv_len, q.shape[0])
-        return plan, plan_bwd, kv_len
+        return plan, plan_bwd, kv_len, kind
     wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    bwd_blocks = default_blocks(D, q.dtype, backward=True)
+    bwd_blocks = default_blocks(D, q.dtype, backward=True, kind=kind)
     if not wants_grad or chosen or bwd_blocks == (plan.block_m, plan.block_n):
-        return plan, plan, kv_len
-    return plan, cached_plan(rest, Nq, Nk, *bwd_blocks, q.device, split_tiles), kv_len
+        return plan, plan, kv_len, kind
+    return plan, cached_plan(rest, Nq, Nk, *bwd_blocks, q.device, split_tiles), kv_len, kind
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
                      scale: float | None = None, block_m: int | None = None, block_n: int | None = None,
                      plan: BlockPlan | None = None, plan_bwd: BlockPlan | None = None,
-                     split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
+                     split_tiles: int | None = None, schedule: Schedule | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention with the Triton kernels -> (out (B, Hq, Nq, D), lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
@@ -261,7 +310,9 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     once per mask structure and sizes, so a mask rebuilt each call with the same windows, indices
     and tensors reuses its plan): at block_m x block_n for both passes when given, else at each
     pass's ``default_blocks``. A ``key_padding(lengths)`` factor of the mask is not in the plan:
-    the kernels read the lengths with each call.
+    the kernels read the lengths with each call. ``schedule``: the kernel variants
+    (``configs.Schedule``; default the config table's row for this head dim, dtype and mask kind).
+    Launch settings (warps, stages) come from the table (``configs.launch_config``).
 
     Raises:
         ValueError: the call is one the kernels cannot run (``why_not``), a given plan is for
@@ -274,7 +325,9 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     for part in (mask, bias):  # ak.attention validates; a direct call must too (dilations per head, ...)
         if part is not None:
             part.check(B, Hq, Nq, k.shape[2])
-    return run_checked(q, k, v, mask, bias, scale, block_m, block_n, plan, plan_bwd, split_tiles)
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule={schedule!r}: expected an attnkit.ops.triton.configs.Schedule")
+    return run_checked(q, k, v, mask, bias, scale, block_m, block_n, plan, plan_bwd, split_tiles, schedule)
 
 
 _no_slopes: dict[torch.device, Tensor] = {}  # a placeholder per device, not a new tensor per call
@@ -282,9 +335,14 @@ _no_slopes: dict[torch.device, Tensor] = {}  # a placeholder per device, not a n
 
 def run_checked(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, scale: float | None,
                 block_m: int | None = None, block_n: int | None = None, plan: BlockPlan | None = None,
-                plan_bwd: BlockPlan | None = None, split_tiles: int | None = None) -> tuple[Tensor, Tensor]:
+                plan_bwd: BlockPlan | None = None, split_tiles: int | None = None,
+                schedule: Schedule | None = None) -> tuple[Tensor, Tensor]:
     """``triton_attention`` for a call ``why_not`` has passed already (the dispatcher checks once)."""
-    fwd, bwd, kv_len = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles)
+    fwd, bwd, kv_len, kind = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles)
+    D = q.shape[-1]
+    if schedule is None:
+        schedule = configs.default_schedule(D, q.dtype, kind)
+    launch = launch_settings((fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n), D, q.dtype, kind)
     has_alibi = isinstance(bias, Alibi)
     if has_alibi:
         slopes = bias.slopes.detach().to(device=q.device, dtype=torch.float32)
@@ -295,4 +353,4 @@ def run_checked(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias |
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), fwd.forward_tensors(),
                          bwd.backward_tensors(), slopes, kv_len, scale, fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n,
-                         has_alibi)
+                         has_alibi, schedule.spec(), launch)
