@@ -73,6 +73,25 @@ def test_half_precision_runs_on_the_tensor_cores(sm90):
     assert all(r["registers"] <= 255 for r in sm90)
 
 
+@pytest.fixture(scope="module")
+def switches_sm90() -> list[dict]:
+    code = ("import json; from attnkit.ops.triton.check import check_all, switch_configs, _compile; "
+            "from concurrent.futures import ProcessPoolExecutor; import os; "
+            "pool = ProcessPoolExecutor(os.cpu_count()); print(json.dumps(list(pool.map(_compile, switch_configs((90,))))))")
+    return json.loads(_run(code).strip().splitlines()[-1])
+
+
+def test_every_schedule_switch_compiles_for_sm90(switches_sm90):
+    """Each ``configs.Schedule`` switch (off in the shipped table until timed on a GPU) compiles
+    for an H100 on the tensor cores, within its shared memory; TMA loads are bulk tensor copies.
+    Spills are reported, not refused (``python -m attnkit.ops.triton_check --switches``)."""
+    expected = {(c["kernel"], c["D"], c["variant"]) for c in triton_check.switch_configs((90,))}
+    assert {(r["kernel"], r["D"], r["variant"]) for r in switches_sm90} == expected
+    assert {r["variant"] for r in switches_sm90} == set(triton_check.SWITCHES)
+    assert all(r["tensor_core_ops"] > 0 and r["shared_bytes"] <= triton_check.ARCHS[90] for r in switches_sm90)
+    assert all((r["tma_ops"] > 0) == (r["variant"] == "tma") for r in switches_sm90), triton_check._table(switches_sm90)
+
+
 def test_the_check_sees_a_spill():
     """The spill detector can fail: the dk/dv kernel at 128 x 128, D = 128, 4 warps spills."""
     code = ("import torch; from attnkit.ops.triton.check import compile_kernel; "

@@ -27,11 +27,11 @@ from .configs import DELTA_ROWS, DTYPES, HEAD_DIMS, gpu_blocks, interpreting, la
 
 KERNELS = ("_fwd", "_bwd_delta", "_bwd_dq", "_bwd_dkdv")
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (bytes) on H100 / A100
-_CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE", "HAS_KV_LEN")
+_CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE", "HAS_KV_LEN", "TMA", "WS", "FUSED_DELTA", "ATOMIC_DQ", "GQA_GROUP")
 _SCALARS_F32 = ("scale_log2", "scale")
 _INDEX_PTRS = ("WORK", "KV_IDX", "KV_TILE", "Q_IDX", "Q_TILE", "TILES", "TILES_T", "KV_LEN")
 _TENSOR_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")  # in the input dtype (DK / DV: float32 under GQA)
-_FLOAT32_PTRS = ("LSE", "DELTA", "DLSE", "SLOPES", "PO", "PLSE", "PDQ", "PDK", "PDV")
+_FLOAT32_PTRS = ("LSE", "DELTA", "DLSE", "SLOPES", "PO", "PLSE", "PDQ", "PDK", "PDV", "DQACC")
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -47,14 +47,25 @@ class KernelStats:
     block_n: int
     num_warps: int
     num_stages: int
-    variant: str  # "", "alibi", "gqa", "ragged" (compile_kernel)
+    variant: str  # "", "alibi", "gqa", "ragged", "padding", or a Schedule switch (compile_kernel)
     registers: int  # per thread (255 is the ceiling)
     spill_bytes: int  # spill stores to local memory per thread: 0 unless registers ran out
     shared_bytes: int  # dynamic shared memory per program
     tensor_core_ops: int  # wgmma (sm_90) or mma.sync (sm_80) instructions in the PTX
+    tma_ops: int = 0  # bulk tensor copies (cp.async.bulk.tensor: TMA) in the PTX
+    setmaxnreg: int = 0  # setmaxnreg instructions: warp-specialized partitions re-balancing registers
 
 
 VARIANTS = ("", "alibi", "gqa", "ragged", "padding")  # see compile_kernel
+# The Schedule switches (configs.Schedule), each compiled on its own: variant -> (kernels it changes,
+# its constexprs). Off in every shipped row until a GPU run shows it correct and faster.
+SWITCHES = {
+    "tma": (("_fwd", "_bwd_dq", "_bwd_dkdv"), {"TMA": True}),
+    "ws": (("_fwd", "_bwd_dq", "_bwd_dkdv"), {"WS": True}),
+    "fused_delta": (("_bwd_dq",), {"FUSED_DELTA": True}),
+    "atomic_dq": (("_bwd_dkdv",), {"ATOMIC_DQ": True}),
+    "gqa_group": (("_bwd_dkdv",), {"GQA_GROUP": True}),
+}
 
 
 def _signature(fn, dtype: torch.dtype, gqa: bool = False) -> dict[str, str]:
@@ -112,10 +123,11 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     """Compile ``kernel`` (one of KERNELS) for compute capability ``arch`` with the launch
     configuration attnkit uses (``configs.launch_config``) unless num_warps / num_stages are
     given. ``variant``: "" (contiguous tensors, N a multiple of 16), "alibi", "gqa" (float32
-    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths).
+    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths), or
+    one of SWITCHES (a ``Schedule`` switch on).
     Raises triton's CompilationError where the kernel does not compile."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    if variant not in VARIANTS and variant not in SWITCHES:
+        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS + tuple(SWITCHES)}")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,7 +141,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     config = launch_config(kernel, block_m, block_n, D, dtype)
     config = {"num_warps": num_warps or config["num_warps"], "num_stages": num_stages or config["num_stages"]}
     constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": variant == "alibi",
-                  "IEEE": dtype == torch.float32, "HAS_KV_LEN": variant == "padding"}
+                  "IEEE": dtype == torch.float32, "HAS_KV_LEN": variant == "padding", "TMA": False, "WS": False,
+                  "FUSED_DELTA": False, "ATOMIC_DQ": False, "GQA_GROUP": False}
+    constexprs.update(SWITCHES.get(variant, ((), {}))[1])
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     sig = _signature(fn, dtype, gqa=variant == "gqa")
     source = ASTSource(fn, sig, constexprs, _attrs(fn, sig, ragged=variant == "ragged"))
@@ -138,7 +152,8 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     registers, spills = _ptxas_report(ptx, arch)
     mma = ptx.count("wgmma.mma_async") if arch >= 90 else ptx.count("mma.sync")
     return KernelStats(kernel, arch, TRITON_DTYPES[dtype], D, block_m, block_n, config["num_warps"],
-                       config["num_stages"], variant, registers, spills, compiled.metadata.shared, mma)
+                       config["num_stages"], variant, registers, spills, compiled.metadata.shared, mma,
+                       ptx.count("cp.async.bulk.tensor"), ptx.count("setmaxnreg"))
 
 
 def _variants(kernel: str, dtype: torch.dtype, D: int) -> list[str]:
@@ -151,6 +166,20 @@ def _variants(kernel: str, dtype: torch.dtype, D: int) -> list[str]:
         out.append("gqa")
     if dtype == torch.bfloat16 and D >= 64:
         out.append("ragged")
+    return out
+
+
+def switch_configs(archs=(90,)) -> list[dict]:
+    """Each Schedule switch (SWITCHES) on the kernels it changes, bfloat16, D = 64 and 128, at the
+    default blocks: the switched-off variants must compile too (their spills are reported)."""
+    out = []
+    for arch in archs:
+        for variant, (kernels_, _) in SWITCHES.items():
+            for D in (64, 128):
+                for kernel in kernels_:
+                    bm, bn = gpu_blocks(D, torch.bfloat16, backward=kernel != "_fwd")
+                    out.append(dict(kernel=kernel, dtype=torch.bfloat16, D=D, block_m=bm, block_n=bn, arch=arch,
+                                    variant=variant))
     return out
 
 
@@ -174,22 +203,23 @@ def _compile(cfg: dict) -> dict:
     return asdict(compile_kernel(**cfg))
 
 
-def check_all(archs=(90,), jobs: int | None = None) -> list[dict]:
-    """``compile_kernel`` over ``shipped_configs(archs)``, in parallel processes: a list of
-    KernelStats as dicts."""
+def check_all(archs=(90,), jobs: int | None = None, switches: bool = False) -> list[dict]:
+    """``compile_kernel`` over ``shipped_configs(archs)`` (and ``switch_configs`` with
+    ``switches``), in parallel processes: a list of KernelStats as dicts."""
     from concurrent.futures import ProcessPoolExecutor
 
+    configs = shipped_configs(archs) + (switch_configs(archs) if switches else [])
     with ProcessPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-        return list(pool.map(_compile, shipped_configs(archs)))
+        return list(pool.map(_compile, configs))
 
 
 def _table(rows: list[dict]) -> str:
     head = ("| arch | kernel | dtype | D | variant | BM x BN | warps | stages | registers | spill bytes | shared KiB "
-            "| tensor-core ops |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| tensor-core ops | TMA ops |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| sm_{s['arch']} | {s['kernel']} | {s['dtype']} | {s['D']} | {s['variant']} | "
              f"{s['block_m']} x {s['block_n']} | "
              f"{s['num_warps']} | {s['num_stages']} | {s['registers']} | {s['spill_bytes']} | "
-             f"{s['shared_bytes'] / 1024:.1f} | {s['tensor_core_ops']} |" for s in rows]
+             f"{s['shared_bytes'] / 1024:.1f} | {s['tensor_core_ops']} | {s['tma_ops']} |" for s in rows]
     return "\n".join([head, *lines])
 
 
@@ -202,11 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(ARCHS))
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a markdown table")
+    parser.add_argument("--switches", action="store_true",
+                        help="also compile each Schedule switch (switched off in the shipped table)")
     args = parser.parse_args(argv)
     if interpreting():
         raise SystemExit("triton_check compiles for a GPU: run it without TRITON_INTERPRET=1 (the interpreter's "
                          "kernels cannot be compiled)")
-    rows = check_all(tuple(args.arch))
+    rows = check_all(tuple(args.arch), switches=args.switches)
     print(json.dumps(rows) if args.json else _table(rows))
 
 
