@@ -87,8 +87,9 @@ RUNNERS = {
     "triton-atomic-dq": _triton(16, 16, split_tiles=2, dq="atomic"),
     "triton-fused-delta": _triton(16, 16, split_tiles=2, delta="fused"),
     "triton-gqa-group": _triton(16, 16, split_tiles=2, gqa="group"),
-    "triton-tma-ws": _triton(16, 32, split_tiles=2, tma=True, warp_specialize=True),
-    "triton-all-switches": _triton(32, 16, split_tiles=2, dq="atomic", gqa="group", tma=True, warp_specialize=True),
+    "triton-loads": _triton(16, 32, split_tiles=2, tma=True, warp_specialize=True, persistent=1),
+    "triton-all-switches": _triton(32, 16, split_tiles=2, dq="atomic", gqa="group", tma=True, warp_specialize=True,
+                                   persistent=2),
 }
 # Each switch on the cases where it changes something (the interpreter is slow); all switches at once
 # (split lists too) on every one of them.
@@ -97,7 +98,7 @@ SCHEDULE_CASES = {
     "triton-atomic-dq": _EDGES | {"mqa-causal", "documents-causal", "causal-decode"},
     "triton-fused-delta": _EDGES | {"dense-odd", "mqa-causal"},
     "triton-gqa-group": {"mqa-causal", "alibi-window-gqa", "documents-causal"},  # GQA/MQA, per-head slopes
-    "triton-tma-ws": _EDGES | {"dense-odd", "causal-decode", "mqa-causal"},
+    "triton-loads": _EDGES | {"dense-odd", "causal-decode", "mqa-causal"},
 }
 SCHEDULE_CASES["triton-all-switches"] = set().union(*SCHEDULE_CASES.values()) | {
     "gqa-dense", "causal-window-gqa", "lf-dilated", "lf-per-sample-global", "longformer-mix"}

@@ -313,7 +313,8 @@ print("OK", tuple(out.shape))
 # faster); each alone and all at once, at the GPU's default blocks.
 GPU_SCHEDULES = {"shipped": None, "atomic-dq": dict(dq="atomic"), "fused-delta": dict(delta="fused"),
                  "gqa-group": dict(gqa="group"), "tma": dict(tma=True), "warp-specialize": dict(warp_specialize=True),
-                 "all": dict(dq="atomic", gqa="group", tma=True, warp_specialize=True)}
+                 "persistent": dict(persistent=2),
+                 "all": dict(dq="atomic", gqa="group", tma=True, warp_specialize=True, persistent=1)}
 
 
 @pytest.mark.gpu

@@ -27,7 +27,8 @@ from .configs import DELTA_ROWS, DTYPES, HEAD_DIMS, gpu_blocks, interpreting, la
 
 KERNELS = ("_fwd", "_bwd_delta", "_bwd_dq", "_bwd_dkdv")
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (bytes) on H100 / A100
-_CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE", "HAS_KV_LEN", "TMA", "WS", "FUSED_DELTA", "ATOMIC_DQ", "GQA_GROUP")
+_CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE", "HAS_KV_LEN", "TMA", "WS", "FUSED_DELTA", "ATOMIC_DQ", "GQA_GROUP",
+               "PERSISTENT")
 _SCALARS_F32 = ("scale_log2", "scale")
 _INDEX_PTRS = ("WORK", "KV_IDX", "KV_TILE", "Q_IDX", "Q_TILE", "TILES", "TILES_T", "KV_LEN")
 _TENSOR_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")  # in the input dtype (DK / DV: float32 under GQA)
@@ -65,6 +66,7 @@ SWITCHES = {
     "fused_delta": (("_bwd_dq",), {"FUSED_DELTA": True}),
     "atomic_dq": (("_bwd_dkdv",), {"ATOMIC_DQ": True}),
     "gqa_group": (("_bwd_dkdv",), {"GQA_GROUP": True}),
+    "persistent": (("_fwd",), {"PERSISTENT": True}),
 }
 
 
@@ -142,7 +144,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     config = {"num_warps": num_warps or config["num_warps"], "num_stages": num_stages or config["num_stages"]}
     constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": variant == "alibi",
                   "IEEE": dtype == torch.float32, "HAS_KV_LEN": variant == "padding", "TMA": False, "WS": False,
-                  "FUSED_DELTA": False, "ATOMIC_DQ": False, "GQA_GROUP": False}
+                  "FUSED_DELTA": False, "ATOMIC_DQ": False, "GQA_GROUP": False, "PERSISTENT": False}
     constexprs.update(SWITCHES.get(variant, ((), {}))[1])
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     sig = _signature(fn, dtype, gqa=variant == "gqa")

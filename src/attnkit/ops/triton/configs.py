@@ -51,6 +51,8 @@ class Schedule:
       Hopper, ``tl.make_tensor_descriptor``) instead of pointer arithmetic.
     - ``warp_specialize``: ``tl.range(..., warp_specialize=True)`` on the kernels' main loops
       (producer / consumer warps, where the compiler supports it).
+    - ``persistent``: 0 (one forward program per work item and sequence x head) or P (a grid of
+      P programs per SM, each looping over the work: no tail of short-lived programs).
     """
 
     dq: str = "separate"
@@ -58,9 +60,10 @@ class Schedule:
     gqa: str = "sum"
     tma: bool = False
     warp_specialize: bool = False
+    persistent: int = 0
 
     CHOICES = {"dq": ("separate", "atomic"), "delta": ("kernel", "fused"), "gqa": ("sum", "group"),
-               "tma": (False, True), "warp_specialize": (False, True)}
+               "tma": (False, True), "warp_specialize": (False, True), "persistent": (0, 1, 2, 4)}
 
     def __post_init__(self):
         for f in fields(self):
@@ -87,7 +90,7 @@ class Schedule:
             name, _, value = item.partition("=")
             if name not in cls.CHOICES:
                 raise ValueError(f"schedule {spec!r}: unknown switch {name!r}; expected {tuple(cls.CHOICES)}")
-            values[name] = {"True": True, "False": False}.get(value, value)
+            values[name] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
         return cls(**values)
 
 
@@ -171,10 +174,13 @@ def default_blocks(D: int, dtype: torch.dtype, backward: bool = False, kind: str
 
 
 def default_schedule(D: int, dtype: torch.dtype, kind: str = "any") -> Schedule:
-    """The backward's Schedule from ``TABLE`` (the forward reads only its ``tma`` and
-    ``warp_specialize``, from the forward's row)."""
+    """The call's Schedule from ``TABLE``: the backward row's switches, with the forward kernel's
+    own (``tma``, ``warp_specialize``, ``persistent``) from the forward's row. (The op carries one
+    Schedule: tma / warp_specialize then apply to both passes' kernels.)"""
     fwd, bwd = lookup("fwd", D, dtype, kind).schedule, lookup("bwd", D, dtype, kind).schedule
-    return replace(bwd, tma=fwd.tma, warp_specialize=fwd.warp_specialize) if fwd != Schedule() else bwd
+    if fwd == Schedule():
+        return bwd
+    return replace(bwd, tma=fwd.tma, warp_specialize=fwd.warp_specialize, persistent=fwd.persistent)
 
 
 def launch_config(kernel: str, block_m: int, block_n: int, D: int, dtype: torch.dtype, kind: str = "any") -> dict:

@@ -13,7 +13,8 @@ that is not here. The plan they read is ``ops/block_plan.py``'s.
 Switches (constexprs, ``configs.Schedule``; off unless a table row turns them on): ``TMA`` loads the
 loop's tiles through tensor descriptors; ``WS`` asks for warp-specialized main loops; ``FUSED_DELTA``
 computes delta inside ``_bwd_dq``; ``ATOMIC_DQ`` adds dQ from ``_bwd_dkdv`` with float32 atomics (no
-``_bwd_dq`` launch); ``GQA_GROUP`` runs one ``_bwd_dkdv`` program per kv head over its group's query
+``_bwd_dq`` launch); ``PERSISTENT`` runs the forward on a grid of a few programs per SM, each
+looping over work items; ``GQA_GROUP`` runs one ``_bwd_dkdv`` program per kv head over its group's query
 heads.
 
 Rows that attend nowhere have lse = -inf, out = 0 and zero gradients. A key block at or past a
@@ -32,12 +33,9 @@ LOG2E_K = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _work_item(WORK, H, GROUP):
-    """This program's work item (program_id 0) and sequence x head (program_id 1): block, the
-    range of its list, slot, and b, h, hk (the kv head), in int64 (base offsets of big tensors
-    overflow int32)."""
-    w = tl.program_id(0)
-    bh = tl.program_id(1)
+def _work_item(WORK, w, bh, H, GROUP):
+    """Work item w (a row of WORK) of sequence x head bh: block, the range of its list, slot, and
+    b, h, hk (the kv head), in int64 (base offsets of big tensors overflow int32)."""
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     item = WORK + 4 * w
@@ -142,12 +140,36 @@ def _tile_bits(TILES, tile, BM: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def _fwd(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
-         H, GROUP, Nq, Nk, scale_log2, BH,
+         H, GROUP, Nq, Nk, scale_log2, BH, N_ITEMS,
          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-         HAS_KV_LEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-    """One work item: a query block over a run of its key tiles. Slot -1: the whole list, the
-    final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE, merged afterwards."""
-    qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
+         HAS_KV_LEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, PERSISTENT: tl.constexpr):
+    """The forward over the plan's N_ITEMS work items for each of the BH sequences x heads: one
+    program per (item, sequence x head) on a (N_ITEMS, BH) grid, or, PERSISTENT, a 1-D grid of
+    programs each taking every num_programs-th of the N_ITEMS * BH pairs, item-major within a
+    sequence x head (neighbouring programs share its K / V in L2)."""
+    if PERSISTENT:
+        for idx in range(tl.program_id(0), N_ITEMS * BH, tl.num_programs(0)):
+            _fwd_item(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
+                      H, GROUP, Nq, Nk, scale_log2, BH, idx % N_ITEMS, idx // N_ITEMS,
+                      BM, BN, D, HAS_ALIBI, IEEE, HAS_KV_LEN, TMA, WS)
+    else:
+        _fwd_item(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
+                  H, GROUP, Nq, Nk, scale_log2, BH, tl.program_id(0), tl.program_id(1),
+                  BM, BN, D, HAS_ALIBI, IEEE, HAS_KV_LEN, TMA, WS)
+
+
+@triton.jit
+def _fwd_item(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, KV_LEN,
+              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, stb, sth, len_b,
+              H, GROUP, Nq, Nk, scale_log2, BH, w, bh_id,
+              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+              HAS_KV_LEN: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    """Work item w of sequence x head bh_id: a query block over a run of its key tiles. Slot -1:
+    the whole list, the final out / lse; slot s: a partial (normalized out, lse) in PO / PLSE,
+    merged afterwards."""
+    qb, start, end, slot, b, h, hk, bh = _work_item(WORK, w, bh_id, H, GROUP)
     offs_m = qb * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows_ok = offs_m < Nq
@@ -219,7 +241,7 @@ def _bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TI
     LSE, DLSE, DELTA share (sl*). FUSED_DELTA: this kernel computes delta = rowsum(dO * O) - dlse
     for its rows and writes it to DELTA for ``_bwd_dkdv`` (every work item of a split block writes
     the same values); otherwise it reads ``_bwd_delta``'s."""
-    qb, start, end, slot, b, h, hk, bh = _work_item(WORK, H, GROUP)
+    qb, start, end, slot, b, h, hk, bh = _work_item(WORK, tl.program_id(0), tl.program_id(1), H, GROUP)
     offs_m = qb * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows_ok = offs_m < Nq
@@ -281,12 +303,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, DQACC, WORK, Q_IDX, Q_T
     PDK, PDV (S', BH, BN, D) instead. ATOMIC_DQ: also adds dS^T K * scale of each tile into DQACC
     (B, Hq, Nq, D) float32 with strides sq*."""
     if GQA_GROUP:
-        kb, start, end, slot, b, hk, _unused, bh = _work_item(WORK, H // GROUP, 1)
+        kb, start, end, slot, b, hk, _unused, bh = _work_item(WORK, tl.program_id(0), tl.program_id(1), H // GROUP, 1)
         h_first = hk * GROUP
         n_heads = GROUP
         h_out = hk
     else:
-        kb, start, end, slot, b, h_first, hk, bh = _work_item(WORK, H, GROUP)
+        kb, start, end, slot, b, h_first, hk, bh = _work_item(WORK, tl.program_id(0), tl.program_id(1), H, GROUP)
         n_heads = 1
         h_out = h_first
     offs_n = kb * BN + tl.arange(0, BN)

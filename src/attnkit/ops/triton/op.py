@@ -76,6 +76,17 @@ def _tma_ready(*tensors: Tensor) -> bool:
 
 
 _allocator_set = False
+_SMS: dict = {}
+INTERPRETER_SMS = 3  # the "SMs" a persistent grid assumes in the interpreter: few programs, long loops
+
+
+def _sm_count(q: Tensor) -> int:
+    """Streaming multiprocessors of q's GPU (looked up once per device)."""
+    if q.device.type != "cuda":
+        return INTERPRETER_SMS
+    if q.device not in _SMS:
+        _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return _SMS[q.device]
 
 
 def _merge_slots(out: Tensor, lse: Tensor, po: Tensor, plse: Tensor, split: Splits, block: int) -> None:
@@ -122,14 +133,16 @@ def _forward(q, k, v, plan: list[Tensor], slopes, kv_len, scale, block_m, block_
     po = _partials(q_split, B * H, block_m, D, q.device)
     plse = torch.empty(po.shape[:3], dtype=torch.float32, device=q.device)  # (S, B*H, BM)
     stb, sth = _tile_strides(tiles)
-    _fwd[(q_work.shape[0], B * H)](
+    items = q_work.shape[0]
+    grid = (items, B * H) if not schedule.persistent else (min(items * B * H, schedule.persistent * _sm_count(q)),)
+    _fwd[grid](
         q, k, v, out, lse, po, plse, q_work, kv_idx, kv_tile, tiles, slopes, kv_len,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), stb, sth, _len_stride(kv_len), H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
-        BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
+        items, BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
         HAS_KV_LEN=kv_len.numel() > 0, TMA=schedule.tma and _tma_ready(k, v), WS=schedule.warp_specialize,
-        **_launch("_fwd", launch, q))
+        PERSISTENT=schedule.persistent > 0, **_launch("_fwd", launch, q))
     if q_split.slots.numel():
         _merge_slots(out, lse, po, plse, q_split, block_m)
     return out, lse
