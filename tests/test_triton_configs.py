@@ -140,3 +140,18 @@ def test_the_tables_schedule_reaches_the_kernels(monkeypatch):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     with pytest.raises(AssertionError, match="was launched"):  # the sentinel works: the sparse row is the plain one
         torch.autograd.grad(op.triton_attention(q, k, v, mask=ak.sliding_window(3))[0].sum(), (q, k, v))
+
+
+def test_explain_names_the_config_a_call_gets(monkeypatch):
+    """ak.explain shows the table row the kernels would use: its switches and where its numbers
+    came from (untimed rows say so)."""
+    pytest.importorskip("triton")
+    q = torch.randn(1, 2, 40, 16)
+    text = str(ak.explain(q, q, q, mask=ak.causal() & ak.key_padding([30])))
+    assert "config: " in text and "switches: none" in text and "not timed on a GPU" in text
+    for pass_ in configs.PASSES:
+        monkeypatch.setitem(configs.TABLE, (pass_, "float32", 16, "causal"),
+                            replace(configs.lookup(pass_, 16, torch.float32), schedule=Schedule(gqa="group"),
+                                    source="timed: H200, 2026-12-01"))
+    text = str(ak.explain(q, q, q, mask=ak.causal() & ak.key_padding([30])))  # the causal row, lengths aside
+    assert "switches: gqa=group; from: timed: H200, 2026-12-01" in text

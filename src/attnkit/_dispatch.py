@@ -126,6 +126,14 @@ def _sdpa_cuda_why_not(c: Call) -> str | None:
             "block plan (auto's CUDA cost model, _dispatch.CudaCosts)")
 
 
+def triton_config(c: Call) -> str:
+    """The Triton kernels' config table row for this call (``configs.describe``): blocks, warps,
+    stages, switches and where they were measured."""
+    from .ops.block_plan import split_key_lengths
+    from .ops.triton import configs
+    return configs.describe(c.q.shape[-1], c.q.dtype, configs.mask_kind(split_key_lengths(c.mask)[0]))
+
+
 def _triton_auto_cost_why_not(c: Call) -> str | None:
     """Why auto passes over the Triton kernels on CUDA for a call SDPA runs cheaper (the converse
     of ``_sdpa_cuda_why_not``)."""

@@ -197,6 +197,7 @@ class Explanation:
     reasons: dict[str, str | None]
     shape: dict[str, int]
     runnable: dict[str, bool]
+    triton_config: str | None = None  # the kernels' config row where impl="triton" can run the call
 
     def __str__(self) -> str:
         dims = " ".join(f"{k}={v}" for k, v in self.shape.items())
@@ -208,6 +209,8 @@ class Explanation:
                 lines.append(f"  {'':<10}       auto passes over it: {reason} (impl={name!r} runs it)")
             elif reason is not None:
                 lines.append(f"  {'':<10}       why not: {reason}")
+            if name == "triton" and self.triton_config is not None:
+                lines.append(f"  {'':<10}       config: {self.triton_config}")
         return "\n".join(lines)
 
 
@@ -221,5 +224,6 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, bias=None, scale=None
     """List every backend with whether it can run this call and why not; prints nicely."""
     call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
     runnable = {name: reason is None for name, reason in _dispatch.reasons(call).items()}
-    return Explanation(_dispatch.choose(call, "auto").name, _dispatch.auto_reasons(call), call.shape, runnable)
+    config = _dispatch.triton_config(call) if runnable["triton"] else None
+    return Explanation(_dispatch.choose(call, "auto").name, _dispatch.auto_reasons(call), call.shape, runnable, config)
 

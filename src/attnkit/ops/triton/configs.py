@@ -193,3 +193,15 @@ def launch_config(kernel: str, block_m: int, block_n: int, D: int, dtype: torch.
         return {"num_warps": warps, "num_stages": stages}
     big = max(block_m, block_n) >= 128 or D >= 128 or kernel == "_bwd_dkdv" or dtype == torch.float32
     return {"num_warps": 8 if big else 4, "num_stages": 2}
+
+
+def describe(D: int, dtype: torch.dtype, kind: str = "any") -> str:
+    """One line on the config a call of this head dim, dtype and mask kind gets (``ak.explain``)."""
+    fwd, bwd = lookup("fwd", D, dtype, kind), lookup("bwd", D, dtype, kind)
+    launch = ", ".join(f"{k} {w}w/{st}s" for row in (fwd, bwd) for k, (w, st) in row.launch.items())
+    switches = default_schedule(D, dtype, kind).spec() or "none"
+    sources = " / ".join(dict.fromkeys((fwd.source, bwd.source)))
+    if interpreting():
+        return f"16 x 16 blocks in the interpreter; switches: {switches}; from: {sources}"
+    return (f"forward {fwd.block_m} x {fwd.block_n}, backward {bwd.block_m} x {bwd.block_n}; {launch}; "
+            f"switches: {switches}; from: {sources}")
