@@ -419,6 +419,43 @@ def test_the_issue15_options_parse(gpu, capsys):
         assert says in capsys.readouterr().err, bad
 
 
+def _run_issue15_script(tmp_path, budget, **env):
+    import subprocess
+    script = PATH.parent / "gpu_issue15.sh"
+    tmp_path.mkdir(exist_ok=True)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "ARGS $*"\nfor a in "$@"; do [ "$a" = --summary ] && echo SUMMARY; '
+                    'done\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "ISSUE15_BUDGET_S": str(budget), **env}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, (out / "issue15_log.txt").read_text(), out
+
+
+def test_the_issue15_script_runs_each_step_within_the_budget(tmp_path):
+    """benchmarks/gpu_issue15.sh with a stand-in python: the steps in order under `timeout`, each
+    soft limit its hard one less a margin, the hard ones cut to the budget, the summary last."""
+    stdout, log, out = _run_issue15_script(tmp_path, 540)
+    calls = [line.split("ARGS ")[1] for line in log.splitlines() if line.startswith("ARGS benchmarks/gpu.py")]
+    limits = [(c.split("--step ")[1].split()[0], float(c.split("--limit-s ")[1].split()[0])) for c in calls[:-1]]
+    assert limits[:3] == [("tests", 135), ("tune", 205), ("compare", 80)]
+    assert limits[3][0] == "longformer" and 480 <= limits[3][1] <= 485  # what is left: 540 - 25 kept back - 30
+    assert all(f"--out {out}" in c and "--issue15" in c for c in calls)
+    assert calls[-1] == f"benchmarks/gpu.py --issue15 --summary --out {out}"
+    assert stdout.rstrip().splitlines()[-1] == "SUMMARY"
+    assert all(f"== {s} exit 0" in log for s, _ in limits)
+    assert "--ns" not in log
+    stdout, log, _ = _run_issue15_script(tmp_path / "budget200", 200, ISSUE15_NS="1048576")
+    assert "== tests (soft 135 s, hard 150 s)" in log and "== tune (soft 140 s, hard 175 s)" in log
+    assert "--step tune --limit-s 140 --ns 1048576 --out" in log
+    stdout, log, _ = _run_issue15_script(tmp_path / "budget40", 40)
+    assert "== tests skipped" in log and "== longformer skipped" in log and "--step" not in log
+    assert stdout.rstrip().splitlines()[-1] == "SUMMARY"
+
+
 # -- issue 14: plan builds, host overhead, the one-call driver -----------------------------------------
 
 def _load(name):
