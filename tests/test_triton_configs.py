@@ -76,6 +76,9 @@ def test_schedule_round_trips_through_its_spec():
     (dict(dq="fast"), r"dq='fast': expected one of \('separate', 'atomic'\)"),
     (dict(tma=1.5), "tma=1.5"),
     (dict(dq="atomic", delta="fused"), "use delta='kernel' with dq='atomic'"),
+    (dict(persistent=2.0), r"persistent=2.0: expected one of \(0, 1, 2, 4\) \(int\)"),  # would not survive spec()
+    (dict(persistent=True), "persistent=True"),
+    (dict(tma=1), r"tma=1: expected one of \(False, True\) \(bool\)"),
 ])
 def test_bad_schedules_say_what_to_do(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -155,3 +158,64 @@ def test_explain_names_the_config_a_call_gets(monkeypatch):
                                     source="timed: H200, 2026-12-01"))
     text = str(ak.explain(q, q, q, mask=ak.causal() & ak.key_padding([30])))  # the causal row, lengths aside
     assert "switches: gqa=group; from: timed: H200, 2026-12-01" in text
+
+
+def test_forward_switches_come_from_the_forward_row(monkeypatch):
+    """tma / warp_specialize / persistent are the forward row's; the backward row gives the rest
+    (whatever the forward row holds)."""
+    for fwd in (Schedule(), Schedule(warp_specialize=True)):
+        monkeypatch.setitem(configs.TABLE, ("fwd", "half", 64, "causal"),
+                            replace(configs.lookup("fwd", 64, torch.float16), schedule=fwd, source="timed: test"))
+        monkeypatch.setitem(configs.TABLE, ("bwd", "half", 64, "causal"),
+                            replace(configs.lookup("bwd", 64, torch.float16), source="timed: test",
+                                    schedule=Schedule(dq="atomic", tma=True, persistent=2)))
+        got = configs.default_schedule(64, torch.float16, "causal")
+        assert got == Schedule(dq="atomic", warp_specialize=fwd.warp_specialize), got
+
+
+def test_a_schedule_argument_under_torch_compile():
+    """A Schedule passed into a compiled function: its int switch changing between calls (dynamo
+    then makes it symbolic) still names its kernels (spec() turns it into a guarded constant)."""
+    pytest.importorskip("triton")
+    from attnkit.ops.block_plan import make_plan
+    from attnkit.ops.triton.op import triton_attention
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    plan = make_plan(ak.causal(), 40, 40, 16, 16, "cpu")
+    f = torch.compile(lambda q, k, v, s: triton_attention(q, k, v, mask=ak.causal(), plan=plan, schedule=s)[0],
+                      fullgraph=True)
+    want = ak.attention(q, k, v, mask=ak.causal(), impl="reference")
+    for persistent in (1, 2, 4):
+        torch.testing.assert_close(f(q, k, v, Schedule(persistent=persistent)), want, atol=2e-5, rtol=1e-4)
+
+
+def test_tma_backward_on_another_thread():
+    """Triton keeps its allocator (the scratch of in-kernel tensor descriptors) per thread, and
+    autograd runs a CUDA backward on a worker thread: the backward must set it there too."""
+    pytest.importorskip("triton")
+    import threading
+
+    from attnkit.ops.triton.op import triton_attention
+
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    out = triton_attention(q, k, v, mask=ak.causal(), schedule=Schedule(tma=True))[0]
+    result = {}
+
+    def backward():
+        from triton.runtime._allocation import _allocator  # the context variable set_allocator sets
+
+        try:
+            result["grads"] = torch.autograd.grad(out.sum(), (q, k, v))
+            result["scratch"] = _allocator.get()(256, 128, None)  # the interpreter itself never calls it
+        except Exception as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert "error" not in result, result.get("error")
+    assert result["scratch"].device == q.device and result["scratch"].numel() == 256
+    want = torch.autograd.grad(ak.attention(q, k, v, mask=ak.causal(), impl="reference").sum(), (q, k, v))
+    for got, ref in zip(result["grads"], want):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)

@@ -67,18 +67,26 @@ class Schedule:
 
     def __post_init__(self):
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value not in self.CHOICES[f.name]:
-                raise ValueError(f"Schedule {f.name}={value!r}: expected one of {self.CHOICES[f.name]}")
+            value = getattr(self, f.name)  # the exact type too: 2.0 == 2 would not survive spec() / parse()
+            if type(value) is not type(f.default) or value not in self.CHOICES[f.name]:
+                raise ValueError(f"Schedule {f.name}={value!r}: expected one of {self.CHOICES[f.name]} "
+                                 f"({type(f.default).__name__})")
         if self.delta == "fused" and self.dq != "separate":
             raise ValueError("Schedule delta='fused' computes delta in the _bwd_dq kernel, which dq='atomic' does not "
                              "launch: use delta='kernel' with dq='atomic'")
 
     def spec(self) -> str:
         """A string naming the switches that differ from the defaults ("" for none): what the
-        custom op carries (``parse`` reads it back)."""
-        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
-                        if getattr(self, f.name) != f.default)
+        custom op carries (``parse`` reads it back). Each value is named through its place in
+        CHOICES, so that under torch.compile an int field dynamo made symbolic (it changed between
+        calls) becomes a constant, guarded, instead of a SymInt that cannot be formatted."""
+        out = []
+        for f in fields(self):
+            choices = self.CHOICES[f.name]
+            value = choices[choices.index(getattr(self, f.name))]
+            if value != f.default:
+                out.append(f"{f.name}={value}")
+        return ",".join(out)
 
     @classmethod
     def parse(cls, spec: str) -> Schedule:
@@ -178,8 +186,6 @@ def default_schedule(D: int, dtype: torch.dtype, kind: str = "any") -> Schedule:
     own (``tma``, ``warp_specialize``, ``persistent``) from the forward's row. (The op carries one
     Schedule: tma / warp_specialize then apply to both passes' kernels.)"""
     fwd, bwd = lookup("fwd", D, dtype, kind).schedule, lookup("bwd", D, dtype, kind).schedule
-    if fwd == Schedule():
-        return bwd
     return replace(bwd, tma=fwd.tma, warp_specialize=fwd.warp_specialize, persistent=fwd.persistent)
 
 

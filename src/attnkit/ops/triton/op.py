@@ -60,22 +60,16 @@ def _launch(kernel: str, launch: list[int], q: Tensor) -> dict:
 def _tma_ready(*tensors: Tensor) -> bool:
     """Whether tensor descriptors can read these tensors: 16-byte aligned bases and row strides
     (TMA's rule). Where not, the kernels take their pointer path for this call (the same
-    arithmetic, no N x N fallback). Installs triton's allocator for in-kernel descriptors once."""
+    arithmetic, no N x N fallback). Where they can, sets triton's allocator (the scratch of the
+    descriptors made inside kernels) on the tensors' device for this thread: triton keeps it in a
+    context variable, and autograd runs a CUDA backward on its own worker thread."""
     if any(t.data_ptr() % 16 or (t.stride(2) * t.element_size()) % 16 for t in tensors):
         return False
-    global _allocator_set
-    if not _allocator_set:
-        import triton
+    import triton
 
-        def alloc(size: int, alignment: int, stream):  # scratch for descriptors made inside kernels
-            return torch.empty(size, dtype=torch.int8, device=tensors[0].device)
-
-        triton.set_allocator(alloc)
-        _allocator_set = True
+    device = tensors[0].device
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
     return True
-
-
-_allocator_set = False
 _SMS: dict = {}
 INTERPRETER_SMS = 3  # the "SMs" a persistent grid assumes in the interpreter: few programs, long loops
 
