@@ -7,7 +7,8 @@
 # left is skipped.
 #   tests       the gpu-marked tests (gpu.py's GPU_TESTS: the case table per dtype and Schedule on CUDA)  150 s
 #   tune        --tune's sweep per pass on the acceptance cases (dense D=128 16k, causal D=64 16k,
-#               Longformer 64k; set ISSUE15_NS=1048576 for 1M): rows, and tune_table.py of the winners  240 s
+#               Longformer 64k; set ISSUE15_NS=1048576 for 1M), each slice's candidates compiled ahead
+#               in up to 12 worker processes (killed with the step): rows, and tune_table.py of the winners  240 s
 #   compare     those cases side by side: attnkit shipped / with tune_table.py's rows, SDPA FLASH / cuDNN,
 #               compiled Flex; fwd and fwd+bwd TFLOP/s                                                 120 s
 #   longformer  issue 14's Longformer table with Flex (N = 4k..1M), with what time is left
