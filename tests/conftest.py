@@ -1,5 +1,8 @@
+import importlib
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,3 +24,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- benchmarks/gpu.py and its modules, loaded as the device machine runs them (test_gpu_benchmark.py,
+# test_gpu_tune.py) ----------------------------------------------------------------------------------
+
+GPU_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """gpu.py loaded by path, as the device runs it: it puts benchmarks/ on sys.path for its modules."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", GPU_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def _module_fixture(name: str, module: str):
+    """A fixture ``name``: benchmarks/<module>.py, imported by name (gpu.py put benchmarks/ on sys.path)."""
+    @pytest.fixture(scope="module", name=name)
+    def fixture(gpu):
+        return importlib.import_module(module)
+    return fixture
+
+
+peers = _module_fixture("peers", "gpu_peers")
+sweep = _module_fixture("sweep", "gpu_tune")
+verdicts = _module_fixture("verdicts", "gpu_tune_report")
+warm = _module_fixture("warm", "gpu_warm")
+steps = _module_fixture("steps", "gpu_steps")
+overhead = _module_fixture("overhead", "gpu_overhead")
+pb = _module_fixture("pb", "plan_build")
