@@ -19,8 +19,6 @@ from attnkit.ops.block_plan import make_plan  # noqa: E402
 from attnkit.ops.triton import configs  # noqa: E402
 
 
-
-
 # -- issue 15: compiling ahead in worker processes (gpu_warm.py) ---------------------------------------
 
 def _run_here(warm, launch):
