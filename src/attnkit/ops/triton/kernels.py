@@ -70,6 +70,18 @@ def _load_block(src, b, h, blk, sb, sh, sn, n, BLOCK: tl.constexpr, D: tl.conste
 
 
 @triton.jit
+def _key_tile(KV_IDX, KV_TILE, t, k_src, v_src, b, hk, skb, skh, skn, svb, svh, svn, Nk, BN: tl.constexpr,
+              D: tl.constexpr, TMA: tl.constexpr):
+    """Entry t of a query block's key list (forward, dQ): its key block kb, partial tile id (-1:
+    full), key positions, and the block's K and V rows (BN, D)."""
+    kb = tl.load(KV_IDX + t)
+    tile = tl.load(KV_TILE + t)
+    k = _load_block(k_src, b, hk, kb, skb, skh, skn, Nk, BN, D, TMA)
+    v = _load_block(v_src, b, hk, kb, svb, svh, svn, Nk, BN, D, TMA)
+    return kb, tile, kb * BN + tl.arange(0, BN), k, v
+
+
+@triton.jit
 def _row_lse(LSE, b, h, slb, slh, offs_m, rows_ok):
     """The saved lse of rows offs_m in the log2 domain, +inf for rows that attend nowhere (and
     rows past N), so that P = exp2(s - lse) = 0 there."""
@@ -187,11 +199,8 @@ def _fwd_item(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, K
     k_src = _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA)
     v_src = _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA)
     for t in tl.range(start, end, warp_specialize=WS):
-        kb = tl.load(KV_IDX + t)
-        tile = tl.load(KV_TILE + t)
-        offs_n = kb * BN + tl.arange(0, BN)
-        k = _load_block(k_src, b, hk, kb, skb, skh, skn, Nk, BN, D, TMA)
-        v = _load_block(v_src, b, hk, kb, svb, svh, svn, Nk, BN, D, TMA)
+        kb, tile, offs_n, k, v = _key_tile(KV_IDX, KV_TILE, t, k_src, v_src, b, hk, skb, skh, skn, svb, svh, svn, Nk,
+                                           BN, D, TMA)
         s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
                     BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -267,11 +276,8 @@ def _bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TI
     k_src = _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA)
     v_src = _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA)
     for t in tl.range(start, end, warp_specialize=WS):
-        kb = tl.load(KV_IDX + t)
-        tile = tl.load(KV_TILE + t)
-        offs_n = kb * BN + tl.arange(0, BN)
-        k = _load_block(k_src, b, hk, kb, skb, skh, skn, Nk, BN, D, TMA)
-        v = _load_block(v_src, b, hk, kb, svb, svh, svn, Nk, BN, D, TMA)
+        kb, tile, offs_n, k, v = _key_tile(KV_IDX, KV_TILE, t, k_src, v_src, b, hk, skb, skh, skn, svb, svh, svn, Nk,
+                                           BN, D, TMA)
         s = _scores(q, k, offs_m + (Nk - Nq), offs_n, slope, tile, TILES + t_base, scale_log2, kb, kv_len,
                     BM, BN, HAS_ALIBI, IEEE, HAS_KV_LEN, False)
         p = tl.exp2(s - lse[:, None])
