@@ -70,6 +70,23 @@ def _load_block(src, b, h, blk, sb, sh, sn, n, BLOCK: tl.constexpr, D: tl.conste
 
 
 @triton.jit
+def _key_list(K, V, SLOPES, KV_IDX, KV_LEN, b, h, hk, start, end, skb, skh, skn, svb, svh, svn, stb, sth, len_b, Nk,
+              BN: tl.constexpr, D: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+              TMA: tl.constexpr):
+    """What a walk over a query block's key list (forward, dQ) needs: head h's ALiBi slope, the
+    partial tiles' base offset, sample b's key length, the list's end cut before the key blocks
+    past that length (the list is ascending), and where K and V are read from."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h)
+    kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
+    if HAS_KV_LEN:
+        end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
+    return (slope, b * stb + h * sth, kv_len, end, _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA),
+            _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA))
+
+
+@triton.jit
 def _key_tile(KV_IDX, KV_TILE, t, k_src, v_src, b, hk, skb, skh, skn, svb, svh, svn, Nk, BN: tl.constexpr,
               D: tl.constexpr, TMA: tl.constexpr):
     """Entry t of a query block's key list (forward, dQ): its key block kb, partial tile id (-1:
@@ -186,18 +203,12 @@ def _fwd_item(Q, K, V, O, LSE, PO, PLSE, WORK, KV_IDX, KV_TILE, TILES, SLOPES, K
     offs_d = tl.arange(0, D)
     rows_ok = offs_m < Nq
     q = _load_rows(Q, b, h, offs_m, sqb, sqh, sqn, Nq, D)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h)
-    t_base = b * stb + h * sth
-    kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
+    slope, t_base, kv_len, end, k_src, v_src = _key_list(K, V, SLOPES, KV_IDX, KV_LEN, b, h, hk, start, end, skb, skh,
+                                                         skn, svb, svh, svn, stb, sth, len_b, Nk, BN, D, HAS_ALIBI,
+                                                         HAS_KV_LEN, TMA)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    if HAS_KV_LEN:  # the list is ascending: key blocks past this sample's length end it
-        end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
-    k_src = _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA)
-    v_src = _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA)
     for t in tl.range(start, end, warp_specialize=WS):
         kb, tile, offs_n, k, v = _key_tile(KV_IDX, KV_TILE, t, k_src, v_src, b, hk, skb, skh, skn, svb, svh, svn, Nk,
                                            BN, D, TMA)
@@ -265,16 +276,10 @@ def _bwd_dq(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, PDQ, WORK, KV_IDX, KV_TILE, TI
         tl.store(DELTA + b * slb + h * slh + offs_m, delta, mask=rows_ok)
     else:
         delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=rows_ok, other=0.0)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(SLOPES + h)
-    t_base = b * stb + h * sth
-    kv_len = _key_length(KV_LEN, b, len_b, Nk, HAS_KV_LEN)
+    slope, t_base, kv_len, end, k_src, v_src = _key_list(K, V, SLOPES, KV_IDX, KV_LEN, b, h, hk, start, end, skb, skh,
+                                                         skn, svb, svh, svn, stb, sth, len_b, Nk, BN, D, HAS_ALIBI,
+                                                         HAS_KV_LEN, TMA)
     dq = tl.zeros([BM, D], tl.float32)
-    if HAS_KV_LEN:
-        end = _end_at_key_length(KV_IDX, start, end, kv_len, BN)
-    k_src = _rows_source(K, b, hk, skb, skh, skn, Nk, BN, D, TMA)
-    v_src = _rows_source(V, b, hk, svb, svh, svn, Nk, BN, D, TMA)
     for t in tl.range(start, end, warp_specialize=WS):
         kb, tile, offs_n, k, v = _key_tile(KV_IDX, KV_TILE, t, k_src, v_src, b, hk, skb, skh, skn, svb, svh, svn, Nk,
                                            BN, D, TMA)
