@@ -50,9 +50,14 @@ class Schedule:
     - ``tma``: load K / V (forward, dQ) and Q / dO (dK / dV) through tensor descriptors (TMA on
       Hopper, ``tl.make_tensor_descriptor``) instead of pointer arithmetic.
     - ``warp_specialize``: ``tl.range(..., warp_specialize=True)`` on the kernels' main loops
-      (producer / consumer warps, where the compiler supports it).
+      (producer / consumer warps, where the compiler supports it; for sm_90 triton 3.6 and 3.9
+      compile the same PTX with and without it).
     - ``persistent``: 0 (one forward program per work item and sequence x head) or P (a grid of
       P programs per SM, each looping over the work: no tail of short-lived programs).
+
+    Raises:
+        ValueError: a value outside ``CHOICES`` (or of another type), or delta="fused" with
+            dq="atomic".
     """
 
     dq: str = "separate"

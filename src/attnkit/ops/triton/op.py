@@ -70,6 +70,8 @@ def _tma_ready(*tensors: Tensor) -> bool:
     device = tensors[0].device
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
     return True
+
+
 _SMS: dict = {}
 INTERPRETER_SMS = 3  # the "SMs" a persistent grid assumes in the interpreter: few programs, long loops
 
