@@ -93,14 +93,14 @@ def _source_version() -> str:
 SOURCE_VERSION = _source_version()
 
 
-def routes(mask: object, bias: object, scale: object, dropout_p: object, impl: object) -> bool:
+def routes(mask: object, bias: object, scale: object, dropout_p: object, impl: object, softcap: object = None) -> bool:
     """True when a call that dynamo traces should go through the custom op (``ak.attention``
     asks at its top): every call but those with no mask or ``causal()``, no bias, scale and
     dropout_p that are not tensors and impl auto, sdpa or reference, which trace into one graph
     without breaks (and there inductor sees torch's SDPA)."""
     simple_mask = mask is None or type(mask) is Causal
     plain_numbers = not isinstance(scale, Tensor) and not isinstance(dropout_p, Tensor)
-    return not (simple_mask and bias is None and plain_numbers and impl in INLINE_IMPLS)
+    return not (simple_mask and bias is None and softcap is None and plain_numbers and impl in INLINE_IMPLS)
 
 
 # -- the spec: mask / bias trees as a string ------------------------------------------------------
@@ -151,9 +151,10 @@ class _Encoder:
         return '{"c": "' + cls.__module__ + ":" + cls.__qualname__ + '", "f": {' + ", ".join(items) + "}}"
 
 
-def encode(mask: object, bias: object, scale: object = None, dropout_p: object = None) -> tuple[str, list[Tensor]]:
-    """The spec of (mask, bias) and of scale / dropout_p where those are tensors (else null: they
-    travel as the op's float arguments), and the tensors the spec refers to, in order.
+def encode(mask: object, bias: object, scale: object = None, dropout_p: object = None,
+           softcap: object = None) -> tuple[str, list[Tensor]]:
+    """The spec of (mask, bias, softcap) and of scale / dropout_p where those are tensors (else
+    null: they travel as the op's float arguments), and the tensors the spec refers to, in order.
 
     Raises:
         TypeError: a part the spec cannot describe (a Mask / Bias that is not a module-level
@@ -161,7 +162,7 @@ def encode(mask: object, bias: object, scale: object = None, dropout_p: object =
     """
     enc = _Encoder()
     parts = [("mask", mask), ("bias", bias), ("scale", scale if isinstance(scale, Tensor) else None),
-             ("dropout_p", dropout_p if isinstance(dropout_p, Tensor) else None)]
+             ("dropout_p", dropout_p if isinstance(dropout_p, Tensor) else None), ("softcap", softcap)]
     body = ", ".join(['"' + key + '": ' + enc.node(value, key) for key, value in parts])
     return '{"version": "' + SOURCE_VERSION + '", ' + body + "}", enc.tensors
 
@@ -202,17 +203,22 @@ def decode(spec: str, tensors: list[Tensor]) -> dict[str, object]:
 
 @contextmanager
 def _seeded(device: torch.device, seed: int | None) -> Iterator[None]:
-    """Run with ``device``'s generator seeded by ``seed`` (None: untouched), restored afterwards."""
+    """Run with ``device``'s generator and the CPU one (where attnkit's own dropout draws its Philox
+    seed, ``ops/dropout.py``) seeded by ``seed`` (None: untouched), restored afterwards."""
     if seed is None:
         yield
         return
-    gen = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
-    state = gen.get_state()
-    gen.manual_seed(seed)
+    gens = [torch.default_generator]
+    if device.type == "cuda":
+        gens.append(torch.cuda.default_generators[device.index or 0])
+    states = [gen.get_state() for gen in gens]
+    for gen in gens:
+        gen.manual_seed(seed)
     try:
         yield
     finally:
-        gen.set_state(state)
+        for gen, state in zip(gens, states):
+            gen.set_state(state)
 
 
 @contextmanager
@@ -357,11 +363,12 @@ def _real_or_tensor(name: str, x: object) -> float | None:
 
 
 def attention_call(q: Tensor, k: Tensor, v: Tensor, *, mask: object, bias: object, scale: object,
-                   dropout_p: object, impl: str, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+                   dropout_p: object, impl: str, return_lse: bool,
+                   softcap: object = None) -> Tensor | tuple[Tensor, Tensor]:
     """``ak.attention`` as one ``attnkit::attention_call`` node (see the module docstring).
 
     Args: as ``ak.attention``: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), mask,
-    bias, scale, dropout_p, impl, return_lse.
+    bias, scale, dropout_p, impl, return_lse, softcap.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype; with ``return_lse`` also lse (B, Hq, Nq) in float32
@@ -374,7 +381,7 @@ def attention_call(q: Tensor, k: Tensor, v: Tensor, *, mask: object, bias: objec
     """
     from ._validate import _check_tensors
     _check_tensors(q, k, v)  # shapes and dtypes, so that the fake outputs are well formed
-    spec, tensors = encode(mask, bias, scale, dropout_p)
+    spec, tensors = encode(mask, bias, scale, dropout_p, softcap)
     scale_f = _real_or_tensor("scale", scale)
     dropout_f = _real_or_tensor("dropout_p", dropout_p)
     grad_enabled = torch.is_grad_enabled()

@@ -20,10 +20,11 @@ from torch import Tensor
 from ._validate import Call
 from .ops import banded as _banded
 from .ops import sdpa as _sdpa
+from .ops import tiled as _tiled
 from .ops import triton as _triton
 from .ops.pattern import band_span, parse
 from .ops.reference import reference_attention
-from .ops.tiled import tiled_attention, work_fraction
+from .ops.tiled import work_fraction
 
 AUTO_ORDER = ("sdpa", "triton", "banded", "tiled", "reference")
 
@@ -37,7 +38,8 @@ class Backend:
 
 
 def _reference_run(c: Call):
-    return reference_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale, dropout_p=c.dropout_p)
+    return reference_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale, dropout_p=c.dropout_p,
+                               softcap=c.softcap, dropout_seed=c.dropout_seed)
 
 
 def _sdpa_run(c: Call):
@@ -46,23 +48,21 @@ def _sdpa_run(c: Call):
 
 
 def _tiled_why_not(c: Call) -> str | None:
-    if c.dropout_p > 0:
-        return f"dropout_p={c.dropout_p}: tiled does not implement dropout (use impl='sdpa' or 'reference')"
-    if c.bias is not None and c.bias.requires_grad() and torch.is_grad_enabled():
-        return "bias requires grad: tiled does not compute the bias gradient (use impl='sdpa' or 'reference')"
-    return None
+    return _tiled.why_not(c.bias, c.dropout_p, c.softcap)
 
 
 def _tiled_run(c: Call):
-    return tiled_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale)
+    return _tiled.tiled_attention(c.q, c.k, c.v, mask=c.mask, bias=c.bias, scale=c.scale, softcap=c.softcap,
+                                  dropout_p=c.dropout_p, dropout_seed=c.dropout_seed)
 
 
 def _banded_run(c: Call):
-    return _banded.banded_attention(c.q, c.k, c.v, mask=c.mask, scale=c.scale)
+    return _banded.banded_attention(c.q, c.k, c.v, mask=c.mask, scale=c.scale, softcap=c.softcap,
+                                    dropout_p=c.dropout_p, dropout_seed=c.dropout_seed)
 
 
 def _triton_why_not(c: Call) -> str | None:
-    return _triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p)  # does not import triton
+    return _triton.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p, c.softcap)  # does not import triton
 
 
 def _on_cuda(c: Call) -> bool:
@@ -143,7 +143,8 @@ def _triton_auto_cost_why_not(c: Call) -> str | None:
 
 def _triton_run(c: Call):
     from .ops.triton import op  # imports triton (~0.25 s) on the first call that runs it
-    return op.run_checked(c.q, c.k, c.v, c.mask, c.bias, c.scale)  # choose() ran why_not
+    return op.run_checked(c.q, c.k, c.v, c.mask, c.bias, c.scale, softcap=c.softcap, dropout_p=c.dropout_p,
+                          dropout_seed=c.dropout_seed)  # choose() ran why_not
 
 
 BANDED_SPAN_LIMIT = 0.6  # auto takes banded while a query's window (+ one block) is <= 0.6 Nk
@@ -174,9 +175,11 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "textbook formula, materializes Nq x Nk; the test oracle",
                          lambda c: None, _reference_run),
     "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention (flash/cuDNN/math)",
-                    lambda c: _sdpa.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p, c.need_lse), _sdpa_run),
+                    lambda c: _sdpa.why_not(c.q, c.k, c.v, c.mask, c.bias, c.dropout_p, c.need_lse, c.softcap),
+                    _sdpa_run),
     "banded": Backend("banded", "Longformer: sliding window (+dilation) | global tokens & padding, O(N*W) "
-                      "time and memory", lambda c: _banded.why_not(c.mask, c.bias, c.dropout_p), _banded_run),
+                      "time and memory", lambda c: _banded.why_not(c.mask, c.bias, c.dropout_p, c.softcap),
+                      _banded_run),
     "tiled": Backend("tiled", "FlashAttention-2 tiling in torch, skips masked-out tiles, O(N*block) memory",
                      _tiled_why_not, _tiled_run),
     "triton": Backend("triton", "fused Triton kernels (FlashAttention-2) over the mask's block plan, any mask, "

@@ -28,6 +28,8 @@ class Call:
     dropout_p: float
     need_lse: bool
     lse_shift: Tensor | None = None  # (Bx, Hx, Nq or 1): rows of the bias shifted by validate, added back to lse
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap) before bias and mask
+    dropout_seed: int | None = None  # the Philox seed of the call's dropout mask (ops/dropout.py)
 
     @property
     def shape(self) -> dict[str, int]:
@@ -130,7 +132,17 @@ def _real(name: str, x: object) -> float:
     return float(x)
 
 
-def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_lse=False) -> Call:
+def _softcap(softcap: object) -> float | None:
+    if softcap is None:
+        return None
+    value = _real("softcap", softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (scores become softcap * tanh(scores / softcap), "
+                         f"as Gemma 2's attn_logit_softcapping), or None for no capping; got {softcap!r}")
+    return value
+
+
+def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_lse=False, softcap=None) -> Call:
     """Check every argument of ``ak.attention`` and return the normalized call."""
     _check_tensors(q, k, v)
     B, Hq, Nq, D = q.shape
@@ -150,4 +162,4 @@ def validate(q, k, v, *, mask=None, bias=None, scale=None, dropout_p=0.0, need_l
     dropout_p = _real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    return Call(q, k, v, mask_n, bias_n, float(scale), float(dropout_p), bool(need_lse), lse_shift)
+    return Call(q, k, v, mask_n, bias_n, float(scale), float(dropout_p), bool(need_lse), lse_shift, _softcap(softcap))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -15,6 +16,7 @@ from . import _compiled, _dispatch
 from ._validate import _check_devices, _check_tensors, _normalize_bias, _normalize_mask, validate
 from .bias import Bias
 from .masks import Mask
+from .ops import dropout as _dropout
 from .ops import reference as _reference
 from .ops.precision import compute_dtype, expand_kv
 from .ops.sdpa import needs_materializing as _sdpa_needs_materializing
@@ -22,7 +24,8 @@ from .ops.sdpa import needs_materializing as _sdpa_needs_materializing
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = None,
               bias: Bias | Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-              impl: str = "auto", return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              impl: str = "auto", return_lse: bool = False,
+              softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Exact scaled dot-product attention ``softmax(q k^T * scale + bias) v`` under ``mask``.
 
     Args:
@@ -34,21 +37,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = N
         bias: additive float tensor broadcastable to (B, Hq, Nq, Nk), or a structured bias
             (``ak.alibi(slopes)``) that fast paths compute per tile.
         scale: score scale, default 1/sqrt(D).
-        dropout_p: dropout on the attention probabilities (training), in [0, 1).
-        impl: "auto", "reference", "sdpa", "banded" or "tiled". Explicit choices never fall back.
-        return_lse: also return the log-sum-exp of the scores (natural log).
+        dropout_p: dropout on the attention probabilities (training), in [0, 1). The keep mask is a
+            function of a seed drawn from torch's CPU generator and of (b, h, i, j) (Philox, as
+            FlashAttention; ``attnkit.ops.dropout``): reference, tiled, banded and triton drop the
+            same pairs for one seed, and ``torch.manual_seed`` makes a call reproducible. ``sdpa``
+            uses torch's own dropout.
+        impl: "auto", "reference", "sdpa", "tiled", "banded" or "triton". Explicit choices never fall back.
+        return_lse: also return the log-sum-exp of the scores (natural log; before dropout).
+        softcap: cap the scores at ±softcap: ``softcap * tanh(q k^T * scale / softcap)``, before
+            the bias and the mask (Gemma 2's attention logit soft-capping, Gemma Team 2024). None: no cap.
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype; with ``return_lse`` also lse (B, Hq, Nq) in float32
         (float64 for float64 inputs). A query that may attend to no key gets out = 0, lse = -inf.
 
+    Raises:
+        TypeError / ValueError: tensors, mask, bias or numbers that do not fit (the message says
+            what was expected and what came); an explicit ``impl`` that cannot run the call.
+
     Under ``torch.compile`` a call with a structured mask or a bias becomes one opaque op, so
     ``fullgraph=True`` captures it (``attnkit._compiled``).
     """
-    if torch.compiler.is_compiling() and _compiled.routes(mask, bias, scale, dropout_p, impl):  # one op for dynamo
+    if torch.compiler.is_compiling() and _compiled.routes(mask, bias, scale, dropout_p, impl, softcap):
         return _compiled.attention_call(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p,
-                                        impl=impl, return_lse=return_lse)
-    call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
+                                        impl=impl, return_lse=return_lse, softcap=softcap)  # one op for dynamo
+    call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse,
+                    softcap=softcap)
+    if call.dropout_p > 0:
+        call = dataclasses.replace(call, dropout_seed=_dropout.draw_seed())
     if q.shape[2] == 0 or k.shape[2] == 0:
         _dispatch.check_impl_name(impl)
         if impl != "auto":  # an explicit impl still refuses what it cannot run, with its reason
@@ -127,7 +143,8 @@ def _empty_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor | None = None, *, mask: Mask | Tensor | None = None,
                       bias: Bias | Tensor | None = None, scale: float | None = None,
-                      rows: Sequence[int] | Tensor | None = None, num_queries: int | None = None) -> Tensor:
+                      rows: Sequence[int] | Tensor | None = None, num_queries: int | None = None,
+                      softcap: float | None = None) -> Tensor:
     """The attention probabilities (B, Hq, Nq, Nk) from the reference path (materialized).
 
     ``v`` is only used for shape checks and may be None. Rows that may attend nowhere are 0.
@@ -145,10 +162,10 @@ def attention_weights(q: Tensor, k: Tensor, v: Tensor | None = None, *, mask: Ma
     v_check = v if v is not None else k
     if rows is not None or num_queries is not None:
         mask, bias = _on_rows(q, k, mask, bias, rows, num_queries)
-    call = validate(q, k, v_check, mask=mask, bias=bias, scale=scale)
+    call = validate(q, k, v_check, mask=mask, bias=bias, scale=scale, softcap=softcap)
     if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to normalize: an empty map
         return q.new_zeros(*q.shape[:3], k.shape[2])
-    return _reference.attention_weights(call.q, call.k, call.mask, call.bias, call.scale).to(q.dtype)
+    return _reference.attention_weights(call.q, call.k, call.mask, call.bias, call.scale, call.softcap).to(q.dtype)
 
 
 def _positions(rows) -> Tensor:
@@ -220,9 +237,10 @@ def backends() -> dict[str, str]:
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, mask=None, bias=None, scale=None, dropout_p=0.0,
-            return_lse: bool = False) -> Explanation:
+            return_lse: bool = False, softcap: float | None = None) -> Explanation:
     """List every backend with whether it can run this call and why not; prints nicely."""
-    call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse)
+    call = validate(q, k, v, mask=mask, bias=bias, scale=scale, dropout_p=dropout_p, need_lse=return_lse,
+                    softcap=softcap)
     runnable = {name: reason is None for name, reason in _dispatch.reasons(call).items()}
     config = _dispatch.triton_config(call) if runnable["triton"] else None
     return Explanation(_dispatch.choose(call, "auto").name, _dispatch.auto_reasons(call), call.shape, runnable, config)

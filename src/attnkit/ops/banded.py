@@ -442,18 +442,21 @@ class _BandedFunction(torch.autograd.Function):
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None
 
 
-def why_not(mask, bias, dropout_p: float) -> str | None:
+def why_not(mask, bias, dropout_p: float, softcap: float | None = None) -> str | None:
     """None if banded can run the call, else the reason it cannot."""
     if dropout_p > 0:
         return f"dropout_p={dropout_p}: banded does not implement dropout (use impl='sdpa' or 'reference')"
+    if softcap is not None:
+        return f"softcap={softcap}: banded does not implement softcapping (use impl='reference')"
     if bias is not None:
         return f"bias {bias!r}: banded takes no additive bias (use impl='tiled')"
     parsed = parse(mask)
     return parsed if isinstance(parsed, str) else None
 
 
-def banded_attention(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float,
-                     kernel: str = "auto") -> tuple[Tensor, Tensor]:
+def banded_attention(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float, kernel: str = "auto",
+                     softcap: float | None = None, dropout_p: float = 0.0,
+                     dropout_seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact Longformer attention in O(N·W + N·G) memory and time.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), mask of the family in ``pattern.py``
@@ -463,6 +466,8 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float,
     pattern = parse(mask)
     if isinstance(pattern, str):
         raise ValueError(f"banded cannot run mask {mask!r}: {pattern}")
+    if softcap is not None or dropout_p > 0:
+        raise ValueError(why_not(mask, None, dropout_p, softcap))
     fused = use_fused("banded", kernel, q, v)
     if fused:  # torch's CPU flash kernel needs stride(-1) == 1 (k, v are re-laid per block anyway)
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)

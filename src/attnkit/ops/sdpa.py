@@ -24,8 +24,11 @@ from .precision import compute_dtype, expand_kv, unit_stride
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
-            need_lse: bool) -> str | None:
+            need_lse: bool, softcap: float | None = None) -> str | None:
     """None if this backend can run the call, else the reason it cannot."""
+    if softcap is not None:
+        return (f"softcap={softcap}: torch SDPA cannot cap the scores (tanh comes before the softmax, inside the "
+                "kernel); use impl='tiled', 'banded' or 'triton'")
     if bias is not None and _dense_tensor(bias) is None:
         return f"bias {bias!r} is structured; torch SDPA needs it materialized (impl='tiled' computes it per tile)"
     if not need_lse:

@@ -241,15 +241,29 @@ class _TiledFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(ke.dtype), dv.to(ve.dtype), None, None, None, None
 
 
+def why_not(bias: Bias | None, dropout_p: float, softcap: float | None) -> str | None:
+    """None if tiled can run the call, else the reason it cannot."""
+    if dropout_p > 0:
+        return f"dropout_p={dropout_p}: tiled does not implement dropout (use impl='sdpa' or 'reference')"
+    if softcap is not None:
+        return f"softcap={softcap}: tiled does not implement softcapping (use impl='reference')"
+    if bias is not None and bias.requires_grad() and torch.is_grad_enabled():
+        return "bias requires grad: tiled does not compute the bias gradient (use impl='sdpa' or 'reference')"
+    return None
+
+
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias: Bias | None,
                     scale: float, block_q: int | None = None, block_k: int = BLOCK_K,
-                    kernel: str = "auto") -> tuple[Tensor, Tensor]:
+                    kernel: str = "auto", softcap: float | None = None, dropout_p: float = 0.0,
+                    dropout_seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention, O(N * block) memory, visiting only tiles the mask allows.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) in q's dtype,
     lse (B, Hq, Nq) in float32 (float64 for float64 inputs). ``kernel``: "auto", "fused", "math".
     ``block_q=None`` picks the query block from the mask's structure (``choose_plan``).
     """
+    if softcap is not None or dropout_p > 0:
+        raise ValueError(why_not(None, dropout_p, softcap))
     Nq, Nk = q.shape[2], k.shape[2]
     fused = use_fused("tiled", kernel, q, v)
     plan = (choose_plan(mask, bias, Nq, Nk, block_k, q.device) if block_q is None

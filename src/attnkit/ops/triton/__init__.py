@@ -46,7 +46,8 @@ def available() -> bool:
     return _available
 
 
-def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float) -> str | None:
+def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
+            softcap: float | None = None) -> str | None:
     """Why ``impl="triton"`` cannot run this call, or None."""
     if not available():
         return "triton is not installed (pip install triton; it needs Linux)"
@@ -55,6 +56,8 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | Non
                 "(or on the CPU in Triton's interpreter with TRITON_INTERPRET=1, slowly)")
     if dropout_p > 0:
         return f"dropout_p={dropout_p}: the Triton kernels do not implement dropout (use impl='sdpa' or 'reference')"
+    if softcap is not None:
+        return f"softcap={softcap}: the Triton kernels do not implement softcapping (use impl='reference')"
     if bias is not None and not isinstance(bias, Alibi):
         return f"bias {bias!r}: the Triton kernels compute ALiBi only (use impl='tiled' for other biases)"
     if bias is not None and bias.requires_grad() and torch.is_grad_enabled():

@@ -345,8 +345,11 @@ _no_slopes: dict[torch.device, Tensor] = {}  # a placeholder per device, not a n
 def run_checked(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, scale: float | None,
                 block_m: int | None = None, block_n: int | None = None, plan: BlockPlan | None = None,
                 plan_bwd: BlockPlan | None = None, split_tiles: int | None = None,
-                schedule: Schedule | None = None) -> tuple[Tensor, Tensor]:
+                schedule: Schedule | None = None, softcap: float | None = None, dropout_p: float = 0.0,
+                dropout_seed: int | None = None) -> tuple[Tensor, Tensor]:
     """``triton_attention`` for a call ``why_not`` has passed already (the dispatcher checks once)."""
+    if softcap is not None or dropout_p > 0:
+        raise ValueError("the Triton kernels implement neither softcap nor dropout yet")
     fwd, bwd, kv_len, kind = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles)
     D = q.shape[-1]
     if schedule is None:
