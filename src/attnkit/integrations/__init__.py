@@ -1,0 +1,1 @@
+"""Bridges to other libraries; each optional dependency has one home here (``transformers``)."""

@@ -1,0 +1,186 @@
+"""attnkit inside Hugging Face transformers: ``attn_implementation="attnkit"`` for any model that
+uses transformers' attention interface (Llama, Mistral, Qwen2, Gemma 2, BERT, RoBERTa, ...).
+
+    import attnkit.integrations.transformers          # registers "attnkit" (register() again is a no-op)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnkit")
+
+Two registrations, both transformers' own extension points:
+
+- ``AttentionMaskInterface["attnkit"]``: the model's mask, as transformers describes it (a mask
+  function, sizes, offsets, the 2-D padding mask), becomes an attnkit mask *structurally* (causal,
+  sliding-window layers, bidirectional encoders, padding left or right, packed sequences ->
+  ``document``; ``_masks.py``), or, for anything else, the exact dense mask. Never dropped.
+- ``AttentionInterface["attnkit"]``: the layer's q, k, v (B, H, N, D), with GQA kept as Hkv heads,
+  go to ``ak.attention`` with that mask, the layer's ``scaling``, its ``dropout`` (training) and
+  ``softcap`` (Gemma 2's ``attn_logit_softcapping``); ``auto`` picks the backend.
+
+Caches and ``generate`` work: transformers appends to the cache before the attention call, and
+the mask interface is given the cache's offsets (bottom-right aligned as attnkit's masks are).
+The attention weights are not returned (``output_attentions`` gets None, as with sdpa); use
+``attnkit.viz.capture(model)``, which records the layers' calls through ``observing``.
+
+Legend: B batch, Hq / Hkv query / key-value heads, Nq / Nk queries / keys, D head dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ...functional import Explanation, attention, explain
+from ...masks import Mask, causal, dense_mask
+from ._masks import Translation, translate
+
+NAME = "attnkit"
+Observer = Callable[["AttentionCall"], None]
+_observers: contextvars.ContextVar[tuple[Observer, ...]] = contextvars.ContextVar("attnkit_hf_observers", default=())
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call through "attnkit", as observers see it (references, nothing copied).
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D) after RoPE and the cache; ``mask`` the attnkit mask and
+    ``how`` its translation ("structural", "dense: <why>", "none"); ``bias`` a float tensor a
+    caller passed as a 4-D additive mask, else None; ``scale`` and ``softcap`` as given to
+    ``ak.attention``."""
+
+    module: nn.Module
+    q: Tensor
+    k: Tensor
+    mask: Mask | None
+    bias: Tensor | None
+    scale: float | None
+    softcap: float | None
+    how: str
+
+
+@dataclass(frozen=True)
+class LayerMask:
+    """What the mask interface hands the attention function: the attnkit mask and how it was made."""
+
+    mask: Mask | None
+    how: str
+    shape: tuple[int, int, int]  # (B, Nq, Nk) it was made for
+
+
+def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                   mask_function=None, attention_mask: Tensor | None = None, device="cpu", **_: object) -> LayerMask:
+    """transformers' mask interface for "attnkit" (the signature of ``masking_utils.sdpa_mask``)."""
+    kw = {} if mask_function is None else {"mask_function": mask_function}
+    t: Translation = translate(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                               device=device, **kw)
+    return LayerMask(t.mask, t.how, (batch_size, q_length, kv_length))
+
+
+def _as_mask(attention_mask: object, module: nn.Module, q: Tensor) -> tuple[Mask | None, Tensor | None, str]:
+    """(mask, bias, how) for ak.attention from what the model passed as attention_mask."""
+    if isinstance(attention_mask, LayerMask):
+        return attention_mask.mask, None, attention_mask.how
+    if attention_mask is None:  # a model that builds no mask: the module says whether it is causal
+        if getattr(module, "is_causal", False) and q.shape[2] > 1:
+            return causal(), None, "structural: no mask given, module.is_causal"
+        return None, None, "none"
+    if isinstance(attention_mask, Tensor) and attention_mask.dtype == torch.bool:
+        return dense_mask(attention_mask), None, "dense: a 4-D bool mask was passed in"
+    if isinstance(attention_mask, Tensor) and attention_mask.is_floating_point():
+        return None, attention_mask, "bias: a 4-D additive mask was passed in"  # exact as a bias
+    raise TypeError(f"attnkit attention got attention_mask of type {type(attention_mask).__name__}; expected the "
+                    "mask attnkit's mask interface builds, None, or a 4-D bool / additive float tensor")
+
+
+def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: object,
+                      scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
+                      **kwargs: object) -> tuple[Tensor, None]:
+    """transformers' attention interface for "attnkit".
+
+    Args:
+        module: the calling attention layer (its ``is_causal`` is read when no mask is given).
+        query: (B, Hq, Nq, D); key: (B, Hkv, Nk, D); value: (B, Hkv, Nk, Dv), after RoPE and the cache.
+        attention_mask: what ``mask_interface`` built (``LayerMask``), None, or a 4-D bool / float tensor.
+        scaling: the score scale (None: 1/sqrt(D)); dropout: attention dropout (transformers passes 0
+            in eval); softcap: Gemma 2's logit soft-capping (None: none).
+        kwargs: transformers' other keyword arguments; ``attnkit_impl`` picks a backend ("auto").
+
+    Returns:
+        (out (B, Nq, Hq, Dv) contiguous, None): transformers' layout; no attention weights.
+    """
+    mask, bias, how = _as_mask(attention_mask, module, query)
+    impl = kwargs.get("attnkit_impl", "auto")
+    observers = _observers.get()
+    if observers:
+        call = AttentionCall(module, query, key, mask, bias, scaling, softcap, how)
+        for observe in observers:
+            observe(call)
+    out = attention(query, key, value, mask=mask, bias=bias, scale=scaling, dropout_p=dropout, softcap=softcap,
+                    impl=impl)  # (B, Hq, Nq, Dv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register "attnkit" with transformers' attention and mask interfaces (idempotent); returns the name."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_interface)
+    return NAME
+
+
+@contextlib.contextmanager
+def observing(callback: Observer) -> Iterator[None]:
+    """Call ``callback(call: AttentionCall)`` for every attention call that runs through "attnkit"
+    inside the block, before it runs. It receives references; keep them only as long as needed."""
+    token = _observers.set(_observers.get() + (callback,))
+    try:
+        yield
+    finally:
+        _observers.reset(token)
+
+
+@dataclass(frozen=True)
+class LayerExplanation:
+    """One attention call of a model: the layer's name, the mask's translation and ``ak.explain``."""
+
+    name: str
+    mask: str
+    explanation: Explanation
+
+    def __str__(self) -> str:
+        return f"{self.name}: mask {self.mask}\n" + str(self.explanation)
+
+
+def explain_model(model: nn.Module, *args: object, **kwargs: object) -> list[LayerExplanation]:
+    """Run ``model(*args, **kwargs)`` once (no grad) and explain every attention call it makes
+    through "attnkit": which backend auto picks for each layer and why, and how its mask was
+    translated. The model must use ``attn_implementation="attnkit"``.
+
+    Raises:
+        ValueError: the model does not run its attention through "attnkit" (no call was seen).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    found: list[LayerExplanation] = []
+
+    def record(c: AttentionCall) -> None:
+        v = c.k.new_empty(c.k.shape)  # explain reads shapes and dtypes only
+        how = c.how if c.mask is None else f"{c.mask!r} ({c.how})"
+        found.append(LayerExplanation(names.get(c.module, type(c.module).__name__), how,
+                                      explain(c.q, c.k, v, mask=c.mask, bias=c.bias, scale=c.scale, softcap=c.softcap)))
+
+    with observing(record), torch.no_grad():
+        model(*args, **kwargs)
+    if not found:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        raise ValueError(f"explain_model saw no attention call through {NAME!r}; the model runs "
+                         f"attn_implementation={impl!r}. Build or set it with attn_implementation={NAME!r}")
+    return found
+
+
+register()
+
+__all__ = ["NAME", "AttentionCall", "LayerMask", "LayerExplanation", "attention_forward", "explain_model", "mask_interface",
+           "observing", "register", "translate"]
