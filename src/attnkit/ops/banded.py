@@ -28,6 +28,14 @@ separate groups.
 its share of dq, dk, dv; the band's window gradients (blocks x S keys) are folded back onto the
 keys by overlap-add (``_fold``). Global rows give their gradient only through the rows part
 (the other parts see dout = 0 there).
+
+**Softcap and dropout** run every part on the math tile kernel (torch's fused one has neither;
+``tiles.py`` has the algebra). Dropout's keep bits are those of ``ops/dropout.py`` at each pair's
+*original* coordinates, so every allowed pair keeps exactly the bit the reference gives it: in the
+band, row a of block b of a residue class is query row ``i0 + d * (b*c + a)`` and window slot t is
+key ``rho + d * (b*c + lo + t)`` (``Origin``), the heads dimension holds the query heads
+(``b * Hq + h``, GQA already expanded); the global columns and rows draw theirs for their query
+rows and global keys directly. The backward draws the same multipliers again.
 """
 
 from __future__ import annotations
@@ -38,13 +46,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .merge import attend_merged_into, lse_for_recompute
+from . import dropout as _dropout
+from .merge import attend_merged_into, lse_for_recompute, merge
 from .pattern import Pattern, parse
 from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
-from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, upcast_for_partials, use_fused
+from .tiles import (dropout_tile, fused_tile, fused_tile_backward, math_tile, math_tile_backward,
+                    upcast_for_partials, use_fused)
 
 PIECE_ELEMENTS = 1 << 22  # heads x blocks x c x S per kernel call: bounds the window-gradient buffers
 # (2026-11-23, N=16384, H=12, fwd+bwd: 2^24 -> 2.73 s, 403 MB extra; 2^22 -> 1.96 s, 242 MB; 2^20 -> 2.09 s)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """A call's softcap and dropout (probability, seed); H its (expanded) query heads, for the
+    Philox word b * H + h."""
+
+    softcap: float | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    H: int = 1
+
+    @property
+    def math_only(self) -> bool:
+        return self.softcap is not None or self.dropout_p > 0
+
+    def multiplier(self, b: int, heads: Tensor, rows: Tensor, cols: Tensor, dtype) -> Tensor | None:
+        """keep / (1 - p) (h, ...) of batch b, query heads ``heads`` (h,) and the call's query rows
+        / key columns ``rows``, ``cols`` (broadcast together to the trailing dims ...); None
+        without dropout."""
+        if self.dropout_p == 0:
+            return None
+        bh = (b * self.H + heads).view(-1, *([1] * max(rows.dim(), cols.dim())))  # (h, 1, ...)
+        return dropout_tile(self.seed, self.dropout_p, bh, rows, cols, dtype)
+
+
+NO_EXTRAS = Extras()
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a band subproblem sits in the call: its query heads (h,) and residue class (sub-row
+    i is query row ``row0 + d * i``, sub-key j is key ``key0 + d * j``)."""
+
+    heads: Tensor
+    row0: int = 0
+    key0: int = 0
+    d: int = 1
 
 
 def block_size(lo: int, hi: int) -> int:
@@ -164,9 +212,24 @@ def _valid_at(valid: Tensor | None, b: int) -> Tensor | None:
     return None if valid is None else valid[b if valid.shape[0] > 1 else 0]
 
 
-def _band_forward(q, k, v, valid, geo: BandGeometry, scale: float, fused: bool, out: Tensor, lse: Tensor) -> None:
+def _band_multiplier(ex: Extras, origin: Origin, geo: BandGeometry, b: int, b0: int, b1: int,
+                     dtype, device) -> Tensor | None:
+    """(h, n, c, S) dropout multiplier of blocks b0..b1 of batch b: row a of block blk is sub-row
+    blk*c + a, window slot t sub-key blk*c + lo + t, mapped to the call's rows and keys."""
+    if ex.dropout_p == 0:
+        return None
+    c, n = geo.c, b1 - b0
+    sub_rows = torch.arange(b0 * c, b1 * c, device=device).view(n, c, 1)
+    starts = torch.arange(b0, b1, device=device) * c + geo.lo
+    sub_keys = starts.view(n, 1, 1) + torch.arange(geo.S, device=device).view(1, 1, geo.S)
+    rows, cols = origin.row0 + origin.d * sub_rows, origin.key0 + origin.d * sub_keys
+    return ex.multiplier(b, origin.heads, rows, cols, dtype)
+
+
+def _band_forward(q, k, v, valid, geo: BandGeometry, scale: float, fused: bool, out: Tensor, lse: Tensor,
+                  ex: Extras = NO_EXTRAS, origin: Origin | None = None) -> None:
     """Write the band partial of q (B, h, nq, D), k/v (B, h, nk, D/Dv) into out (B, h, nq, Dv) and
-    lse (B, h, nq) (which may be views of bigger tensors)."""
+    lse (B, h, nq) (which may be views of bigger tensors); ``origin`` places dropout's bits."""
     B, h, _, D = q.shape
     c, Dv = geo.c, v.shape[-1]
     qp, k, v = geo.pad_rows(q), _rows_contiguous(k), _rows_contiguous(v)
@@ -177,7 +240,11 @@ def _band_forward(q, k, v, valid, geo: BandGeometry, scale: float, fused: bool, 
         for b0, b1, regular in geo.runs(geo.regular_blocks(valid_b, q.device), h, PIECE_ELEMENTS):
             tile = _piece_tile(geo, band, valid_b, b0, b1, regular)
             args = (q_blocks[:, b0:b1], _windows(k[b], geo, b0, b1), _windows(v[b], geo, b0, b1))
-            o, l = (fused_tile if fused else math_tile)(*args, tile, scale)  # (h, n, c, Dv), (h, n, c)
+            if fused:
+                o, l = fused_tile(*args, tile, scale)  # (h, n, c, Dv), (h, n, c)
+            else:
+                drop = _band_multiplier(ex, origin, geo, b, b0, b1, lse.dtype, q.device)
+                o, l = math_tile(*args, tile, scale, ex.softcap, drop)
             r0, r1 = b0 * c, min(b1 * c, geo.nq)
             out[b, :, r0:r1] = o.reshape(h, -1, Dv)[:, :r1 - r0]
             lse[b, :, r0:r1] = l.reshape(h, -1)[:, :r1 - r0]
@@ -197,7 +264,8 @@ def _fold(acc: Tensor, win: Tensor, geo: BandGeometry, b0: int, b1: int) -> None
 
 
 def _band_backward(dout, q, k, v, out, lse_bwd, delta, valid, geo: BandGeometry, scale: float,
-                   fused: bool, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+                   fused: bool, dq: Tensor, dk: Tensor, dv: Tensor, ex: Extras = NO_EXTRAS,
+                   origin: Origin | None = None) -> None:
     """Add the band's share of the gradients into dq (B, h, nq, D), dk (B, h, nk, D) and
     dv (B, h, nk, Dv) (views allowed), given the final out and lse (FlashAttention-2 backward)."""
     B, h, _, D = q.shape
@@ -216,7 +284,11 @@ def _band_backward(dout, q, k, v, out, lse_bwd, delta, valid, geo: BandGeometry,
             args = (blocks(dop)[:, sl], blocks(qp)[:, sl], _windows(k[b], geo, b0, b1),
                     _windows(v[b], geo, b0, b1), blocks(op)[:, sl], blocks(lsep)[:, sl],
                     blocks(deltap)[:, sl], tile, scale)
-            g_q, g_k, g_v = (fused_tile_backward if fused else math_tile_backward)(*args)
+            if fused:
+                g_q, g_k, g_v = fused_tile_backward(*args)
+            else:
+                drop = _band_multiplier(ex, origin, geo, b, b0, b1, dq.dtype, q.device)
+                g_q, g_k, g_v = math_tile_backward(*args, ex.softcap, drop)
             r0, r1 = b0 * c, min(b1 * c, geo.nq)
             dq[b, :, r0:r1] += g_q.reshape(h, -1, D)[:, :r1 - r0]
             _fold(dk[b], g_k, geo, b0, b1)
@@ -273,7 +345,13 @@ def _subproblems(pattern: Pattern, Nq: int, Nk: int, H: int):
                 yield heads, r, geo
 
 
-def _band_all(q, k, v, valid, pattern: Pattern, scale: float, fused: bool) -> tuple[Tensor, Tensor]:
+def _origin(heads: Tensor | slice, r: Residue, H: int, device) -> Origin:
+    """The call's query heads and the residue class's first row / key of a band subproblem."""
+    return Origin(torch.arange(H, device=device)[heads], r.rows.start, r.keys.start, r.rows.step or 1)
+
+
+def _band_all(q, k, v, valid, pattern: Pattern, scale: float, fused: bool,
+              ex: Extras = NO_EXTRAS) -> tuple[Tensor, Tensor]:
     """The band partial of every head: out (B, H, Nq, Dv), lse (B, H, Nq), compute dtype."""
     B, H, Nq, _ = q.shape
     ct = compute_dtype(q.dtype)
@@ -282,17 +360,18 @@ def _band_all(q, k, v, valid, pattern: Pattern, scale: float, fused: bool) -> tu
     for heads, r, geo in _subproblems(pattern, Nq, k.shape[2], H):
         sub_valid = None if valid is None else valid[:, r.keys]
         args = (q[:, heads, r.rows], k[:, heads, r.keys], v[:, heads, r.keys], sub_valid, geo, scale, fused)
+        extra = (ex, _origin(heads, r, H, q.device))
         if isinstance(heads, slice):  # out[:, heads, r.rows] is a view: write in place
-            _band_forward(*args, out[:, heads, r.rows], lse[:, heads, r.rows])
+            _band_forward(*args, out[:, heads, r.rows], lse[:, heads, r.rows], *extra)
         else:
             o, l = out[:, heads, r.rows], lse[:, heads, r.rows]  # copies, filled, written back
-            _band_forward(*args, o, l)
+            _band_forward(*args, o, l, *extra)
             out[:, heads, r.rows], lse[:, heads, r.rows] = o, l
     return out, lse
 
 
 def _band_all_backward(dout, q, k, v, out, lse_bwd, delta, valid, pattern: Pattern, scale: float,
-                       fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       fused: bool, ex: Extras = NO_EXTRAS) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (compute dtype) of the band part, every head."""
     ct = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)
@@ -304,11 +383,12 @@ def _band_all_backward(dout, q, k, v, out, lse_bwd, delta, valid, pattern: Patte
         sub_valid = None if valid is None else valid[:, r.keys]
         args = (rows(dout), rows(q), keys(k), keys(v), rows(out), rows(lse_bwd), rows(delta), sub_valid,
                 geo, scale, fused)
+        extra = (ex, _origin(heads, r, q.shape[1], q.device))
         if isinstance(heads, slice):  # views: accumulate in place
-            _band_backward(*args, rows(dq), keys(dk), keys(dv))
+            _band_backward(*args, rows(dq), keys(dk), keys(dv), *extra)
         else:
             g_q, g_k, g_v = rows(dq), keys(dk), keys(dv)  # copies, accumulated, written back
-            _band_backward(*args, g_q, g_k, g_v)
+            _band_backward(*args, g_q, g_k, g_v, *extra)
             dq[:, heads, r.rows], dk[:, heads, r.keys], dv[:, heads, r.keys] = g_q, g_k, g_v
     return dq, dk, dv
 
@@ -355,40 +435,78 @@ def _row_chunks(H: int, Nq: int, Dv: int):
     return [slice(r0, min(r0 + step, Nq)) for r0 in range(0, Nq, step)]
 
 
-def _merge_globals(out, lse, q, k, v, parts: list[GlobalPart], scale: float, fused: bool) -> None:
+def _col_multiplier(ex: Extras, p: GlobalPart, r: slice, dtype, device) -> Tensor | None:
+    """(H, rows, G) dropout multiplier of query rows r against the global columns."""
+    rows = torch.arange(r.start, r.stop, device=device)[:, None]
+    return ex.multiplier(p.b, torch.arange(ex.H, device=device), rows, p.cols[None, :], dtype)
+
+
+def _row_multiplier(ex: Extras, p: GlobalPart, Nk: int, dtype, device) -> Tensor | None:
+    """(1, H, R, Nk) dropout multiplier of the global query rows against every key."""
+    drop = ex.multiplier(p.b, torch.arange(ex.H, device=device), p.rows[:, None],
+                         torch.arange(Nk, device=device)[None, :], dtype)
+    return None if drop is None else drop[None]
+
+
+def _attend_cols(out, lse, q, kc, vc, tile, scale: float, ex: Extras, drop: Tensor | None) -> None:
+    """Merge the global columns into the partial (out (H, r, Dv), lse (H, r)), in place; with a cap
+    or dropout through the math tile kernel and ``merge``."""
+    if not ex.math_only:
+        attend_merged_into(out, lse, q, kc, vc, tile, scale)
+        return
+    o, l = math_tile(q, kc, vc, tile.to(out.dtype), scale, ex.softcap, drop)  # (H, r, Dv), (H, r)
+    o, l = merge(out, lse, o, l)
+    out.copy_(o)
+    lse.copy_(l)
+
+
+def _merge_globals(out, lse, q, k, v, parts: list[GlobalPart], scale: float, fused: bool,
+                   ex: Extras = NO_EXTRAS) -> None:
     """In place: merge the global columns into the band result, then replace the global rows."""
     for p in parts:
         qb, kb, vb = q[p.b], k[p.b], v[p.b]  # (H, N, D)
-        tile_kernel = fused_tile if fused else math_tile
         if p.cols.numel():
             kc, vc = kb[:, p.cols], vb[:, p.cols]  # (H, G, D)
             for r in _row_chunks(*out.shape[1:]):
-                attend_merged_into(out[p.b][:, r], lse[p.b][:, r], qb[:, r], kc, vc, p.col_tile[:, r], scale)
+                drop = _col_multiplier(ex, p, r, out.dtype, q.device)
+                _attend_cols(out[p.b][:, r], lse[p.b][:, r], qb[:, r], kc, vc, p.col_tile[:, r], scale, ex, drop)
         if p.rows.numel():
-            o, l = tile_kernel(qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
+            args = (qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
+            if fused:
+                o, l = fused_tile(*args)
+            else:
+                o, l = math_tile(*args, ex.softcap, _row_multiplier(ex, p, kb.shape[1], out.dtype, q.device))
             out[p.b][:, p.rows], lse[p.b][:, p.rows] = o[0], l[0]
 
 
+def _tile_backward(fused: bool, ex: Extras, drop: Tensor | None, *args):
+    """The fused or math tile backward of one global part (the math one with cap and dropout)."""
+    return fused_tile_backward(*args) if fused else math_tile_backward(*args, ex.softcap, drop)
+
+
 def _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc,
-                      parts: list[GlobalPart], scale: float, fused: bool) -> None:
+                      parts: list[GlobalPart], scale: float, fused: bool, ex: Extras = NO_EXTRAS) -> None:
     """In place: add the global columns' and rows' shares to dq, dk, dv."""
+    ct = dq.dtype
     for p in parts:
         kb, vb = k[p.b], v[p.b]  # (H, Nk, D)
-        tile_backward = fused_tile_backward if fused else math_tile_backward
         if p.cols.numel():
             kc, vc = kb[:, p.cols][None], vb[:, p.cols][None]  # (1, H, G, D)
             for r in _row_chunks(*out.shape[1:]):
                 at = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, rows, ...)
-                g_q, g_k, g_v = tile_backward(at(dout_loc), at(q), kc, vc, at(out), at(lse_bwd), at(delta_loc),
-                                              p.col_tile[:, r][None], scale)
+                drop = _col_multiplier(ex, p, r, ct, q.device)
+                g_q, g_k, g_v = _tile_backward(fused, ex, None if drop is None else drop[None], at(dout_loc), at(q),
+                                               kc, vc, at(out), at(lse_bwd), at(delta_loc), p.col_tile[:, r][None],
+                                               scale)
                 dq[p.b][:, r] += g_q[0]
                 dk[p.b][:, p.cols] += g_k[0]
                 dv[p.b][:, p.cols] += g_v[0]
         if p.rows.numel():
             r = p.rows
             sel = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, R, ...)
-            g_q, g_k, g_v = tile_backward(
-                sel(dout), sel(q), kb[None], vb[None], sel(out), sel(lse_bwd), sel(delta), p.row_tile, scale)
+            g_q, g_k, g_v = _tile_backward(fused, ex, _row_multiplier(ex, p, kb.shape[1], ct, q.device), sel(dout),
+                                           sel(q), kb[None], vb[None], sel(out), sel(lse_bwd), sel(delta),
+                                           p.row_tile, scale)
             dq[p.b][:, r] += g_q[0]
             dk[p.b] += g_k[0]
             dv[p.b] += g_v[0]
@@ -406,24 +524,24 @@ def _global_row_flags(parts: list[GlobalPart], B: int, Nq: int, device) -> Tenso
 
 class _BandedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale, fused):
+    def forward(ctx, q, k, v, pattern, scale, fused, ex):
         Hkv = k.shape[1]
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         B, _, Nq, _ = q.shape
         valid = pattern.key_valid(ke.shape[2], q.device)
         parts = _global_parts(pattern, valid, B, Nq, ke.shape[2], compute_dtype(q.dtype), q.device)
-        out, lse = _band_all(q, ke, ve, valid, pattern, scale, fused)
-        _merge_globals(out, lse, q, ke, ve, parts, scale, fused)
+        out, lse = _band_all(q, ke, ve, valid, pattern, scale, fused, ex)
+        _merge_globals(out, lse, q, ke, ve, parts, scale, fused, ex)
         out_q = out.to(q.dtype)
         ctx.save_for_backward(q, ke, ve, out_q, lse)
-        ctx.cfg = (pattern, scale, fused, Hkv, valid, parts)
+        ctx.cfg = (pattern, scale, fused, Hkv, valid, parts, ex)
         ctx.set_materialize_grads(False)
         return out_q, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        pattern, scale, fused, Hkv, valid, parts = ctx.cfg
+        pattern, scale, fused, Hkv, valid, parts, ex = ctx.cfg
         ct = compute_dtype(q.dtype)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         q, k, v, dout, out = upcast_for_partials(fused, ct, q, k, v, dout, out)
@@ -435,19 +553,17 @@ class _BandedFunction(torch.autograd.Function):
         global_rows = _global_row_flags(parts, q.shape[0], q.shape[2], q.device)  # (B, 1, Nq)
         dout_loc = dout.masked_fill(global_rows[..., None], 0.0)  # global rows: only the rows part
         delta_loc = delta.masked_fill(global_rows, 0.0)
-        dq, dk, dv = _band_all_backward(dout_loc, q, k, v, out, lse_bwd, delta_loc, valid, pattern, scale, fused)
-        _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc, parts, scale, fused)
+        dq, dk, dv = _band_all_backward(dout_loc, q, k, v, out, lse_bwd, delta_loc, valid, pattern, scale, fused,
+                                        ex)
+        _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc, parts, scale,
+                          fused, ex)
         dk, dv = reduce_kv_grad(dk, Hkv), reduce_kv_grad(dv, Hkv)
         dtype = ctx.saved_tensors[0].dtype
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None, None
 
 
 def why_not(mask, bias, dropout_p: float, softcap: float | None = None) -> str | None:
-    """None if banded can run the call, else the reason it cannot."""
-    if dropout_p > 0:
-        return f"dropout_p={dropout_p}: banded does not implement dropout (use impl='sdpa' or 'reference')"
-    if softcap is not None:
-        return f"softcap={softcap}: banded does not implement softcapping (use impl='reference')"
+    """None if banded can run the call, else the reason it cannot (dropout and softcap it runs)."""
     if bias is not None:
         return f"bias {bias!r}: banded takes no additive bias (use impl='tiled')"
     parsed = parse(mask)
@@ -462,13 +578,22 @@ def banded_attention(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float, ker
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), mask of the family in ``pattern.py``
     -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32 (float64 for float64 inputs).
     ``kernel``: "auto" (torch's CPU flash kernel where it applies, else math), "fused" or "math".
+    ``softcap``: scores become ``softcap * tanh(s / softcap)`` (Gemma 2). ``dropout_p``: the
+    probabilities are multiplied by the keep mask of ``ops/dropout.py`` for ``dropout_seed`` (one
+    is drawn with ``dropout.draw_seed`` when None) over 1 - p; the lse is that before dropout.
+    Both run on the math kernel.
+
+    Raises:
+        ValueError: a mask outside the family, a bad ``kernel``, or kernel="fused" with softcap /
+            dropout or inputs torch's CPU flash kernel cannot take.
     """
     pattern = parse(mask)
     if isinstance(pattern, str):
         raise ValueError(f"banded cannot run mask {mask!r}: {pattern}")
-    if softcap is not None or dropout_p > 0:
-        raise ValueError(why_not(mask, None, dropout_p, softcap))
-    fused = use_fused("banded", kernel, q, v)
+    fused = use_fused("banded", kernel, q, v, softcap, dropout_p)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = _dropout.draw_seed()
+    ex = Extras(softcap, dropout_p, dropout_seed or 0, q.shape[1])
     if fused:  # torch's CPU flash kernel needs stride(-1) == 1 (k, v are re-laid per block anyway)
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
-    return _BandedFunction.apply(q, k, v, pattern, scale, fused)
+    return _BandedFunction.apply(q, k, v, pattern, scale, fused, ex)

@@ -16,6 +16,12 @@ Nq x Nk. Inside a span the work goes to a *tile kernel*:
 
 - ``fused``: torch's CPU flash-attention kernel, which returns its log-sum-exp (CPU only);
 - ``math``: the same arithmetic written with torch matmuls, chunked by ``block_k`` (any device).
+
+Softcap and dropout run on the math kernel (torch's fused one has neither). Each math piece (query
+rows q0..q1, keys k0..k1) caps its scores, ``c * tanh(s / c)``, and multiplies its probabilities by
+the dropout multiplier ``keep / (1 - p)`` of exactly those (batch, query head, row, key)
+positions, from the Philox mask of ``ops/dropout.py``; the backward draws the same multiplier
+again (FlashAttention never stores the mask), so every pair keeps the bit the reference gives it.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from torch import Tensor
 
 from ..bias import Bias
 from ..masks import EMPTY, PARTIAL, Mask
+from . import dropout as _dropout
 from .block_plan import merged_kinds
 from .merge import lse_for_recompute, merge
 from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
-from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, upcast_for_partials, use_fused
+from .tiles import (dropout_tile, fused_tile, fused_tile_backward, math_tile, math_tile_backward,
+                    upcast_for_partials, use_fused)
 
 # Queries per block, largest first. Every call of torch's CPU flash backward touches all keys of
 # its span, so big query blocks are cheaper for dense work (benchmarks/results/tiled_blocks_*.md);
@@ -120,13 +128,27 @@ def _spans_of_row(kinds: list[int], block_k: int, Nk: int) -> tuple[Span, ...]:
 
 @dataclass(frozen=True)
 class Problem:
-    """Everything a tile needs besides the tensors: mask, bias, scale and the problem size."""
+    """Everything a tile needs besides the tensors: mask, bias, scale, the problem size, the cap
+    and the dropout (probability and seed)."""
 
     mask: Mask | None
     bias: Bias | None
     scale: float
     Nq: int
     Nk: int
+    softcap: float | None = None
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+
+    def multiplier(self, q0: int, q1: int, piece: Span, B: int, H: int, dtype, device) -> Tensor | None:
+        """(B, H, q1-q0, k1-k0) dropout multiplier keep / (1 - p) of rows q0..q1 and the piece's
+        keys (H the expanded query heads), or None without dropout."""
+        if self.dropout_p == 0:
+            return None
+        rows = torch.arange(q0, q1, device=device)[:, None]
+        cols = torch.arange(piece.k0, piece.k1, device=device)[None, :]
+        bh = _dropout.batch_heads(B, H, device)  # (B, H, 1, 1)
+        return dropout_tile(self.dropout_seed, self.dropout_p, bh, rows, cols, dtype)
 
     def kernel_causal(self, q0: int, span: Span) -> bool:
         """A partial span the fused kernel can run with its own is_causal instead of a mask tile."""
@@ -178,9 +200,12 @@ def _forward(q, k, v, prob: Problem, plan: Plan, fused: bool, block_k: int) -> t
                 args = (q[:, :, q0:q1], k[:, :, piece.k0:piece.k1], v[:, :, piece.k0:piece.k1])
                 if fused and prob.kernel_causal(q0, piece):
                     part = fused_tile(*args, None, prob.scale, is_causal=True)
+                elif fused:
+                    part = fused_tile(*args, prob.additive(q0, q1, piece, ct, q.device), prob.scale)
                 else:
                     tile = prob.additive(q0, q1, piece, ct, q.device)
-                    part = (fused_tile if fused else math_tile)(*args, tile, prob.scale)
+                    drop = prob.multiplier(q0, q1, piece, B, H, ct, q.device)
+                    part = math_tile(*args, tile, prob.scale, prob.softcap, drop)
                 acc_out, acc_lse = merge(acc_out, acc_lse, *part)
         if acc_out is not None:
             out[:, :, q0:q1], lse[:, :, q0:q1] = acc_out, acc_lse
@@ -211,7 +236,8 @@ def _backward(dout, dlse, q, k, v, out, lse, prob: Problem, plan: Plan, fused: b
                 if fused:
                     g_q, g_k, g_v = fused_tile_backward(*args, is_causal=causal)
                 else:
-                    g_q, g_k, g_v = math_tile_backward(*args)
+                    drop = prob.multiplier(q0, q1, piece, q.shape[0], q.shape[1], ct, q.device)
+                    g_q, g_k, g_v = math_tile_backward(*args, prob.softcap, drop)
                 dq[:, :, q0:q1] += g_q
                 dk[:, :, a:b] += g_k
                 dv[:, :, a:b] += g_v
@@ -242,11 +268,7 @@ class _TiledFunction(torch.autograd.Function):
 
 
 def why_not(bias: Bias | None, dropout_p: float, softcap: float | None) -> str | None:
-    """None if tiled can run the call, else the reason it cannot."""
-    if dropout_p > 0:
-        return f"dropout_p={dropout_p}: tiled does not implement dropout (use impl='sdpa' or 'reference')"
-    if softcap is not None:
-        return f"softcap={softcap}: tiled does not implement softcapping (use impl='reference')"
+    """None if tiled can run the call, else the reason it cannot (dropout and softcap it runs)."""
     if bias is not None and bias.requires_grad() and torch.is_grad_enabled():
         return "bias requires grad: tiled does not compute the bias gradient (use impl='sdpa' or 'reference')"
     return None
@@ -261,14 +283,22 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, bias:
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv) in q's dtype,
     lse (B, Hq, Nq) in float32 (float64 for float64 inputs). ``kernel``: "auto", "fused", "math".
     ``block_q=None`` picks the query block from the mask's structure (``choose_plan``).
+    ``softcap``: scores become ``softcap * tanh(s / softcap)`` (Gemma 2). ``dropout_p``: the
+    probabilities are multiplied by the keep mask of ``ops/dropout.py`` for ``dropout_seed`` (one
+    is drawn with ``dropout.draw_seed`` when None) over 1 - p; the lse is that before dropout.
+    Both run on the math kernel.
+
+    Raises:
+        ValueError: a bad ``kernel``, or kernel="fused" with softcap / dropout or inputs torch's
+            CPU flash kernel cannot take.
     """
-    if softcap is not None or dropout_p > 0:
-        raise ValueError(why_not(None, dropout_p, softcap))
     Nq, Nk = q.shape[2], k.shape[2]
-    fused = use_fused("tiled", kernel, q, v)
+    fused = use_fused("tiled", kernel, q, v, softcap, dropout_p)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = _dropout.draw_seed()
     plan = (choose_plan(mask, bias, Nq, Nk, block_k, q.device) if block_q is None
             else make_plan(mask, bias, Nq, Nk, block_q, block_k, q.device))
-    prob = Problem(mask, bias, scale, Nq, Nk)
+    prob = Problem(mask, bias, scale, Nq, Nk, softcap, dropout_p, dropout_seed or 0)
     if fused:  # torch's CPU flash kernel needs stride(-1) == 1: copy once here, not per tile
         q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     return _TiledFunction.apply(q, k, v, prob, plan, fused, block_k)

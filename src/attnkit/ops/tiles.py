@@ -8,6 +8,21 @@ of dq, dk, dv.
 
 - ``fused``: torch's CPU flash-attention kernel, which returns its log-sum-exp (CPU, Dv == D);
 - ``math``: the same arithmetic with plain torch matmuls (any device, any Dv).
+
+Softcap and dropout are the math kernels' only (torch's fused kernel can do neither). With a cap
+c the scaled score s is replaced by ``c * tanh(s / c)`` (Gemma 2, sec. 2.2) before the additive
+tile. Dropout comes as a multiplier tile ``Z = keep / (1 - p)`` (broadcastable to (..., r, c),
+``ops/dropout.py``; the caller draws it for the tile's real (batch, head, row, key) positions and
+draws the same one again in the backward). With P the probabilities before dropout
+(FlashAttention, Dao et al. 2022, appendix B.2, with dropout)::
+
+    out = (P * Z) V                    lse = logsumexp of the scores before dropout
+    dV = (P * Z)^T dO                  dP = (dO V^T) * Z
+    dS = P * (dP - delta)              delta = rowsum(dO * out) - dlse   (as without dropout)
+    d s_raw = dS * (1 - tanh(s_raw / c)^2)   with a cap; dQ = d s_raw K scale, dK = d s_raw^T Q scale
+
+A partial over some keys is ``(P_part * Z) V`` normalized by its own row sum, so partials over
+disjoint keys still merge exactly (``merge.merge`` is linear in the outs).
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import dropout as _dropout
 from .merge import mark_rows_without_keys, softmax_of_scores
 from .precision import compute_dtype, unit_stride
 
@@ -39,13 +55,30 @@ def fused_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: floa
     return mark_rows_without_keys(out.to(lse.dtype), lse, rows_with_no_key(tile))
 
 
-def math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """The same result with plain torch ops (any device); tile already sliced to this chunk."""
+def capped_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(s, t): s = q k^T scale (B, H, r, c), capped to ``softcap * t`` with t = tanh(s / softcap)
+    when a cap is given (t is what the backward needs; None without a cap)."""
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, r, c)
+    if softcap is None:
+        return s, None
+    t = torch.tanh(s / softcap)
+    return t * softcap, t
+
+
+def math_tile(q: Tensor, k: Tensor, v: Tensor, tile: Tensor | None, scale: float,
+              softcap: float | None = None, drop: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The same result with plain torch ops (any device); tile already sliced to this chunk.
+
+    ``softcap`` caps the scores; ``drop`` (broadcastable to (B, H, r, c), compute dtype) is the
+    dropout multiplier keep / (1 - p) of this tile. The lse is that of the undropped scores.
+    """
     ct = compute_dtype(q.dtype)
-    s = q.to(ct) @ k.to(ct).transpose(-1, -2) * scale  # (B, H, r, c)
+    s, _ = capped_scores(q.to(ct), k.to(ct), scale, softcap)  # (B, H, r, c)
     if tile is not None:
         s = s + tile
     p, lse = softmax_of_scores(s)  # (B, H, r, c), (B, H, r)
+    if drop is not None:
+        p = p * drop
     return p @ v.to(ct), lse  # (B, H, r, Dv)
 
 
@@ -60,16 +93,47 @@ def fused_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, is_causal=F
                                attn_mask=tile, scale=scale)
 
 
-def math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale):
-    """P = exp(S - lse); dV = P^T dO; dS = P (dO V^T - delta); dQ = dS K s; dK = dS^T Q s."""
+def math_tile_backward(dout, q, k, v, out, lse, delta, tile, scale, softcap=None, drop=None):
+    """P = exp(S - lse); dV = (P Z)^T dO; dS = P (Z dO V^T - delta), times 1 - tanh^2 under a
+    cap; dQ = dS K s; dK = dS^T Q s (module docstring). ``drop`` is the forward's multiplier Z."""
     ct = compute_dtype(q.dtype)
     q, k, v, dout = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
-    s = q @ k.transpose(-1, -2) * scale  # (B, H, r, c)
+    s, t = capped_scores(q, k, scale, softcap)  # (B, H, r, c)
     if tile is not None:
         s = s + tile
     p = torch.exp(s - lse.unsqueeze(-1))  # (B, H, r, c); 0 where masked or the row is empty
-    ds = p * (dout @ v.transpose(-1, -2) - delta.unsqueeze(-1))  # (B, H, r, c)
-    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ dout
+    dp = dout @ v.transpose(-1, -2)  # (B, H, r, c)
+    p_kept = p
+    if drop is not None:
+        dp, p_kept = dp * drop, p * drop
+    ds = p * (dp - delta.unsqueeze(-1))  # (B, H, r, c)
+    if t is not None:
+        ds = ds * (1 - t * t)  # d(c tanh(s / c)) / ds
+    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p_kept.transpose(-1, -2) @ dout
+
+
+DROP_CHUNK_ELEMENTS = 1 << 20  # multiplier entries drawn per Philox call: bounds its int64 temporaries
+
+
+def dropout_tile(seed: int, p: float, bh: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype,
+                 max_elements: int = DROP_CHUNK_ELEMENTS) -> Tensor:
+    """``dropout.dropout_multiplier`` (keep / (1 - p) in ``dtype``, the broadcast shape of the
+    int tensors bh, rows, cols), drawn in pieces of at most ``max_elements`` entries: Philox in
+    torch int64 ops holds a dozen full-size int64 temporaries, which a whole (B, H, r, c) tile of
+    a big query block would make gigabytes."""
+    shape = torch.broadcast_shapes(bh.shape, rows.shape, cols.shape)
+    numel = shape.numel()
+    if numel <= max_elements:
+        return _dropout.dropout_multiplier(seed, p, bh, rows, cols, dtype).expand(shape)
+    bh, rows, cols = (t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape)) for t in (bh, rows, cols))
+    dim = next(i for i, n in enumerate(shape) if n > 1)  # split the outermost dimension that varies
+    step = max(1, shape[dim] * max_elements // numel)
+    out = torch.empty(shape, dtype=dtype, device=cols.device)
+    for i0 in range(0, shape[dim], step):
+        n = min(step, shape[dim] - i0)
+        part = [t.narrow(dim, i0, n) if t.shape[dim] > 1 else t for t in (bh, rows, cols)]
+        out.narrow(dim, i0, n).copy_(dropout_tile(seed, p, *part, dtype, max_elements))
+    return out
 
 
 def upcast_for_partials(fused: bool, ct: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -91,11 +155,23 @@ def fused_available(q: Tensor, v: Tensor) -> bool:
     return q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
 
 
-def use_fused(backend: str, kernel: str, q: Tensor, v: Tensor) -> bool:
-    """Resolve a backend's ``kernel`` argument ("auto", "fused" or "math") for these inputs."""
+def use_fused(backend: str, kernel: str, q: Tensor, v: Tensor, softcap: float | None = None,
+              dropout_p: float = 0.0) -> bool:
+    """Resolve a backend's ``kernel`` argument ("auto", "fused" or "math") for these inputs.
+
+    Softcap and dropout run on the math kernel only ("auto" picks it).
+
+    Raises:
+        ValueError: an unknown ``kernel``; "fused" where torch's kernel cannot run the call.
+    """
     if kernel not in ("auto", "fused", "math"):
         raise ValueError(f"{backend} kernel={kernel!r}: choose 'auto', 'fused' or 'math'")
     if kernel == "fused" and not fused_available(q, v):
         raise ValueError(f"{backend} kernel='fused' needs CPU tensors with Dv == D, got device {q.device}, "
                          f"D={q.shape[-1]}, Dv={v.shape[-1]}; use kernel='math'")
+    if kernel == "fused" and (softcap is not None or dropout_p > 0):
+        raise ValueError(f"{backend} kernel='fused' cannot apply softcap={softcap} / dropout_p={dropout_p}: "
+                         "torch's CPU flash kernel has neither; use kernel='math' or 'auto'")
+    if softcap is not None or dropout_p > 0:
+        return False
     return fused_available(q, v) if kernel == "auto" else kernel == "fused"
