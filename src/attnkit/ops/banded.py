@@ -10,6 +10,7 @@ Every allowed (query, key) pair is computed exactly once, in one of three parts:
   replaces the other two.
 
 Band and columns are partials ``(out, lse)`` over disjoint keys, combined by ``merge.merge``.
+The two global parts live in ``banded_globals.py``.
 
 **The band.** Queries are cut into blocks of ``c`` rows. With row coordinates (row i sees keys
 ``i + lo .. i + hi``), block b sees the key window ``[b*c + lo, b*c + lo + S)``, S a multiple of
@@ -47,41 +48,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dropout as _dropout
-from .merge import attend_merged_into, lse_for_recompute, merge
+from .banded_globals import (NO_EXTRAS, Extras, global_parts, global_row_flags, globals_backward,
+                             merge_globals)
+from .merge import lse_for_recompute
 from .pattern import Pattern, parse
 from .precision import compute_dtype, expand_kv, reduce_kv_grad, unit_stride
-from .tiles import (dropout_tile, fused_tile, fused_tile_backward, math_tile, math_tile_backward,
-                    upcast_for_partials, use_fused)
+from .tiles import fused_tile, fused_tile_backward, math_tile, math_tile_backward, upcast_for_partials, use_fused
 
 PIECE_ELEMENTS = 1 << 22  # heads x blocks x c x S per kernel call: bounds the window-gradient buffers
 # (2026-11-23, N=16384, H=12, fwd+bwd: 2^24 -> 2.73 s, 403 MB extra; 2^22 -> 1.96 s, 242 MB; 2^20 -> 2.09 s)
-
-
-@dataclass(frozen=True)
-class Extras:
-    """A call's softcap and dropout (probability, seed); H its (expanded) query heads, for the
-    Philox word b * H + h."""
-
-    softcap: float | None = None
-    dropout_p: float = 0.0
-    seed: int = 0
-    H: int = 1
-
-    @property
-    def math_only(self) -> bool:
-        return self.softcap is not None or self.dropout_p > 0
-
-    def multiplier(self, b: int, heads: Tensor, rows: Tensor, cols: Tensor, dtype) -> Tensor | None:
-        """keep / (1 - p) (h, ...) of batch b, query heads ``heads`` (h,) and the call's query rows
-        / key columns ``rows``, ``cols`` (broadcast together to the trailing dims ...); None
-        without dropout."""
-        if self.dropout_p == 0:
-            return None
-        bh = (b * self.H + heads).view(-1, *([1] * max(rows.dim(), cols.dim())))  # (h, 1, ...)
-        return dropout_tile(self.seed, self.dropout_p, bh, rows, cols, dtype)
-
-
-NO_EXTRAS = Extras()
 
 
 @dataclass(frozen=True)
@@ -393,133 +368,6 @@ def _band_all_backward(dout, q, k, v, out, lse_bwd, delta, valid, pattern: Patte
     return dq, dk, dv
 
 
-# -- global rows and columns -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GlobalPart:
-    """Batch element b's global key columns and global query rows, with their additive tiles."""
-
-    b: int
-    cols: Tensor  # (G,) global key indices
-    col_tile: Tensor | None  # (1 or H, Nq, G): -inf where the key is in the query's window or padding
-    rows: Tensor  # (R,) query rows at global positions
-    row_tile: Tensor | None  # (1, 1, 1, Nk): -inf at padding keys, or None
-
-
-def _global_parts(pattern: Pattern, valid: Tensor | None, B: int, Nq: int, Nk: int, dtype, device):
-    """One GlobalPart per batch element (nothing without global tokens)."""
-    flags = pattern.global_flags(Nk, device)  # (Bg, Nk)
-    if flags is None:
-        return []
-    parts = []
-    pos = torch.arange(Nq, device=device) + (Nk - Nq)  # query positions
-    inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    for b in range(B):
-        g = flags[b if flags.shape[0] > 1 else 0]  # (Nk,)
-        ok = None if valid is None else valid[b if valid.shape[0] > 1 else 0]  # (Nk,)
-        cols = g.nonzero().squeeze(1)
-        in_window = pattern.window.evaluate(torch.arange(Nq, device=device), cols, Nq, Nk)[0]  # (Hm, Nq, G)
-        allowed = ~in_window if ok is None else ~in_window & ok[cols]
-        rows = (g[pos.clamp(min=0)] & (pos >= 0)).nonzero().squeeze(1)
-        row_tile = None if ok is None else torch.where(ok, 0.0, inf)[None, None, None]
-        parts.append(GlobalPart(b, cols, torch.where(allowed, 0.0, inf), rows, row_tile))
-    return parts
-
-
-ROW_CHUNK_ELEMENTS = 1 << 20  # H x rows x Dv of one global-columns call (4 MB in fp32, near cache)
-
-
-def _row_chunks(H: int, Nq: int, Dv: int):
-    """Slices of query rows for the global-columns pass, so its partial stays small."""
-    step = max(1, ROW_CHUNK_ELEMENTS // (H * Dv))
-    return [slice(r0, min(r0 + step, Nq)) for r0 in range(0, Nq, step)]
-
-
-def _col_multiplier(ex: Extras, p: GlobalPart, r: slice, dtype, device) -> Tensor | None:
-    """(H, rows, G) dropout multiplier of query rows r against the global columns."""
-    rows = torch.arange(r.start, r.stop, device=device)[:, None]
-    return ex.multiplier(p.b, torch.arange(ex.H, device=device), rows, p.cols[None, :], dtype)
-
-
-def _row_multiplier(ex: Extras, p: GlobalPart, Nk: int, dtype, device) -> Tensor | None:
-    """(1, H, R, Nk) dropout multiplier of the global query rows against every key."""
-    drop = ex.multiplier(p.b, torch.arange(ex.H, device=device), p.rows[:, None],
-                         torch.arange(Nk, device=device)[None, :], dtype)
-    return None if drop is None else drop[None]
-
-
-def _attend_cols(out, lse, q, kc, vc, tile, scale: float, ex: Extras, drop: Tensor | None) -> None:
-    """Merge the global columns into the partial (out (H, r, Dv), lse (H, r)), in place; with a cap
-    or dropout through the math tile kernel and ``merge``."""
-    if not ex.math_only:
-        attend_merged_into(out, lse, q, kc, vc, tile, scale)
-        return
-    o, l = math_tile(q, kc, vc, tile.to(out.dtype), scale, ex.softcap, drop)  # (H, r, Dv), (H, r)
-    o, l = merge(out, lse, o, l)
-    out.copy_(o)
-    lse.copy_(l)
-
-
-def _merge_globals(out, lse, q, k, v, parts: list[GlobalPart], scale: float, fused: bool,
-                   ex: Extras = NO_EXTRAS) -> None:
-    """In place: merge the global columns into the band result, then replace the global rows."""
-    for p in parts:
-        qb, kb, vb = q[p.b], k[p.b], v[p.b]  # (H, N, D)
-        if p.cols.numel():
-            kc, vc = kb[:, p.cols], vb[:, p.cols]  # (H, G, D)
-            for r in _row_chunks(*out.shape[1:]):
-                drop = _col_multiplier(ex, p, r, out.dtype, q.device)
-                _attend_cols(out[p.b][:, r], lse[p.b][:, r], qb[:, r], kc, vc, p.col_tile[:, r], scale, ex, drop)
-        if p.rows.numel():
-            args = (qb[:, p.rows][None], kb[None], vb[None], p.row_tile, scale)
-            if fused:
-                o, l = fused_tile(*args)
-            else:
-                o, l = math_tile(*args, ex.softcap, _row_multiplier(ex, p, kb.shape[1], out.dtype, q.device))
-            out[p.b][:, p.rows], lse[p.b][:, p.rows] = o[0], l[0]
-
-
-def _tile_backward(fused: bool, ex: Extras, drop: Tensor | None, *args):
-    """The fused or math tile backward of one global part (the math one with cap and dropout)."""
-    return fused_tile_backward(*args) if fused else math_tile_backward(*args, ex.softcap, drop)
-
-
-def _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc,
-                      parts: list[GlobalPart], scale: float, fused: bool, ex: Extras = NO_EXTRAS) -> None:
-    """In place: add the global columns' and rows' shares to dq, dk, dv."""
-    ct = dq.dtype
-    for p in parts:
-        kb, vb = k[p.b], v[p.b]  # (H, Nk, D)
-        if p.cols.numel():
-            kc, vc = kb[:, p.cols][None], vb[:, p.cols][None]  # (1, H, G, D)
-            for r in _row_chunks(*out.shape[1:]):
-                at = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, rows, ...)
-                drop = _col_multiplier(ex, p, r, ct, q.device)
-                g_q, g_k, g_v = _tile_backward(fused, ex, None if drop is None else drop[None], at(dout_loc), at(q),
-                                               kc, vc, at(out), at(lse_bwd), at(delta_loc), p.col_tile[:, r][None],
-                                               scale)
-                dq[p.b][:, r] += g_q[0]
-                dk[p.b][:, p.cols] += g_k[0]
-                dv[p.b][:, p.cols] += g_v[0]
-        if p.rows.numel():
-            r = p.rows
-            sel = lambda x: x[p.b][:, r][None]  # noqa: E731  (1, H, R, ...)
-            g_q, g_k, g_v = _tile_backward(fused, ex, _row_multiplier(ex, p, kb.shape[1], ct, q.device), sel(dout),
-                                           sel(q), kb[None], vb[None], sel(out), sel(lse_bwd), sel(delta),
-                                           p.row_tile, scale)
-            dq[p.b][:, r] += g_q[0]
-            dk[p.b] += g_k[0]
-            dv[p.b] += g_v[0]
-
-
-def _global_row_flags(parts: list[GlobalPart], B: int, Nq: int, device) -> Tensor:
-    """(B, 1, Nq) bool: query rows at global positions."""
-    flags = torch.zeros(B, 1, Nq, dtype=torch.bool, device=device)
-    for p in parts:
-        flags[p.b, 0, p.rows] = True
-    return flags
-
-
 # -- autograd and the entry point --------------------------------------------------------------
 
 class _BandedFunction(torch.autograd.Function):
@@ -529,9 +377,9 @@ class _BandedFunction(torch.autograd.Function):
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         B, _, Nq, _ = q.shape
         valid = pattern.key_valid(ke.shape[2], q.device)
-        parts = _global_parts(pattern, valid, B, Nq, ke.shape[2], compute_dtype(q.dtype), q.device)
+        parts = global_parts(pattern, valid, B, Nq, ke.shape[2], compute_dtype(q.dtype), q.device)
         out, lse = _band_all(q, ke, ve, valid, pattern, scale, fused, ex)
-        _merge_globals(out, lse, q, ke, ve, parts, scale, fused, ex)
+        merge_globals(out, lse, q, ke, ve, parts, scale, fused, ex)
         out_q = out.to(q.dtype)
         ctx.save_for_backward(q, ke, ve, out_q, lse)
         ctx.cfg = (pattern, scale, fused, Hkv, valid, parts, ex)
@@ -550,12 +398,12 @@ class _BandedFunction(torch.autograd.Function):
             delta = delta - dlse.to(ct)  # d lse / d s = P folds into the row term
             fused = False  # the fused backward computes its own rowsum and cannot take dlse
         lse_bwd = lse_for_recompute(lse)
-        global_rows = _global_row_flags(parts, q.shape[0], q.shape[2], q.device)  # (B, 1, Nq)
+        global_rows = global_row_flags(parts, q.shape[0], q.shape[2], q.device)  # (B, 1, Nq)
         dout_loc = dout.masked_fill(global_rows[..., None], 0.0)  # global rows: only the rows part
         delta_loc = delta.masked_fill(global_rows, 0.0)
         dq, dk, dv = _band_all_backward(dout_loc, q, k, v, out, lse_bwd, delta_loc, valid, pattern, scale, fused,
                                         ex)
-        _globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc, parts, scale,
+        globals_backward(dq, dk, dv, dout, dout_loc, q, k, v, out, lse_bwd, delta, delta_loc, parts, scale,
                           fused, ex)
         dk, dv = reduce_kv_grad(dk, Hkv), reduce_kv_grad(dv, Hkv)
         dtype = ctx.saved_tensors[0].dtype
