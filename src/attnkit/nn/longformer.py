@@ -30,6 +30,7 @@ from ..functional import attention, backends
 from ..masks import Mask, global_tokens, sliding_window
 from ..masks import key_padding as key_padding_mask  # forward's key_padding= argument is data, not this
 
+PROJECTIONS = ("query", "key", "value", "query_global", "key_global", "value_global")  # HF's names
 HF_MASK_HELP = ("attention_mask uses HF's user-facing convention: shape (B, N), 0 = padding, 1 = local "
                 "attention, 2 = global attention (LongformerModel's attention_mask * (global_attention_mask "
                 "+ 1)), not the extended 0 / -inf / +inf mask HF passes between layers")
@@ -163,6 +164,18 @@ class GlobalRows:
     mask: Mask | None  # key_padding(valid) over (G, N); None when every token is real
 
 
+@dataclass(frozen=True)
+class LongformerPass:
+    """What one call computed: the output and what its attention maps can be rebuilt from."""
+
+    out: Tensor  # (B, N, E) the layer's output
+    q: Tensor  # (B, H, N, D) local queries (query projection)
+    k: Tensor  # (B, H, N, D) local keys (key projection)
+    mask: Mask  # the local pass's mask over (N, N)
+    roles: TokenRoles
+    glob: GlobalRows | None  # None without global tokens
+
+
 # -- the module --------------------------------------------------------------------------------
 
 def _check_config(hidden_size: int, num_heads: int, attention_window: int, dropout: float, impl: str) -> None:
@@ -222,9 +235,19 @@ class LongformerSelfAttention(nn.Module):
         self.observers: list = []
 
     @classmethod
-    def from_hf(cls, hf_module: nn.Module, *, impl: str = "auto") -> LongformerSelfAttention:
+    def from_hf(cls, hf_module: nn.Module, *, impl: str = "auto",
+                share_weights: bool = False) -> LongformerSelfAttention:
         """Build from a ``transformers`` ``LongformerSelfAttention``: same sizes, window, dropout,
-        device, dtype and train/eval mode, weights copied (later changes to HF's do not leak in)."""
+        device, dtype and train/eval mode.
+
+        ``share_weights=False`` copies the weights (later changes to HF's do not leak in);
+        ``share_weights=True`` reuses HF's six ``nn.Linear`` submodules themselves (the same
+        Parameter objects: no copy, an optimizer built on either sees both).
+
+        Raises:
+            TypeError: hf_module is not transformers' LongformerSelfAttention (lacks its attributes).
+            ValueError: num_heads * head_dim != embed_dim.
+        """
         needed = ("num_heads", "head_dim", "embed_dim", "one_sided_attn_window_size", "dropout", "query")
         missing = [a for a in needed if not hasattr(hf_module, a)]
         if missing:
@@ -235,8 +258,13 @@ class LongformerSelfAttention(nn.Module):
                              f"embed_dim={hf_module.embed_dim}; attnkit needs embed_dim = num_heads * head_dim")
         w = hf_module.query.weight
         module = cls(hf_module.embed_dim, hf_module.num_heads, 2 * hf_module.one_sided_attn_window_size,
-                     dropout=hf_module.dropout, impl=impl, device=w.device, dtype=w.dtype)
-        module.load_state_dict(hf_module.state_dict())  # copies values into our own parameters
+                     dropout=hf_module.dropout, impl=impl, device="meta" if share_weights else w.device,
+                     dtype=w.dtype)
+        if share_weights:  # the meta placeholders are replaced by HF's own layers
+            for name in PROJECTIONS:
+                setattr(module, name, getattr(hf_module, name))
+        else:
+            module.load_state_dict(hf_module.state_dict())  # copies values into our own parameters
         return module.train(hf_module.training)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *,
@@ -266,8 +294,13 @@ class LongformerSelfAttention(nn.Module):
         """
         B, N = self._check_hidden(hidden_states)
         roles = token_roles(B, N, hidden_states.device, attention_mask, key_padding, global_indices)
+        return self._attend(hidden_states, roles).out
+
+    def _attend(self, x: Tensor, roles: TokenRoles) -> LongformerPass:
+        """The layer on checked hidden states x (B, N, E) and parsed roles; keeps what it computed
+        (the transformers integration rebuilds HF's ``output_attentions`` from it)."""
+        B, N, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
-        x = hidden_states
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # (B, H, N, D)
         # scale=None is 1/sqrt(D): HF divides q by sqrt(D) before q k^T, the same up to rounding
         mask = local_mask(self.one_sided_attn_window_size, roles)
@@ -279,7 +312,8 @@ class LongformerSelfAttention(nn.Module):
             observe(q, k, mask, roles, glob)
         if roles.valid is not None:  # HF zeroes the attention probabilities of padding queries
             out = out.masked_fill(~roles.valid[:, None, :, None], 0.0)  # (B, H, N, D)
-        return out.transpose(1, 2).reshape(B, N, self.embed_dim)  # (B, N, E)
+        out = out.transpose(1, 2).reshape(B, N, self.embed_dim)  # (B, N, E)
+        return LongformerPass(out, q, k, mask, roles, glob)
 
     def _global_rows(self, x: Tensor, roles: TokenRoles) -> GlobalRows:
         """The global projections: queries of the global tokens (by slot), keys and values of all."""
