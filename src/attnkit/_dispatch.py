@@ -146,6 +146,7 @@ def _triton_run(c: Call):
                           dropout_seed=c.dropout_seed)  # choose() ran why_not
 
 
+MATERIALIZE_ELEMENTS = 1 << 24  # B*Hq*Nq*Nk from which a materializing path is "long" (64 MiB of float32)
 BANDED_SPAN_LIMIT = 0.6  # auto takes banded while a query's window (+ one block) is <= 0.6 Nk
 SMALL_PROBLEM = 1 << 19  # Nq * Nk below which sdpa's one dense call beats banded's set-up
 
@@ -186,6 +187,24 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def _sdpa_dropout_why_not(c: Call) -> str | None:
+    """Why auto passes over sdpa for a long call with dropout on the CPU (``sdpa.drops_on_cpu``:
+    torch's math path materializes the probabilities) while tiled, banded or the kernels can run
+    it with the dropout mask drawn tile by tile."""
+    B, Hq, Nq, Nk = c.q.shape[0], c.q.shape[1], c.q.shape[2], c.k.shape[2]
+    if not _sdpa.drops_on_cpu(c.q, c.dropout_p) or B * Hq * Nq * Nk < MATERIALIZE_ELEMENTS:
+        return None
+    return (f"dropout_p={c.dropout_p} on the CPU: torch SDPA runs dropout only on its math path, which "
+            f"materializes the (B, Hq, Nq, Nk) = ({B}, {Hq}, {Nq}, {Nk}) probabilities; auto prefers a backend "
+            "that draws the dropout mask tile by tile")
+
+
+def materializes(c: Call, name: str) -> bool:
+    """Whether backend ``name`` builds an (Nq, Nk) matrix per sequence and head for this call."""
+    return name == "reference" or (name == "sdpa" and (_sdpa.needs_materializing(c.q, c.k, c.mask)
+                                                       or _sdpa.drops_on_cpu(c.q, c.dropout_p)))
+
+
 def reasons(c: Call) -> dict[str, str | None]:
     """Each backend's reason it cannot run this call (None: it can)."""
     return {name: b.why_not(c) for name, b in BACKENDS.items()}
@@ -198,6 +217,8 @@ def auto_reasons(c: Call) -> dict[str, str | None]:
         why["triton"] = _triton_auto_why_not(c)
     if all(why[name] is not None for name in ("triton", "banded", "tiled")):
         return why  # nothing skips the masked-out pairs: sdpa, even materializing, beats the reference
+    if why["sdpa"] is None:
+        why["sdpa"] = _sdpa_dropout_why_not(c)
     if why["sdpa"] is None and why["triton"] is None and _sdpa.needs_materializing(c.q, c.k, c.mask):
         why["sdpa"] = _sdpa_cuda_why_not(c)
         if why["sdpa"] is None:  # SDPA by the cost model: the CPU backends' rules below do not apply
@@ -223,7 +244,7 @@ def check_impl_name(impl: str) -> None:
 def choose(c: Call, impl: str) -> Backend:
     """The backend for ``impl`` (or the first capable one for "auto"); raises with reasons."""
     if impl == "auto":
-        if BACKENDS["sdpa"].why_not(c) is None and not _sdpa.needs_materializing(c.q, c.k, c.mask):
+        if BACKENDS["sdpa"].why_not(c) is None and not materializes(c, "sdpa"):
             return BACKENDS["sdpa"]  # first in AUTO_ORDER and nothing passes it over: the short path
         why = auto_reasons(c)
         for name in AUTO_ORDER:

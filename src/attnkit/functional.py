@@ -18,8 +18,8 @@ from .bias import Bias
 from .masks import Mask
 from .ops import dropout as _dropout
 from .ops import reference as _reference
+from .ops import sdpa as _sdpa
 from .ops.precision import compute_dtype, expand_kv
-from .ops.sdpa import needs_materializing as _sdpa_needs_materializing
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = None,
@@ -91,28 +91,25 @@ class MaterializationWarning(UserWarning):
     """``impl="auto"`` ran a long call on a path that builds an (Nq, Nk) matrix per sequence and head."""
 
 
-MATERIALIZE_WARN_ELEMENTS = 1 << 24  # B*Hq*Nq*Nk from which auto says so (64 MiB of float32 scores)
+MATERIALIZE_WARN_ELEMENTS = _dispatch.MATERIALIZE_ELEMENTS  # B*Hq*Nq*Nk from which auto says so
 _warned: set[tuple] = set()
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _materializes(call, chosen: str) -> bool:
-    return chosen == "reference" or (chosen == "sdpa" and _sdpa_needs_materializing(call.q, call.k, call.mask))
-
-
 def _warn_if_materializing(call, chosen: str) -> None:
     """Once per backend and set of refusals: auto could only run a long call on a path that builds
-    Nq x Nk (the reference; sdpa with a materialized mask), because no backend that skips the
-    masked-out pairs can run it (dropout with a structured mask, today)."""
+    Nq x Nk (the reference; sdpa with a materialized mask or with dropout on the CPU), because no
+    backend that avoids it can run the call."""
     B, Hq, Nq, Nk = call.q.shape[0], call.q.shape[1], call.q.shape[2], call.k.shape[2]
-    if B * Hq * Nq * Nk < MATERIALIZE_WARN_ELEMENTS or not _materializes(call, chosen):
+    if B * Hq * Nq * Nk < MATERIALIZE_WARN_ELEMENTS or not _dispatch.materializes(call, chosen):
         return
     refused = {n: r for n, r in _dispatch.reasons(call).items() if r is not None and n != chosen}
     key = (chosen, tuple(sorted(refused.items())))
     if key in _warned:
         return
     _warned.add(key)
-    what = "score matrix" if chosen == "reference" else "bool mask for torch SDPA"
+    what = ("score matrix" if chosen == "reference" else "probability matrix (torch SDPA's math path, for dropout)"
+            if not _sdpa.needs_materializing(call.q, call.k, call.mask) else "bool mask for torch SDPA")
     warnings.warn(
         f"ak.attention(impl='auto') runs this call on {chosen!r}, which materializes a (B, Hq, Nq, Nk) = "
         f"({B}, {Hq}, {Nq}, {Nk}) {what}, because the backends that skip masked-out pairs cannot run it: "

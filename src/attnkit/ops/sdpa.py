@@ -76,6 +76,14 @@ def needs_materializing(q: Tensor, k: Tensor, mask: Mask | None) -> bool:
     return not (mask is None or isinstance(mask, Dense) or _causal_without_mask(q, k, mask))
 
 
+def drops_on_cpu(q: Tensor, dropout_p: float) -> bool:
+    """True if torch SDPA would run this call with dropout on the CPU, where only its math path
+    takes dropout: it builds the (B, Hq, Nq, Nk) probabilities (measured 2026-11-30, torch 2.13,
+    2-core VM, B=1, H=12, N=4096, D=64: 30 s and 2.56 GB peak RSS with dropout_p=0.1, against
+    2.9 s and 248 MB without)."""
+    return dropout_p > 0 and q.device.type == "cpu"
+
+
 def _causal_without_mask(q: Tensor, k: Tensor, mask: Mask | None) -> bool:
     """Causal calls torch expresses without a mask tensor: Nq == Nk (``is_causal``), or one query
     (a decoding step: bottom-right aligned, it sees every key)."""
