@@ -158,7 +158,7 @@ def swap_longformer_attention(model: nn.Module, *, impl: str = "auto") -> nn.Mod
     Long-Document Transformer", section 3.1 (sliding window + global attention).
 
     Returns:
-        ``model``, changed in place.
+        ``model``, changed in place (a second call changes nothing).
 
     Raises:
         ValueError: ``model`` holds no transformers ``LongformerSelfAttention`` (for BERT / RoBERTa
@@ -172,7 +172,8 @@ def swap_longformer_attention(model: nn.Module, *, impl: str = "auto") -> nn.Mod
                          "LongformerSelfAttention use DropInLongformerSelfAttention.from_hf(module, "
                          "share_weights=True)")
     targets = [name for name, m in model.named_modules() if isinstance(m, HFSelfAttention)]
-    if not targets:
+    swapped = any(isinstance(m, DropInLongformerSelfAttention) for m in model.modules())
+    if not targets and not swapped:  # a second call on a swapped model changes nothing
         raise ValueError(f"swap_longformer_attention: {type(model).__name__} holds no transformers "
                          f"LongformerSelfAttention; for BERT/RoBERTa-style encoders use "
                          f"swap_encoder_attention(model, window=...)")
