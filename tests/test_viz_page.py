@@ -172,7 +172,7 @@ def test_progress_bar_on_a_terminal_and_nothing_in_a_log(monkeypatch):
     N = 40
     cap = run(N, B=1)
     layers, heads = len(cap.names), cap[cap.names[0]].shape[1]
-    total = layers * heads + layers  # every head's map, then one step per layer of the rollout
+    total = (layers * heads + layers * heads) * N  # the rows of every head's map, then of the rollout's maps
     tty = Terminal()
     monkeypatch.setattr(sys, "stderr", tty)
     want = page_data(cap, tokens(N))

@@ -52,9 +52,12 @@ def entropy_rows(probs: Tensor) -> Tensor:
     return -torch.where(p > 0, p * p.clamp(min=1e-300).log(), torch.zeros_like(p)).sum(-1)
 
 
-def distance_rows(probs: Tensor, query_positions: Tensor) -> Tensor:
-    """``sum_j p_ij |pos_i - j|`` of each row: (..., r, Nk), positions (r,) -> (..., r) float64."""
-    keys = torch.arange(probs.shape[-1], device=probs.device)
+def distance_rows(probs: Tensor, query_positions: Tensor, key_positions: Tensor | None = None) -> Tensor:
+    """``sum_j p_ij |pos_i - j|`` of each row: (..., r, Nk), positions (r,) -> (..., r) float64.
+    ``key_positions`` (Nk,): the key each column holds (default 0..Nk-1; a map scored at some keys
+    only, ``AttentionRecord.scored``)."""
+    keys = torch.arange(probs.shape[-1]) if key_positions is None else key_positions
+    keys = keys.to(probs.device)
     dist = (keys[None, :] - query_positions.to(probs.device)[:, None]).abs().double()  # (r, Nk)
     return (probs.double() * dist).sum(-1)
 

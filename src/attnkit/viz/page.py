@@ -20,7 +20,9 @@ The page has
 Long inputs (2,000+ tokens) stay usable because the page never holds N x N numbers: per query
 token it keeps the ``top_k`` strongest keys of each head (all keys for short inputs), and the
 thumbnails are block-pooled maps of at most ``overview`` x ``overview`` cells computed tile by tile
-(``AttentionRecord.pooled``); the browser draws only the rows on screen.
+(``AttentionRecord.pooled``); the browser draws only the rows on screen. Building it scores each
+block of query rows only against the keys its mask may allow (``attnkit.viz.tiles``): a windowed
+model's page takes time linear in N, not N^2 (the rollout, dense by nature, stops at 2048 tokens).
 
 Safety: token text and names travel as JSON inside the page and are put into the document with
 ``textContent`` only; ``<``, ``>`` and ``&`` are escaped in that JSON, and a Content-Security-Policy
@@ -90,11 +92,13 @@ def _self_attention_records(cap: Capture, layers: Sequence[str] | None):
 
 
 def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int, special: Tensor | None,
-                   valid: Tensor | None = None) -> tuple[MapSummary, tuple[float, float, float | None]]:
+                   valid: Tensor | None = None, bar=None) -> tuple[MapSummary, tuple[float, float, float | None]]:
     """One head of one record: top-k links, pooled map and (entropy, distance, special share), all
-    from one pass over the map, ROW_BLOCK query rows at a time (never N x N in memory). The
-    statistics average the rows that count: real queries (``valid`` (N,) bool, None = all) for
-    which this head attends somewhere, as ``attnkit.viz.analysis`` does."""
+    from one pass over the map, ROW_BLOCK query rows at a time (never N x N in memory), each block
+    scored only at the keys its mask may allow (``rec.scored``; every other key is an exact 0), so
+    a windowed map costs time linear in N. The statistics average the rows that count: real
+    queries (``valid`` (N,) bool, None = all) for which this head attends somewhere, as
+    ``attnkit.viz.analysis`` does. ``bar``: a progress bar advanced by the rows done."""
     N = rec.shape[2]
     k = min(top_k, N)
     top_idx = torch.empty(N, k, dtype=torch.long)
@@ -104,21 +108,25 @@ def summarize_head(rec, head: int, *, batch: int, top_k: int, block: int, specia
     pool = BlockPool((), N, N, block)
     for r0 in range(0, N, ROW_BLOCK):
         rows = torch.arange(r0, min(N, r0 + ROW_BLOCK))
-        w = rec.weights(rows=rows, heads=[head], batch=[batch]).double().cpu()  # (1, 1, r, N)
+        cols, w = rec.scored(rows=rows, heads=[head], batch=[batch], min_cols=k)  # w (1, 1, r, c)
+        w = w.double().cpu()
+        keys = torch.arange(N) if cols is None else cols  # (c,) the key each column holds
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"layer {rec.name!r}, head {head}: the attention map holds NaN or inf (rows "
                              f"{r0}..{int(rows[-1])}); the model's inputs or weights are not finite")
-        pool.add(rows, w[0, 0])
+        pool.add(rows, w[0, 0], cols)
         vals, idx = w[0, 0].topk(k, dim=-1)  # (r, k)
-        top_idx[rows], top_w[rows] = idx, vals
+        top_idx[rows], top_w[rows] = keys[idx], vals
         alive = (w[0, 0].sum(-1) > 0).double()  # (r,): rows that attend somewhere
         if valid is not None:
             alive = alive * valid[rows].double()
         totals[0] += (entropy_rows(w)[0, 0] * alive).sum()
-        totals[1] += (distance_rows(w, rows)[0, 0] * alive).sum()
+        totals[1] += (distance_rows(w, rows, keys)[0, 0] * alive).sum()
         if special is not None:
-            totals[2] += (special_rows(w, special[None])[0, 0] * alive).sum()
+            totals[2] += (special_rows(w, special[keys][None])[0, 0] * alive).sum()
         counted += float(alive.sum())
+        if bar is not None:
+            bar.update(len(rows))
     mean = (totals / max(counted, 1.0)).tolist()
     return MapSummary(top_idx, top_w, pool.result()), (mean[0], mean[1], mean[2] if special is not None else None)
 
@@ -133,14 +141,16 @@ def summarize_dense(m: Tensor, *, top_k: int, block: int) -> MapSummary:
 
 def _rollout(records, batch: int, bar=None) -> Tensor:
     """(N, N) rollout of the layers' head-mean maps for one batch element (``bar``: a progress bar
-    advanced once per layer)."""
+    advanced by N rows per head map)."""
     per_layer = []
     for rec in records:
-        H = rec.shape[1]
-        mean = sum(rec.weights(heads=[h], batch=[batch])[0, 0].double().cpu() for h in range(H)) / H  # (N, N)
-        per_layer.append(mean[None, None])
-        if bar is not None:
-            bar.update()
+        _, H, N, _ = rec.shape
+        mean = torch.zeros(N, N, dtype=torch.float64)
+        for h in range(H):
+            mean += rec.weights(heads=[h], batch=[batch])[0, 0].double().cpu()  # (N, N)
+            if bar is not None:
+                bar.update(N)
+        per_layer.append((mean / H)[None, None])
     return attention_rollout(per_layer)[0]
 
 
@@ -210,11 +220,12 @@ def _rollout_choice(rollout: bool | None, records, n: int) -> tuple[bool, str]:
 
 
 def _progress_bar(total: int, enabled: bool, n: int):
-    """A tqdm bar over the maps summarized, on stderr; tqdm leaves it out where stderr is not a
-    terminal (disable=None), so logs and pipes get no carriage-return lines."""
+    """A tqdm bar over the query rows of the maps summarized (``total``: maps x N), on stderr;
+    tqdm leaves it out where stderr is not a terminal (disable=None), so logs and pipes get no
+    carriage-return lines."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"attention page, {n} tokens", unit="map", file=sys.stderr, leave=False,
+    return tqdm(total=total, desc=f"attention page, {n} tokens", unit="row", file=sys.stderr, leave=False,
                 disable=None if enabled else True)
 
 
@@ -252,15 +263,15 @@ def page_data(cap: Capture, tokens: Sequence[str], *, layers: Sequence[str] | No
                              f"token, e.g. attention_mask[{batch}]), got {tuple(valid.shape)}")
 
     out_layers, stats = [], {"entropy": [], "distance": [], "special": [] if flags is not None else None}
-    bar = _progress_bar(len(records) * (len(heads) + rollout), progress, N)
+    maps = len(records) * len(heads) + (sum(rec.shape[1] for rec in records) if rollout else 0)
+    bar = _progress_bar(maps * N, progress, N)  # every summarized map's rows, then the rollout's head maps
     for rec in records:
         summaries, per_head = [], []
         for h in heads:
             summary, numbers = summarize_head(rec, h, batch=batch, top_k=top_k, block=block, special=flags,
-                                              valid=valid)
+                                              valid=valid, bar=bar)
             summaries.append(summary)
             per_head.append(numbers)
-            bar.update()
         out_layers.append({"name": rec.name or "(the model)", "index": cap.names.index(rec.name), "heads": heads,
                            **_pack_maps(summaries, N)})
         stats["entropy"].append([p[0] for p in per_head])
@@ -292,8 +303,9 @@ def render_html(cap: Capture, tokens: Sequence[str], **options) -> str:
       N <= 2048; the page's note gives the reason when it is left out);
     - ``focus``: a token pinned when the page opens; ``title``: the page's title;
     - ``notices``: lines shown at the top of the page, e.g. that the input was cut short;
-    - ``progress``: a tqdm progress bar on stderr while the maps are summarized (only where stderr
-      is a terminal; nothing is written to logs or pipes).
+    - ``progress``: a tqdm progress bar on stderr while the maps are summarized, counting query
+      rows (each shown head's map, then each head map the rollout needs: N rows apiece); only
+      where stderr is a terminal, nothing is written to logs or pipes.
     """
     data = page_data(cap, tokens, **options)
     script = _asset("page.js")
