@@ -1,4 +1,5 @@
-"""``attnkit viz TEXT --out maps.html --png maps.png``: the real all-MiniLM-L6-v2's attention on TEXT.
+"""``attnkit viz TEXT --out maps.html --png maps.png``: the real all-MiniLM-L6-v2's attention on TEXT,
+or, with ``--model DIR``, the attention of any local transformers checkpoint.
 
     attnkit viz "The boat drifted to the bank of the river." --out maps.html  # the interactive page
     attnkit viz "The boat drifted to the bank of the river." --png maps.png   # 6 layers x 12 heads
@@ -17,6 +18,15 @@ For long inputs the page shows a tqdm progress bar while it summarizes the maps 
 
 The model runs through ``attnkit.pretrained.load_bert``; ``attnkit.viz.capture`` records each
 layer's q and k, and only the maps the picture needs are computed.
+
+``--model DIR``: a local checkpoint folder as ``save_pretrained`` writes it (config.json, weights in
+``*.safetensors``, the tokenizer's files), loaded offline (``local_files_only``) with transformers'
+``AutoModel`` / ``AutoTokenizer`` and ``attn_implementation="attnkit"``, so that every attention call
+is recorded (``attnkit.integrations.transformers.observing``); layers are named as the model names
+them ("layers.0.self_attn"). Weights load only from safetensors: a folder with only pickled weights
+(``pytorch_model.bin``) is refused, since unpickling can run code. The text is cut at the model's
+length (the tokenizer's ``model_max_length`` or the config's ``max_position_embeddings``, the
+smaller), with the same warning as above.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, help="only this layer (0-based)")
     p.add_argument("--head", type=int, help="only this head (0-based; for --png it needs --layer)")
     p.add_argument("--token", help="draw what this token (a word piece, or its index) attends to")
+    p.add_argument("--model", metavar="DIR", help="a local transformers checkpoint folder (config.json, *.safetensors "
+                                                  "weights, tokenizer files) to show instead of the bundled "
+                                                  "all-MiniLM-L6-v2; loaded offline, safetensors only")
 
 
 def _token_index(token: str, tokens: list[str]) -> int:
@@ -104,11 +119,11 @@ def _shown_text(tokenizer, text: str) -> tuple[str, str | None]:
 TITLE_HEAD, TITLE_TAIL = 80, 40  # characters of a long text's start and end in the page's title
 
 
-def _title(shown: str, cut_at: int | None) -> str:
-    """The page's title: the text the model read (its start and end when long), and where it was cut."""
+def _title(shown: str, cut_at: int | None, model: str = "all-MiniLM-L6-v2") -> str:
+    """The page's title: the model, the text it read (its start and end when long), and where it was cut."""
     if len(shown) > TITLE_HEAD + TITLE_TAIL + 5:
         shown = f"{_excerpt(shown, TITLE_HEAD)} ... {_excerpt(shown, -TITLE_TAIL)}"
-    return f"all-MiniLM-L6-v2 attention: {shown}" + ("" if cut_at is None else f" [cut at {cut_at} positions]")
+    return f"{model} attention: {shown}" + ("" if cut_at is None else f" [cut at {cut_at} positions]")
 
 
 def _excerpt(text: str, n: int) -> str:
@@ -136,19 +151,40 @@ def _ellipsis(text: str, n: int) -> str:
     return _excerpt(text, n) + "..." if n > 0 else "..." + _excerpt(text, n)
 
 
-def run_viz(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Shown:
+    """A model's forward pass on the text, captured: what the page and the pictures need."""
+
+    cap: object  # attnkit.viz.Capture
+    tokens: list[str]  # one label per position
+    special: list[int]  # positions of special tokens ([CLS], [SEP], <s>, ...)
+    text: str  # the part of the text the model read
+    warning: str | None  # what was cut, or None
+    model: str  # the model's name in the title
+
+
+def _run_minilm(text: str) -> Shown:
+    """The bundled all-MiniLM-L6-v2 through ``attnkit.pretrained.load_bert``."""
     from ..pretrained import load_bert, minilm_path
     from ..viz import capture
 
-    _check_outputs(args)  # before the model: a bad path costs a second, not the run
     bundle = load_bert(minilm_path())
-    ids, valid = bundle.encode([args.text])  # (1, N)
-    tokens = bundle.tokens(args.text)
-    shown, warning = _shown_text(bundle.tokenizer, args.text)
-    if warning is not None:
-        print(f"attnkit viz: warning: {warning}", file=sys.stderr)
+    ids, valid = bundle.encode([text])  # (1, N)
+    tokens = bundle.tokens(text)
+    shown, warning = _shown_text(bundle.tokenizer, text)
     with torch.no_grad(), capture(bundle.model) as cap:
         bundle.model(ids, valid)
+    special = [i for i, t in enumerate(tokens) if t in ("[CLS]", "[SEP]")]
+    return Shown(cap, tokens, special, shown, warning, "all-MiniLM-L6-v2")
+
+
+def run_viz(args: argparse.Namespace) -> int:
+    _check_outputs(args)  # before the model: a bad path costs a second, not the run
+    folder = None if args.model is None else checkpoint_folder(args.model)
+    run = _run_minilm(args.text) if folder is None else _run_checkpoint(folder, args.text)
+    if run.warning is not None:
+        print(f"attnkit viz: warning: {run.warning}", file=sys.stderr)
+    cap, tokens = run.cap, run.tokens
     L, H = len(cap.names), cap[cap.names[0]].shape[1]
     _check_range("layer", args.layer, L)
     _check_range("head", args.head, H)
@@ -156,24 +192,87 @@ def run_viz(args: argparse.Namespace) -> int:
     heads = list(range(H)) if args.head is None else [args.head]
     query = None if args.token is None else _token_index(args.token, tokens)
     if args.out is not None:
-        _write_page(cap, tokens, layers, heads, query, args.out, shown, warning)
+        _write_page(run, layers, heads, query, args.out)
     if args.png is not None:
         _write_picture(cap, tokens, layers, heads, query, args.png, (L, H))
     return 0
 
 
-def _write_page(cap, tokens: list[str], layers: list[int], heads: list[int], query: int | None, out: str,
-                shown: str, warning: str | None) -> None:
-    """The page; ``shown`` is the text the model read (its title), ``warning`` says what was cut."""
+def _write_page(run: Shown, layers: list[int], heads: list[int], query: int | None, out: str) -> None:
+    """The page; its title names the model and the text it read, its notice what was cut."""
     from ..viz.page import SHORT, write_html
 
-    special = [i for i, t in enumerate(tokens) if t in ("[CLS]", "[SEP]")]
-    title = _title(shown, len(tokens) if warning else None)
-    path = write_html(cap, tokens, out, layers=[cap.names[l_i] for l_i in layers], heads=heads, special=special,
+    cap, tokens, warning = run.cap, run.tokens, run.warning
+    title = _title(run.text, len(tokens) if warning else None, run.model)
+    path = write_html(cap, tokens, out, layers=[cap.names[l_i] for l_i in layers], heads=heads, special=run.special,
                       focus=query, title=title, notices=[f"Input cut short: {warning}."] if warning else [],
                       progress=len(tokens) > SHORT)
     print(f"wrote {path} ({len(tokens)} tokens, layers {layers}, heads {heads}; open it in a browser, "
           "no network needed)")
+
+
+# -- a local transformers checkpoint (--model DIR) ------------------------------------------------
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weight files that unpickle: never loaded
+
+
+def checkpoint_folder(folder: str) -> Path:
+    """``--model DIR`` checked before anything loads: a folder with config.json and safetensors weights.
+
+    Raises:
+        ValueError: not a folder, no config.json, or no ``*.safetensors`` (only pickled weights, or
+            none); the message says what to do.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        got = "a file" if path.exists() else "nothing there"
+        raise ValueError(f"--model {folder!r}: expected a local checkpoint folder (config.json, *.safetensors "
+                         f"weights, tokenizer files, as save_pretrained writes them), got {got}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {folder!r}: the folder has no config.json; expected a transformers checkpoint "
+                         "saved with save_pretrained")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLED)
+        what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+        raise ValueError(f"--model {folder!r}: the folder holds {what} and no *.safetensors file; attnkit viz "
+                         "loads safetensors only (unpickling a .bin file can run code). Convert it once, where you "
+                         "trust the file: model.save_pretrained(folder, safe_serialization=True)")
+    return path
+
+
+def _run_checkpoint(folder: Path, text: str) -> Shown:
+    """The checkpoint's forward pass on ``text``, captured (transformers, offline, attnkit attention)."""
+    from ..integrations import transformers as akt  # registers attn_implementation="attnkit"
+    from ..viz import capture
+    # transformers' Auto classes are imported here only (the integration has no loader yet).
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, attn_implementation=akt.NAME, local_files_only=True, use_safetensors=True,
+                                      dtype=torch.float32).eval()
+    limit = min(int(tokenizer.model_max_length), getattr(model.config, "max_position_embeddings", None) or 2 ** 62)
+    enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")
+    ids = enc["input_ids"][:1]  # (1, N)
+    shown, warning = _checkpoint_cut(tokenizer, text, ids[0].tolist(), limit)
+    with torch.no_grad(), capture(model) as cap:
+        model(input_ids=ids, attention_mask=enc["attention_mask"][:1])
+    special_ids = set(tokenizer.all_special_ids)
+    special = [i for i, t in enumerate(ids[0].tolist()) if t in special_ids]
+    tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(ids[0].tolist())]
+    return Shown(cap, tokens, special, shown, warning, folder.resolve().name)
+
+
+def _checkpoint_cut(tokenizer, text: str, ids: list[int], limit: int) -> tuple[str, str | None]:
+    """The part of ``text`` the model reads (``ids``, cut at ``limit`` positions) and a warning
+    saying how much was left out, or (text, None)."""
+    total = len(tokenizer(text, truncation=False)["input_ids"])
+    if total <= len(ids):
+        return text, None
+    special = set(tokenizer.all_special_ids)
+    shown = tokenizer.decode([t for t in ids if t not in special]).strip()
+    return shown, (f"the text is {total} tokens, special tokens included, but the model reads at most {limit} "
+                   f"positions: only the first {len(ids)} are shown, up to {_ellipsis(shown, -40)!r}; the rest is "
+                   "left out. Shorten the text or split it into parts")
 
 
 def _write_picture(cap, tokens: list[str], layers: list[int], heads: list[int], query: int | None, png: str,
