@@ -264,7 +264,7 @@ def test_tied_config_with_a_separate_head_is_refused():
 
 @pytest.mark.parametrize("change, message", [
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, r"rope_type='llama3'"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, r"rope_type='linear'"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}}, r"rope_type='longrope'"),
     ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}}, r"has no 'rope_theta'"),
     ({"hidden_act": "gelu"}, r"hidden_act'\] = 'gelu'"),
     ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, r"layer_types"),

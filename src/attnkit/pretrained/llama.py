@@ -1,8 +1,9 @@
 """Llama-style decoder weights (Hugging Face names) -> an ``attnkit.nn.DecoderLM``.
 
 Covers the Llama family as ``transformers.LlamaForCausalLM`` computes it: RMSNorm pre-norm blocks,
-RoPE in the half-split ("rotate_half") layout, grouped-query attention, SwiGLU feed-forward, an
-optional tied LM head; and Mistral's sliding-window attention (``sliding_window`` in the config).
+RoPE in the half-split ("rotate_half") layout with its long-context scalings (``rope_type`` linear,
+dynamic, yarn, llama3: Llama 3.x, CodeLlama, YaRN fine-tunes), grouped-query attention, SwiGLU
+feed-forward, an optional tied LM head; and Mistral's sliding-window attention.
 
 The model is composed from attnkit parts, one HF module per part::
 
@@ -13,8 +14,9 @@ The model is composed from attnkit parts, one HF module per part::
     model.layers.i.mlp.{gate,up,down}_proj    -> blocks.i.ffn.*          SwiGLU
     model.norm, lm_head                       -> norm, lm_head
 
-Anything the config asks for that these parts do not compute (other RoPE scalings, activations,
-per-layer attention types) is refused with a ``CheckpointError`` rather than loaded approximately.
+Anything the config asks for that these parts do not compute (other RoPE types such as longrope,
+partial rotary, activations, per-layer attention types) is refused with a ``CheckpointError``
+rather than loaded approximately.
 
 Legend: E hidden size, Hq / Hkv query / kv heads, D head dim, I intermediate size, V vocabulary,
 W sliding window (keys a query sees, itself included, HF's convention).
@@ -42,6 +44,7 @@ from ..nn import (
     SwiGLU,
     TokenEmbeddings,
 )
+from ..nn.positional import RopeScaling
 from ._checkpoint import CheckpointError, config_value, load_checked, read_safetensors
 
 _ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
@@ -60,6 +63,7 @@ class LlamaArchitecture:
     intermediate_size: int  # I
     rms_norm_eps: float
     rope_theta: float
+    rope_scaling: RopeScaling = RopeScaling()  # linear, dynamic, yarn, llama3 (default: none)
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q, k, v and o projections (Llama's rule: all four or none)
     mlp_bias: bool = False
@@ -84,30 +88,45 @@ def _optional(cfg: Mapping, key: str, kind: type, default):
     return default if cfg.get(key) is None else config_value(cfg, key, kind)
 
 
-def _rope_theta(cfg: Mapping) -> float:
-    """The RoPE base, from transformers 5.x ``rope_parameters`` or older ``rope_theta`` / ``rope_scaling``.
-
-    Only the original RoPE ("default") is computed by ``RotaryEmbedding``; scaled variants (linear,
-    dynamic, yarn, llama3, ...) change the frequencies and are refused.
-    """
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+def _rope_dict(cfg: Mapping) -> dict:
+    """One RoPE dict with its base, from transformers 5.x ``rope_parameters`` or older ``rope_theta`` +
+    ``rope_scaling``; ``rope_scaling`` wins and top-level values fill gaps, as in transformers."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(params, Mapping):
         raise CheckpointError(f"config rope parameters = {params!r}; expected a dict like "
                               "{'rope_type': 'default', 'rope_theta': 10000.0}")
+    if any(isinstance(value, Mapping) for value in params.values()):  # per-layer-type dicts (Gemma 3, ...)
+        raise CheckpointError(f"config['rope_parameters'] = {dict(params)} has no 'rope_theta' of its own: one RoPE "
+                              "per layer type; load_llama builds every layer alike and expected "
+                              "{'rope_type': ..., 'rope_theta': ...}")
+    params = dict(params)
+    params.setdefault("rope_theta", _optional(cfg, "rope_theta", float, 10000.0))  # transformers' default base
+    if cfg.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    if cfg.get("original_max_position_embeddings") is not None:  # top level wins (transformers, for Phi-3)
+        params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    return params
+
+
+def _rope(cfg: Mapping) -> tuple[float, RopeScaling]:
+    """RoPE's base and scaling (default, linear, dynamic, yarn, llama3), read as transformers reads them.
+
+    Partial rotary is refused: transformers' Llama ignores ``partial_rotary_factor`` for the plain
+    RoPE (it rotates the whole head) and fails for the scaled ones, so there are no logits to match.
+    """
+    params = _rope_dict(cfg)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"config asks for rope_type={rope_type!r} ({dict(params)}); attnkit's "
-                              "RotaryEmbedding computes only the original RoPE (rope_type='default'). "
-                              "Scaled RoPE variants are not supported by load_llama")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError(f"config has partial_rotary_factor={params['partial_rotary_factor']}; "
-                              "Llama rotates the whole head (factor 1.0), load_llama supports only that")
-    if cfg.get("rope_parameters"):  # 5.x keeps the base inside (per-layer-type dicts have none: refused)
-        if "rope_theta" not in params:
-            raise CheckpointError(f"config['rope_parameters'] = {dict(params)} has no 'rope_theta'; expected "
-                                  "{'rope_type': 'default', 'rope_theta': ...} (one RoPE for every layer)")
-        return config_value(params, "rope_theta", float)
-    return _optional(cfg, "rope_theta", float, 10000.0)  # older configs; transformers' default base
+    try:
+        scaling = RopeScaling.from_dict(params, max_position_embeddings=_optional(
+            cfg, "max_position_embeddings", int, None))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"config rope parameters {params} (rope_type={rope_type!r}): {err}") from None
+    if scaling.partial_rotary_factor != 1.0:
+        raise CheckpointError(f"config has partial_rotary_factor={scaling.partial_rotary_factor}; Llama rotates the "
+                              "whole head (transformers' LlamaForCausalLM ignores the factor for the plain RoPE and "
+                              "fails for scaled ones), so load_llama supports only 1.0. For a model that rotates part "
+                              "of each head build RotaryEmbedding(head_dim, scaling=RopeScaling(...)) directly")
+    return config_value(params, "rope_theta", float), scaling
 
 
 def _sliding_window(cfg: Mapping) -> int | None:
@@ -131,6 +150,7 @@ def llama_architecture(config) -> LlamaArchitecture:
         raise CheckpointError(f"config['hidden_act'] = {act!r}; Llama's SwiGLU needs 'silu', the only "
                               "activation load_llama supports")
     hidden, heads = config_value(cfg, "hidden_size"), config_value(cfg, "num_attention_heads")
+    rope_theta, rope_scaling = _rope(cfg)
     head_dim = _optional(cfg, "head_dim", int, None)
     if head_dim is None:
         if hidden % heads:
@@ -142,7 +162,8 @@ def llama_architecture(config) -> LlamaArchitecture:
         num_layers=config_value(cfg, "num_hidden_layers"), num_heads=heads,
         num_kv_heads=_optional(cfg, "num_key_value_heads", int, heads), head_dim=head_dim,
         intermediate_size=config_value(cfg, "intermediate_size"),
-        rms_norm_eps=_optional(cfg, "rms_norm_eps", float, 1e-6), rope_theta=_rope_theta(cfg),
+        rms_norm_eps=_optional(cfg, "rms_norm_eps", float, 1e-6), rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         tie_word_embeddings=_optional(cfg, "tie_word_embeddings", bool, False),
         attention_bias=_optional(cfg, "attention_bias", bool, False),
         mlp_bias=_optional(cfg, "mlp_bias", bool, False), sliding_window=_sliding_window(cfg),
@@ -163,7 +184,8 @@ def _block(arch: LlamaArchitecture, impl: str) -> PreNormBlock:
     attn = MultiHeadAttention(E, arch.num_heads, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
                               bias=arch.attention_bias, out_bias=arch.attention_bias,
                               dropout=arch.attention_dropout, impl=impl,
-                              positional=RotaryEmbedding(arch.head_dim, base=arch.rope_theta))
+                              positional=RotaryEmbedding(arch.head_dim, base=arch.rope_theta,
+                                                         scaling=arch.rope_scaling))
     ffn = SwiGLU(E, arch.intermediate_size, bias=arch.mlp_bias)
     return PreNormBlock(attn, ffn, RMSNorm(E, arch.rms_norm_eps), RMSNorm(E, arch.rms_norm_eps))
 
@@ -192,7 +214,7 @@ _LAYER_PARTS = {
     "self_attn.o_proj": "attn.out_proj", "mlp.gate_proj": "ffn.gate_proj", "mlp.up_proj": "ffn.up_proj",
     "mlp.down_proj": "ffn.down_proj", "input_layernorm": "norm1", "post_attention_layernorm": "norm2",
 }
-_SKIPPED = re.compile(r".*rotary_emb\.(inv_freq|original_inv_freq)$")  # recomputed from rope_theta
+_SKIPPED = re.compile(r".*rotary_emb\.(inv_freq|original_inv_freq)$")  # recomputed from the rope parameters
 
 
 def hf_names(model: DecoderLM) -> dict[str, str]:
@@ -248,11 +270,13 @@ def load_llama(state_dict: Mapping[str, Tensor] | str | os.PathLike, config, *, 
             ``.safetensors`` file. Pickled files (.bin, .pt) are refused, never unpickled.
         config: a transformers ``LlamaConfig`` / ``MistralConfig`` (any ``PretrainedConfig``) or
             its dict (config.json). Both transformers 5.x ``rope_parameters`` and the older
-            ``rope_theta`` / ``rope_scaling`` are read.
+            ``rope_theta`` / ``rope_scaling`` are read; rope_type default, linear, dynamic, yarn
+            and llama3 are computed as transformers does (``attnkit.nn.positional.RopeScaling``).
         impl: the attention backend of every layer (``attnkit.backends()`` or "auto").
 
     Raises ``CheckpointError`` naming the key and both shapes when the weights do not fit the config,
-    and when the config asks for something load_llama does not compute (scaled RoPE, non-SiLU MLP).
+    and when the config asks for something load_llama does not compute (another rope_type, partial
+    rotary, non-SiLU MLP) or its rope parameters are incomplete (naming the missing key).
     The model is float32 on the CPU, built without a random initialization; weights read from a
     file become its parameters without a second copy, a caller's state dict is copied. Call
     ``.to(dtype/device)`` on the result for other precisions.
