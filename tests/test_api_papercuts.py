@@ -126,22 +126,35 @@ def _materialization_warnings(calls) -> list[warnings.WarningMessage]:
     return [w for w in caught if issubclass(w.category, ak.MaterializationWarning)]
 
 
-def test_dropout_with_a_structured_mask_takes_sdpa_not_the_reference(monkeypatch):
-    """Neither tiled nor banded runs dropout: auto takes torch's SDPA with the mask materialized as
-    bool (cheaper than the reference's float score matrix) and says so once, whatever N."""
+def _grad_bias(N=2048) -> torch.Tensor:
+    """A dense bias that requires grad: tiled refuses it (no bias gradient), banded takes no bias."""
+    return torch.zeros(1, 1, N, N, requires_grad=True)
+
+
+def test_dropout_with_a_structured_mask_takes_tiled_and_does_not_warn(monkeypatch):
+    """tiled draws the dropout mask per tile (ops/dropout.py): auto takes it, nothing materialized."""
     monkeypatch.setattr(functional, "_warned", set())
-    assert ak.explain(**_dropout_call()).chosen == "sdpa"
-    caught = _materialization_warnings([_dropout_call(), _dropout_call(), _dropout_call(N=2300)])
+    assert ak.explain(**_dropout_call()).chosen == "tiled"
+    assert _materialization_warnings([_dropout_call(), _dropout_call(N=2300)]) == []
+
+
+def test_dropout_that_only_sdpa_can_run_warns_once(monkeypatch):
+    """With a bias that requires grad only torch SDPA (its math path, for dropout on the CPU) or
+    the reference can run a dropout call: auto takes SDPA and says so once."""
+    monkeypatch.setattr(functional, "_warned", set())
+    calls = [_dropout_call(bias=_grad_bias()), _dropout_call(bias=_grad_bias())]
+    assert ak.explain(**calls[0]).chosen == "sdpa"
+    caught = _materialization_warnings(calls)
     assert len(caught) == 1, [str(w.message) for w in caught]
     msg = str(caught[0].message)
     assert "runs this call on 'sdpa', which materializes a (B, Hq, Nq, Nk) = (1, 4, 2048, 2048) bool mask" in msg
-    assert "tiled: dropout_p=0.1: tiled does not implement dropout" in msg
+    assert "tiled: bias requires grad" in msg
     assert caught[0].filename == __file__  # points at the caller, not into attnkit
 
 
 def test_the_reference_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(functional, "_warned", set())
-    call = _dropout_call(return_lse=True)  # sdpa's lse kernel takes no dropout: only the reference runs it
+    call = _dropout_call(return_lse=True, bias=_grad_bias())  # sdpa's lse kernel takes no dropout, tiled no bias grad
     assert ak.explain(**{k: v for k, v in call.items()}).chosen == "reference"
     caught = _materialization_warnings([call, call])
     assert len(caught) == 1 and "on 'reference', which materializes" in str(caught[0].message)
@@ -154,7 +167,7 @@ def test_the_warning_points_at_user_code_through_modules(monkeypatch):
     x = torch.randn(1, 2048, 64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mha(x, mask=ak.document(torch.arange(2048) // 500))
+        mha(x, mask=ak.document(torch.arange(2048) // 500), bias=_grad_bias())
     mine = [w for w in caught if issubclass(w.category, ak.MaterializationWarning)]
     assert len(mine) == 1 and mine[0].filename == __file__, [(w.filename, w.lineno) for w in mine]
 

@@ -135,8 +135,9 @@ def test_explicit_impl_never_falls_back():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="impl='sdpa' cannot run this call: bias alibi.* is structured"):
         ak.attention(q, k, v, bias=ak.alibi(2), impl="sdpa")
-    with pytest.raises(ValueError, match="impl='tiled' cannot run this call: dropout_p=0.1: tiled does not"):
-        ak.attention(q, k, v, dropout_p=0.1, impl="tiled")
+    bias = torch.zeros(1, 1, q.shape[2], k.shape[2], requires_grad=True)
+    with pytest.raises(ValueError, match="impl='tiled' cannot run this call: bias requires grad: tiled does not"):
+        ak.attention(q, k, v, bias=bias, impl="tiled")
 
 
 def test_padding_and_documents_must_fit():

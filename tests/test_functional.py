@@ -26,7 +26,7 @@ def test_explain_names_the_choice_and_every_reason():
     text = str(ak.explain(q, q, q, bias=ak.alibi(2)))
     assert "auto picks: tiled" in text and "why not: bias alibi" in text
     assert ak.explain(q, q, q, dropout_p=0.1).chosen == "sdpa"
-    assert ak.explain(q, q, q, dropout_p=0.1, mask=ak.causal(), bias=ak.alibi(2)).chosen == "reference"
+    assert ak.explain(q, q, q, dropout_p=0.1, mask=ak.causal(), bias=ak.alibi(2)).chosen == "tiled"  # mask per tile
     assert list(ak.backends()) == ["sdpa", "triton", "banded", "tiled", "reference"]
 
 
