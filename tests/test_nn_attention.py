@@ -202,3 +202,22 @@ def test_swiglu_formula():
     gate, up = x @ f.gate_proj.weight.T, x @ f.up_proj.weight.T
     want = (gate * torch.sigmoid(gate) * up) @ f.down_proj.weight.T
     close(f(x), want)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "tiled"])
+def test_softcap_caps_the_scores_before_the_mask(impl):
+    """MultiHeadAttention(softcap=c): softmax(c * tanh(q k^T * scale / c) + mask) v, by hand."""
+    torch.manual_seed(0)
+    mha = aknn.MultiHeadAttention(32, 4, softcap=3.0, impl=impl).double()
+    x = torch.randn(2, 11, 32, dtype=torch.float64) * 4
+    out = mha(x, mask=ak.causal())
+    q, k, v = (p(x).view(2, 11, 4, 8).transpose(1, 2) for p in (mha.q_proj, mha.k_proj, mha.v_proj))
+    s = 3.0 * torch.tanh(q @ k.transpose(-1, -2) / 8 ** 0.5 / 3.0)
+    s = s.masked_fill(~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf"))
+    want = mha.out_proj((torch.softmax(s, -1) @ v).transpose(1, 2).flatten(2))
+    assert torch.allclose(out, want, atol=1e-10)
+    plain = aknn.MultiHeadAttention(32, 4, impl=impl).double()
+    plain.load_state_dict(mha.state_dict())
+    assert (plain(x, mask=ak.causal()) - out).abs().max() > 1e-2  # the cap matters at these scores
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        aknn.MultiHeadAttention(32, 4, softcap=0.0)

@@ -176,12 +176,15 @@ class MultiHeadAttention(nn.Module):
         impl: the ``attnkit.attention`` backend ("auto" picks).
         positional: RoPE or ALiBi (``AttentionPositional``), or None.
         scale: score scale (default 1/sqrt(D)).
+        softcap: cap the scores at ±softcap, ``softcap * tanh(scores / softcap)`` before the mask and
+            bias (Gemma 2's ``attn_logit_softcapping``; ``attnkit.attention``'s softcap). None: no cap.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, kdim: int | None = None, vdim: int | None = None,
                  bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0, impl: str = "auto",
-                 positional: AttentionPositional | None = None, scale: float | None = None):
+                 positional: AttentionPositional | None = None, scale: float | None = None,
+                 softcap: float | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
@@ -189,6 +192,8 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"MultiHeadAttention: {name} must be an int >= 1, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiHeadAttention: dropout must lie in [0, 1), got {dropout}")
+        if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+            raise ValueError(f"MultiHeadAttention: softcap must be a finite number > 0 or None, got {softcap!r}")
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
@@ -202,6 +207,7 @@ class MultiHeadAttention(nn.Module):
         _check_positional_fits(positional, num_heads, head_dim)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.dropout, self.impl, self.scale, self.positional = dropout, impl, scale, positional
+        self.softcap = None if softcap is None else float(softcap)
         self.observers: list = []  # callables (q, k, mask, bias, scale), set by attnkit.viz.capture
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(kdim or embed_dim, num_kv_heads * head_dim, bias=bias)
@@ -266,7 +272,7 @@ class MultiHeadAttention(nn.Module):
         bias = self._bias(bias) if memory is None else bias
         for observe in self.observers:  # attnkit.viz.capture: keeps q, k; computes nothing here
             observe(q, k, mask, bias, self.scale)
-        out = attention(q, k, v, mask=mask, bias=bias, scale=self.scale,
+        out = attention(q, k, v, mask=mask, bias=bias, scale=self.scale, softcap=self.softcap,
                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)  # (B, Hq, N, D)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
 
@@ -337,4 +343,4 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, impl={self.impl!r}")
+                f"head_dim={self.head_dim}, impl={self.impl!r}" + ("" if self.softcap is None else f", softcap={self.softcap}"))
