@@ -18,6 +18,12 @@ Caches and ``generate`` work: transformers appends to the cache before the atten
 the mask interface is given the cache's offsets (bottom-right aligned as attnkit's masks are).
 The attention weights are not returned (``output_attentions`` gets None, as with sdpa); use
 ``attnkit.viz.capture(model)``, which records the layers' calls through ``observing``.
+``explain_model(model, inputs)`` says, per layer, how its mask was translated and which backend
+``auto`` picks and why.
+
+transformers' Longformer does not use the attention interface: ``swap_longformer_attention(model)``
+puts attnkit's Longformer attention in its place, and ``swap_encoder_attention(model, window=...)``
+makes a BERT/RoBERTa encoder attend Longformer-style with its own weights (``longformer.py``).
 
 Legend: B batch, Hq / Hkv query / key-value heads, Nq / Nk queries / keys, D head dim.
 """
@@ -182,5 +188,7 @@ def explain_model(model: nn.Module, *args: object, **kwargs: object) -> list[Lay
 
 register()
 
+from .longformer import swap_encoder_attention, swap_longformer_attention  # noqa: E402  (after register)
+
 __all__ = ["NAME", "AttentionCall", "LayerMask", "LayerExplanation", "attention_forward", "explain_model", "mask_interface",
-           "observing", "register", "translate"]
+           "observing", "register", "swap_encoder_attention", "swap_longformer_attention", "translate"]
