@@ -207,3 +207,9 @@ def test_viz_model_refuses_pickled_weights_without_loading_them(checkpoint, tmp_
     assert not (tmp_path / "p.html").exists()
     assert main(["viz", "the boat", "--model", str(tmp_path / "missing")]) == 2
     assert "expected a local checkpoint folder" in capsys.readouterr().err
+    bare = tmp_path / "bare"  # weights but no tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((folder / name).read_bytes())
+    assert main(["viz", "the boat", "--model", str(bare), "--out", str(tmp_path / "p.html")]) == 2
+    assert "no tokenizer could be loaded from the folder" in capsys.readouterr().err

@@ -214,14 +214,16 @@ def _write_page(run: Shown, layers: list[int], heads: list[int], query: int | No
 # -- a local transformers checkpoint (--model DIR) ------------------------------------------------
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weight files that unpickle: never loaded
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "spiece.model")  # one of these: the folder has a tokenizer
 
 
 def checkpoint_folder(folder: str) -> Path:
     """``--model DIR`` checked before anything loads: a folder with config.json and safetensors weights.
 
     Raises:
-        ValueError: not a folder, no config.json, or no ``*.safetensors`` (only pickled weights, or
-            none); the message says what to do.
+        ValueError: not a folder, no config.json, no tokenizer files, or no ``*.safetensors``
+            (only pickled weights, or none); the message says what to do.
     """
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -237,7 +239,14 @@ def checkpoint_folder(folder: str) -> Path:
         raise ValueError(f"--model {folder!r}: the folder holds {what} and no *.safetensors file; attnkit viz "
                          "loads safetensors only (unpickling a .bin file can run code). Convert it once, where you "
                          "trust the file: model.save_pretrained(folder, safe_serialization=True)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise _no_tokenizer(folder, f"none of {', '.join(TOKENIZER_FILES)} is there")
     return path
+
+
+def _no_tokenizer(folder: str | Path, why: str) -> ValueError:
+    return ValueError(f"--model {str(folder)!r}: no tokenizer could be loaded from the folder ({why}); save the "
+                      "model's tokenizer there too: tokenizer.save_pretrained(folder)")
 
 
 def _run_checkpoint(folder: Path, text: str) -> Shown:
@@ -247,7 +256,10 @@ def _run_checkpoint(folder: Path, text: str) -> Shown:
     # transformers' Auto classes are imported here only (the integration has no loader yet).
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:  # files transformers cannot read as a tokenizer
+        raise _no_tokenizer(folder, str(e).strip()) from e
     model = AutoModel.from_pretrained(folder, attn_implementation=akt.NAME, local_files_only=True, use_safetensors=True,
                                       dtype=torch.float32).eval()
     limit = min(int(tokenizer.model_max_length), getattr(model.config, "max_position_embeddings", None) or 2 ** 62)
@@ -256,7 +268,11 @@ def _run_checkpoint(folder: Path, text: str) -> Shown:
     shown, warning = _checkpoint_cut(tokenizer, text, ids[0].tolist(), limit)
     with torch.no_grad(), capture(model) as cap:
         model(input_ids=ids, attention_mask=enc["attention_mask"][:1])
-    special_ids = set(tokenizer.all_special_ids)
+    if not cap.names:
+        raise ValueError(f"--model {str(folder)!r}: the model ({type(model).__name__}) made no attention call "
+                         f"through attn_implementation={akt.NAME!r}; its attention code does not use transformers' "
+                         "attention interface, so attnkit viz cannot see it")
+    special_ids = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # [CLS], [SEP], <s>, </s>, ...
     special = [i for i, t in enumerate(ids[0].tolist()) if t in special_ids]
     tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(ids[0].tolist())]
     return Shown(cap, tokens, special, shown, warning, folder.resolve().name)

@@ -2,7 +2,7 @@
 
     with capture(model) as cap:
         model(ids)
-    cap.names                         # every attnkit attention layer that ran, in call order
+    cap.names                         # every attention layer that ran, in call order
     rec = cap["blocks.0.attn"]        # the last call of that layer (names as model.named_modules())
     rec.weights()                     # (B, H, Nq, Nk) probabilities, for short inputs
     rec.weights(rows=[5], heads=[0])  # only what a view needs: (B, 1, 1, Nk)
@@ -11,9 +11,15 @@
 During the forward pass a capture only keeps references to each call's q and k (after RoPE; the
 keys include a KV cache's), its mask, bias and scale: the layer still runs its fast backend and no
 N x N matrix is built. Maps are computed on demand from those, by the reference formula
-(``ak.attention_weights``), a block of query rows at a time.
+(``ak.attention_weights``), a block of query rows at a time, each block scored only against the
+keys its mask may allow (``attnkit.viz.tiles``; the others are exact zeros), so a windowed map
+costs time linear in N.
 
-Two kinds of layer are recorded. ``MultiHeadAttention`` gives an ``AttentionRecord``.
+Three kinds of call are recorded. ``MultiHeadAttention`` gives an ``AttentionRecord``; so does
+every attention call of a Hugging Face transformers model built with
+``attn_implementation="attnkit"`` (``attnkit.integrations.transformers.observing``: q and k after
+RoPE and the cache, the translated mask, the layer's scaling and softcap), named by
+``model.named_modules()`` ("model.layers.0.self_attn").
 ``LongformerSelfAttention`` gives a ``LongformerRecord``: two ``AttentionRecord``s (the local pass
 over every row, the global pass over the global tokens' rows) and the token roles, assembled into
 the layer's map as HF's ``output_attentions`` describes it, made dense: a global token's row from
