@@ -218,3 +218,14 @@ def test_explain_model_refuses_a_model_that_does_not_run_attnkit():
     eager, _ = _pair(*DECODERS["llama"])
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         akt.explain_model(eager, torch.randint(3, V, (1, 5)))
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-window"])
+def test_static_cache_generate_gives_the_same_tokens(name):
+    """A static cache holds max_cache_len slots: offsets are not bottom-right aligned, so the mask goes
+    in dense (exact); generate() builds it ahead and hands it back to the model, which passes it on."""
+    eager, ours = _pair(*DECODERS[name])
+    ids, am = _batch(B=2, N=9)
+    am[1] = 1
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(eager.generate(ids, **kw), ours.generate(ids, **kw))

@@ -74,12 +74,21 @@ class LayerMask:
 
     mask: Mask | None
     how: str
-    shape: tuple[int, int, int]  # (B, Nq, Nk) it was made for
+    size: tuple[int, int, int]  # (B, Nq, Nk) it was made for
+
+    ndim = 4  # generate() builds masks ahead for compileable (static) caches and hands them back to the
+    # model, whose mask creation then reads ``attention_mask.ndim``: as a prepared 4-D mask it is passed through
 
 
 def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                   mask_function=None, attention_mask: Tensor | None = None, device="cpu", **_: object) -> LayerMask:
+                   mask_function=None, attention_mask: Tensor | LayerMask | None = None, device="cpu",
+                   **_: object) -> LayerMask:
     """transformers' mask interface for "attnkit" (the signature of ``masking_utils.sdpa_mask``)."""
+    if isinstance(attention_mask, LayerMask):  # built ahead by generate() for this very step
+        if attention_mask.size != (batch_size, q_length, kv_length):
+            raise ValueError(f"attnkit: a prepared mask for (B, Nq, Nk) = {attention_mask.size} came back for "
+                             f"{(batch_size, q_length, kv_length)}; pass the 2-D padding mask instead")
+        return attention_mask
     kw = {} if mask_function is None else {"mask_function": mask_function}
     t: Translation = translate(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
                                device=device, **kw)
