@@ -252,14 +252,18 @@ def test_fused_kernel_refuses_dropout_and_softcap_and_auto_takes_math(impl, kw):
 
 
 def test_dropout_tile_in_pieces_equals_one_draw():
-    """The chunked multiplier is the same tensor as one dropout_multiplier call, for the shapes
-    tiled (B, H, r, c) and banded (h, n, c, S) draw."""
-    shapes = [((2, 3, 1, 1), (50, 1), (1, 70)),
-              ((3, 1, 1, 1), (5, 16, 1), (5, 1, 40))]
-    for s_bh, s_r, s_c in shapes:
+    """The multiplier drawn per group of 4 keys and in pieces is the same tensor as one
+    dropout_multiplier call, for what tiled (B, H, r, c: a run of keys), banded (h, n, c, S:
+    windows starting anywhere, before key 0 too, dilated) and the global columns (scattered
+    keys) draw."""
+    window_starts = torch.arange(5).view(5, 1, 1) * 16 - 7  # (n, 1, 1)
+    cases = [((2, 3, 1, 1), torch.randint(0, 1000, (50, 1)), torch.arange(13, 83)[None]),
+             ((3, 1, 1, 1), torch.arange(80).view(5, 16, 1), window_starts + torch.arange(40).view(1, 1, 40)),
+             ((3, 1, 1, 1), torch.arange(80).view(5, 16, 1), 1 + 2 * (window_starts + torch.arange(40).view(1, 1, 40))),
+             ((3, 1, 1), torch.arange(80)[:, None], torch.tensor([[0, 9, 500]])),
+             ((2, 3, 1, 1), torch.randint(0, 1000, (50, 1)), torch.randint(-5, 1000, (1, 70)))]
+    for s_bh, rows, cols in cases:
         bh = torch.arange(torch.Size(s_bh).numel()).view(s_bh) + 1
-        rows = torch.randint(0, 1000, s_r)
-        cols = torch.randint(-5, 1000, s_c)
         whole = dropout_multiplier(77, 0.3, bh, rows, cols, torch.float32)
-        for m in (37, 1000):
+        for m in (37, 1000, 100000):
             assert torch.equal(tiles.dropout_tile(77, 0.3, bh, rows, cols, torch.float32, m), whole)
