@@ -108,3 +108,23 @@ def test_the_interpreter_kernels_are_refused():
 
     with pytest.raises(RuntimeError, match="interpreter is on"):
         triton_check.compile_kernel("_fwd", torch.float16, 64, 128, 64)
+
+
+def test_dropout_and_softcap_compile_on_the_tensor_cores(sm90):
+    """Dropout (Philox keep bits in the tiles) and softcap are compiled for the forward, dQ and
+    dK/dV kernels at D = 64 and 128, at the blocks such a call takes (``configs.REGULARIZED_BWD``
+    for the backward): no spill in bfloat16 (``test_no_configuration_spills_registers``), the dots
+    on the tensor cores (wgmma, but for dQ's 32-row tiles at D = 128: mma.sync)."""
+    rows = [r for r in sm90 if r["variant"] in triton_check.REGULARIZED]
+    assert {(r["kernel"], r["dtype"], r["D"], r["variant"]) for r in rows} == {
+        (kernel, dtype, D, variant) for kernel in ("_fwd", "_bwd_dq", "_bwd_dkdv") for D in (64, 128)
+        for dtype, variants in (("bf16", tuple(triton_check.REGULARIZED)), ("fp32", ("dropout_softcap",)))
+        for variant in variants}
+    half = [r for r in rows if r["dtype"] == "bf16"]
+    assert all(r["spill_bytes"] == 0 for r in half), triton_check._table(half)
+    mma_sync = [r for r in half if r["tensor_core_ops"] == 0]
+    assert {(r["kernel"], r["D"]) for r in mma_sync} <= {("_bwd_dq", 128)}, triton_check._table(mma_sync)
+    assert all(r["mma_sync_ops"] > 0 for r in mma_sync)
+    bwd = ft.lookup("bwd", 128, __import__("torch").bfloat16, regularized=True)
+    assert {(r["block_m"], r["block_n"]) for r in half if r["kernel"] != "_fwd" and r["D"] == 128} == {
+        (bwd.block_m, bwd.block_n)}

@@ -5,6 +5,8 @@ per query block the key tiles to visit, FULL or PARTIAL, the partial tiles' bits
 items), cached by the mask's structure. Causal masks, windows, global tokens, padding, documents
 and any combination run the same kernels; ALiBi is computed in the kernels from its slopes
 (``-slope_h * |p_i - j|``, p_i = i + Nk - Nq); a ``key_padding(lengths)`` factor is read per call.
+Softcap and dropout run inside the tiles too: dropout's keep bits come from Philox at each
+(seed, b, query head, i, j) (``ops/dropout.py``), drawn again by the backward, never stored.
 
 The package, the only place in attnkit that imports triton:
 
@@ -48,16 +50,14 @@ def available() -> bool:
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, dropout_p: float,
             softcap: float | None = None) -> str | None:
-    """Why ``impl="triton"`` cannot run this call, or None."""
+    """Why ``impl="triton"`` cannot run this call, or None. Dropout (any ``dropout_p`` in [0, 1))
+    and softcap run in the kernels under every mask, bias and ``configs.Schedule``: the keep bits
+    depend on (seed, b, query head, row, key) only, not on the tiling or the schedule."""
     if not available():
         return "triton is not installed (pip install triton; it needs Linux)"
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         return (f"tensors on {q.device.type}: the Triton kernels run on a CUDA device "
                 "(or on the CPU in Triton's interpreter with TRITON_INTERPRET=1, slowly)")
-    if dropout_p > 0:
-        return f"dropout_p={dropout_p}: the Triton kernels do not implement dropout (use impl='sdpa' or 'reference')"
-    if softcap is not None:
-        return f"softcap={softcap}: the Triton kernels do not implement softcapping (use impl='reference')"
     if bias is not None and not isinstance(bias, Alibi):
         return f"bias {bias!r}: the Triton kernels compute ALiBi only (use impl='tiled' for other biases)"
     if bias is not None and bias.requires_grad() and torch.is_grad_enabled():

@@ -28,8 +28,9 @@ from .configs import DELTA_ROWS, DTYPES, HEAD_DIMS, gpu_blocks, interpreting, la
 KERNELS = ("_fwd", "_bwd_delta", "_bwd_dq", "_bwd_dkdv")
 ARCHS = {90: 232448, 80: 166912}  # compute capability -> shared memory per block (bytes) on H100 / A100
 _CONSTEXPRS = ("BM", "BN", "D", "HAS_ALIBI", "IEEE", "HAS_KV_LEN", "TMA", "WS", "FUSED_DELTA", "ATOMIC_DQ", "GQA_GROUP",
-               "PERSISTENT")
-_SCALARS_F32 = ("scale_log2", "scale")
+               "PERSISTENT", "DROPOUT", "SOFTCAP")
+_SCALARS_F32 = ("scale_log2", "scale", "keep_scale", "softcap")
+_SCALARS_I64 = ("seed", "threshold")  # dropout's Philox seed (< 2**63) and threshold (< 2**32)
 _INDEX_PTRS = ("WORK", "KV_IDX", "KV_TILE", "Q_IDX", "Q_TILE", "TILES", "TILES_T", "KV_LEN")
 _TENSOR_PTRS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")  # in the input dtype (DK / DV: float32 under GQA)
 _FLOAT32_PTRS = ("LSE", "DELTA", "DLSE", "SLOPES", "PO", "PLSE", "PDQ", "PDK", "PDV", "DQACC")
@@ -48,16 +49,19 @@ class KernelStats:
     block_n: int
     num_warps: int
     num_stages: int
-    variant: str  # "", "alibi", "gqa", "ragged", "padding", or a Schedule switch (compile_kernel)
+    variant: str  # "", "alibi", "gqa", "ragged", "padding", "dropout", "softcap", or a Schedule switch
     registers: int  # per thread (255 is the ceiling)
     spill_bytes: int  # spill stores to local memory per thread: 0 unless registers ran out
     shared_bytes: int  # dynamic shared memory per program
     tensor_core_ops: int  # wgmma (sm_90) or mma.sync (sm_80) instructions in the PTX
     tma_ops: int = 0  # bulk tensor copies (cp.async.bulk.tensor: TMA) in the PTX
     setmaxnreg: int = 0  # setmaxnreg instructions: warp-specialized partitions re-balancing registers
+    mma_sync_ops: int = 0  # mma.sync instructions (the tensor cores without wgmma: tiles of fewer than 64 rows)
 
 
-VARIANTS = ("", "alibi", "gqa", "ragged", "padding")  # see compile_kernel
+VARIANTS = ("", "alibi", "gqa", "ragged", "padding", "dropout", "softcap", "dropout_softcap")  # see compile_kernel
+REGULARIZED = {"dropout": {"DROPOUT": True}, "softcap": {"SOFTCAP": True},  # variant -> its constexprs
+               "dropout_softcap": {"DROPOUT": True, "SOFTCAP": True}}
 # The Schedule switches (configs.Schedule), each compiled on its own: variant -> (kernels it changes,
 # its constexprs). Off in every shipped row until a GPU run shows it correct and faster.
 SWITCHES = {
@@ -86,6 +90,8 @@ def _signature(fn, dtype: torch.dtype, gqa: bool = False) -> dict[str, str]:
             sig[name] = "*i32"
         elif name in _FLOAT32_PTRS:
             sig[name] = "*fp32"
+        elif name in _SCALARS_I64:
+            sig[name] = "i64"
         else:
             sig[name] = "fp32" if name in _SCALARS_F32 else "i32"
     return sig
@@ -125,8 +131,9 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     """Compile ``kernel`` (one of KERNELS) for compute capability ``arch`` with the launch
     configuration attnkit uses (``configs.launch_config``) unless num_warps / num_stages are
     given. ``variant``: "" (contiguous tensors, N a multiple of 16), "alibi", "gqa" (float32
-    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths), or
-    one of SWITCHES (a ``Schedule`` switch on).
+    dk/dv buffers), "ragged" (N not a multiple of 16), "padding" (per-sample key lengths),
+    "dropout" (Philox keep bits in the tiles), "softcap" (tanh-capped scores), "dropout_softcap"
+    (both), or one of SWITCHES (a ``Schedule`` switch on).
     Raises triton's CompilationError where the kernel does not compile."""
     if variant not in VARIANTS and variant not in SWITCHES:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS + tuple(SWITCHES)}")
@@ -140,12 +147,13 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError(f"{kernel} is {type(fn).__name__}, not a JITFunction: Triton's interpreter is on "
                            "(TRITON_INTERPRET=1 when triton was imported); compile in a process without it")
-    config = launch_config(kernel, block_m, block_n, D, dtype)
+    config = launch_config(kernel, block_m, block_n, D, dtype, regularized=variant in REGULARIZED)
     config = {"num_warps": num_warps or config["num_warps"], "num_stages": num_stages or config["num_stages"]}
     constexprs = {"BM": block_m, "BN": block_n, "D": D, "HAS_ALIBI": variant == "alibi",
                   "IEEE": dtype == torch.float32, "HAS_KV_LEN": variant == "padding", "TMA": False, "WS": False,
                   "FUSED_DELTA": False, "ATOMIC_DQ": False, "GQA_GROUP": False, "PERSISTENT": False}
     constexprs.update(SWITCHES.get(variant, ((), {}))[1])
+    constexprs.update({"DROPOUT": False, "SOFTCAP": False, **REGULARIZED.get(variant, {})})
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     sig = _signature(fn, dtype, gqa=variant == "gqa")
     source = ASTSource(fn, sig, constexprs, _attrs(fn, sig, ragged=variant == "ragged"))
@@ -155,15 +163,19 @@ def compile_kernel(kernel: str, dtype: torch.dtype, D: int, block_m: int, block_
     mma = ptx.count("wgmma.mma_async") if arch >= 90 else ptx.count("mma.sync")
     return KernelStats(kernel, arch, TRITON_DTYPES[dtype], D, block_m, block_n, config["num_warps"],
                        config["num_stages"], variant, registers, spills, compiled.metadata.shared, mma,
-                       ptx.count("cp.async.bulk.tensor"), ptx.count("setmaxnreg"))
+                       ptx.count("cp.async.bulk.tensor"), ptx.count("setmaxnreg"), ptx.count("mma.sync"))
 
 
 def _variants(kernel: str, dtype: torch.dtype, D: int) -> list[str]:
-    """The variants checked besides the plain one: ALiBi and key lengths at D = 64, GQA for dk/dv
-    in half precision, a ragged N in bfloat16 at D = 64 and 128."""
+    """The variants checked besides the plain one: ALiBi and key lengths at D = 64, dropout and
+    softcap at D = 64 and 128 (the most registers; each alone and both in bfloat16, whose code
+    float16 shares, both in float32), GQA for dk/dv in half precision, a ragged N in bfloat16 at
+    D = 64 and 128."""
     out = [""]
     if D == 64 and kernel != "_bwd_delta":
         out += ["alibi", "padding"]
+    if D >= 64 and kernel != "_bwd_delta":
+        out += {torch.bfloat16: list(REGULARIZED), torch.float32: ["dropout_softcap"]}.get(dtype, [])
     if kernel == "_bwd_dkdv" and dtype != torch.float32:
         out.append("gqa")
     if dtype == torch.bfloat16 and D >= 64:
@@ -187,15 +199,16 @@ def switch_configs(archs=(90,)) -> list[dict]:
 
 def shipped_configs(archs=(90,)) -> list[dict]:
     """Every configuration a GPU launch can pick: each kernel, dtype and head dim at its default
-    blocks (``configs.gpu_blocks``, the forward's or the backward's), in ``_variants``."""
+    blocks (``configs.gpu_blocks``, the forward's or the backward's; for dropout / softcap the
+    backward's ``REGULARIZED_BWD`` blocks), in ``_variants``."""
     out = []
     for arch in archs:
         for dtype in DTYPES:
             for D in HEAD_DIMS:
                 for kernel in KERNELS:
-                    bm, bn = ((DELTA_ROWS,) * 2 if kernel == "_bwd_delta" else
-                              gpu_blocks(D, dtype, backward=kernel != "_fwd"))
                     for variant in _variants(kernel, dtype, D):
+                        bm, bn = ((DELTA_ROWS,) * 2 if kernel == "_bwd_delta" else
+                                  gpu_blocks(D, dtype, backward=kernel != "_fwd", regularized=variant in REGULARIZED))
                         out.append(dict(kernel=kernel, dtype=dtype, D=D, block_m=bm, block_n=bn, arch=arch,
                                         variant=variant))
     return out

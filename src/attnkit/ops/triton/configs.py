@@ -149,6 +149,22 @@ TABLE: dict[tuple[str, str, int, str], Config] = {
 }
 
 
+def _regularized_half(D: int) -> Config:
+    """The float16 / bfloat16 backward of a call with dropout or softcap: the keep bits (Philox's
+    temporaries) and the cap's tanh need registers that the plain 64 x 128 (D = 64) and 64 x 64
+    (D = 128) tiles do not leave (spills on sm_90, triton 3.9). 64 x 64 at D <= 64; 32 x 64 at
+    D = 128 (dk/dv keeps 64 keys on wgmma; dQ's 32-row tiles run on mma.sync, too few rows for
+    wgmma, with 4 warps: with 8 ptxas caps them at 128 registers and spills). 8 warps otherwise,
+    two stages."""
+    bm, bn = (32, 64) if D >= 128 else (64, 64)
+    return Config(bm, bn, {"_bwd_delta": (8 if D >= 128 else 4, 2), "_bwd_dq": (4 if D >= 128 else 8, 2),
+                           "_bwd_dkdv": (8, 2)}, source=UNTIMED)
+
+
+# (dtype class, D) -> the backward's Config when dropout or softcap is on, where it differs from TABLE's.
+REGULARIZED_BWD: dict[tuple[str, int], Config] = {("half", D): _regularized_half(D) for D in HEAD_DIMS if D >= 64}
+
+
 def dtype_class(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.float32 else "half"
 
@@ -162,10 +178,13 @@ def mask_kind(mask) -> str:
     return "causal" if type(mask) is Causal else "sparse"
 
 
-def lookup(pass_: str, D: int, dtype: torch.dtype, kind: str = "any") -> Config:
-    """The table's Config for one pass ("fwd" / "bwd"), head dim, dtype and mask kind."""
+def lookup(pass_: str, D: int, dtype: torch.dtype, kind: str = "any", regularized: bool = False) -> Config:
+    """The table's Config for one pass ("fwd" / "bwd"), head dim, dtype and mask kind;
+    ``regularized`` (dropout or softcap on): ``REGULARIZED_BWD``'s backward where it has one."""
     if pass_ not in PASSES:
         raise ValueError(f"pass {pass_!r}: expected one of {PASSES}")
+    if regularized and pass_ == "bwd" and (dtype_class(dtype), D) in REGULARIZED_BWD:
+        return REGULARIZED_BWD[dtype_class(dtype), D]
     key = (pass_, dtype_class(dtype), D)
     row = TABLE.get((*key, kind)) or TABLE.get((*key, "any"))
     if row is None:
@@ -173,17 +192,19 @@ def lookup(pass_: str, D: int, dtype: torch.dtype, kind: str = "any") -> Config:
     return row
 
 
-def gpu_blocks(D: int, dtype: torch.dtype, backward: bool = False, kind: str = "any") -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of a pass on the GPU, from ``TABLE``."""
-    row = lookup("bwd" if backward else "fwd", D, dtype, kind)
+def gpu_blocks(D: int, dtype: torch.dtype, backward: bool = False, kind: str = "any",
+               regularized: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a pass on the GPU, from ``TABLE`` (``lookup``)."""
+    row = lookup("bwd" if backward else "fwd", D, dtype, kind, regularized)
     return row.block_m, row.block_n
 
 
-def default_blocks(D: int, dtype: torch.dtype, backward: bool = False, kind: str = "any") -> tuple[int, int]:
+def default_blocks(D: int, dtype: torch.dtype, backward: bool = False, kind: str = "any",
+                   regularized: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): 16 x 16 in the interpreter (tests), ``gpu_blocks`` otherwise."""
     if interpreting():
         return 16, 16
-    return gpu_blocks(D, dtype, backward, kind)
+    return gpu_blocks(D, dtype, backward, kind, regularized)
 
 
 def default_schedule(D: int, dtype: torch.dtype, kind: str = "any") -> Schedule:
@@ -194,11 +215,13 @@ def default_schedule(D: int, dtype: torch.dtype, kind: str = "any") -> Schedule:
     return replace(bwd, tma=fwd.tma, warp_specialize=fwd.warp_specialize, persistent=fwd.persistent)
 
 
-def launch_config(kernel: str, block_m: int, block_n: int, D: int, dtype: torch.dtype, kind: str = "any") -> dict:
-    """num_warps / num_stages of one kernel launch: the row of its pass in ``TABLE`` at that row's
-    blocks; at other blocks (chosen by the caller) 8 warps for 128-row tiles, D = 128, the dk/dv
-    kernel and float32 (with 4 they run out of registers, ``triton_check``), else 4, two stages."""
-    row = lookup("fwd" if kernel == "_fwd" else "bwd", D, dtype, kind)
+def launch_config(kernel: str, block_m: int, block_n: int, D: int, dtype: torch.dtype, kind: str = "any",
+                  regularized: bool = False) -> dict:
+    """num_warps / num_stages of one kernel launch: the row of its pass in ``TABLE`` (``lookup``,
+    ``regularized``: dropout or softcap on) at that row's blocks; at other blocks (chosen by the
+    caller) 8 warps for 128-row tiles, D = 128, the dk/dv kernel and float32 (with 4 they run out
+    of registers, ``triton_check``), else 4, two stages."""
+    row = lookup("fwd" if kernel == "_fwd" else "bwd", D, dtype, kind, regularized)
     if kernel == "_bwd_delta" or (block_m, block_n) == (row.block_m, row.block_n):
         warps, stages = row.launch[kernel]
         return {"num_warps": warps, "num_stages": stages}

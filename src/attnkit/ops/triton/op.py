@@ -5,6 +5,11 @@ one ``_fwd`` launch over the plan's work items, then the split blocks' partials 
 their lse (``merge.merge_groups``); the backward: ``_bwd_delta``, ``_bwd_dq``, ``_bwd_dkdv``, the
 split partials summed, GQA's per-query-head dk/dv summed over each group.
 
+Softcap and dropout run inside the kernels (``triton_attention``'s ``softcap`` / ``dropout_p`` /
+``dropout_seed``; the op carries p, the seed and the cap, the backward draws the forward's keep
+bits again from the same seed). Such a call's backward takes ``configs.REGULARIZED_BWD``'s blocks
+on the GPU (the keep bits and the tanh need registers).
+
 A call reads its plan from ``block_plan.cached_plan`` (keyed by the mask's structure, with the
 mask's ``key_padding(lengths)`` left out and passed to the kernels as ``kv_len``), so a call that
 hits the cache reads no tensor data back from the device before its launches.
@@ -15,11 +20,14 @@ sizes, S partial slots.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ...bias import Alibi, Bias
 from ...masks import Mask
+from .. import dropout as _dropout
 from ..block_plan import BlockPlan, Splits, cached_plan, split_key_lengths, structure_key
 from ..merge import merge_groups
 from . import configs, why_not
@@ -38,13 +46,15 @@ def _len_stride(kv_len: Tensor) -> int:
     return 1 if kv_len.shape[0] > 1 else 0
 
 
-def launch_settings(blocks: tuple[int, int, int, int], D: int, dtype: torch.dtype, kind: str) -> list[int]:
+def launch_settings(blocks: tuple[int, int, int, int], D: int, dtype: torch.dtype, kind: str,
+                    regularized: bool = False) -> list[int]:
     """[warps, stages] of each kernel of LAUNCHED, flat, from ``configs.launch_config`` (looked up
-    per call: the tuning sweep patches it). blocks: the forward's and the backward's (BM, BN)."""
+    per call: the tuning sweep patches it). blocks: the forward's and the backward's (BM, BN);
+    regularized: dropout or softcap on (``configs.REGULARIZED_BWD``)."""
     out = []
     for kernel in LAUNCHED:
         bm, bn = (DELTA_ROWS, DELTA_ROWS) if kernel == "_bwd_delta" else blocks[:2] if kernel == "_fwd" else blocks[2:]
-        config = configs.launch_config(kernel, bm, bn, D, dtype, kind)
+        config = configs.launch_config(kernel, bm, bn, D, dtype, kind, regularized)
         out += [config["num_warps"], config["num_stages"]]
     return out
 
@@ -111,15 +121,24 @@ def _sum_slots(grad: Tensor, partial: Tensor, split: Splits, block: int) -> None
 
 
 
+def _regularizers(dropout_p: float, dropout_seed: int, softcap: float | None) -> dict:
+    """The kernels' dropout and softcap arguments: the Philox seed, the smallest kept word
+    threshold = floor(p * 2**32) and keep_scale = 1 / (1 - p) (``ops/dropout.py``), the cap, and
+    the constexprs that switch each on (off: the plain kernels, unchanged)."""
+    return dict(seed=dropout_seed, threshold=_dropout.threshold(dropout_p), keep_scale=1.0 / (1.0 - dropout_p),
+                softcap=1.0 if softcap is None else softcap, DROPOUT=dropout_p > 0, SOFTCAP=softcap is not None)
+
+
 def _partials(split: Splits, BH: int, rows: int, D: int, device) -> Tensor:
     """(max(S, 1), B*H, rows, D) float32 for the split blocks' partials (never read unwritten)."""
     return torch.empty(max(split.slots.numel(), 1), BH, rows, D, dtype=torch.float32, device=device)
 
 
 def _forward(q, k, v, plan: list[Tensor], slopes, kv_len, scale, block_m, block_n, has_alibi, schedule: Schedule,
-             launch: list[int]):
+             launch: list[int], regularizers: dict):
     """(out, lse) of the forward kernel over ``BlockPlan.forward_tensors``, split blocks merged.
-    kv_len (B,) or (1,) int32 key lengths, or (0,) for none; schedule: its tma / warp_specialize."""
+    kv_len (B,) or (1,) int32 key lengths, or (0,) for none; schedule: its tma / warp_specialize;
+    regularizers: ``_regularizers``'s dropout and softcap arguments."""
     kv_idx, kv_tile, tiles, q_work, *q_split = plan
     q_split = Splits(*q_split)
     B, H, Nq, D = q.shape
@@ -138,16 +157,16 @@ def _forward(q, k, v, plan: list[Tensor], slopes, kv_len, scale, block_m, block_
         lse.stride(0), lse.stride(1), stb, sth, _len_stride(kv_len), H, H // k.shape[1], Nq, Nk, scale * LOG2E, B * H,
         items, BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
         HAS_KV_LEN=kv_len.numel() > 0, TMA=schedule.tma and _tma_ready(k, v), WS=schedule.warp_specialize,
-        PERSISTENT=schedule.persistent > 0, **_launch("_fwd", launch, q))
+        PERSISTENT=schedule.persistent > 0, **regularizers, **_launch("_fwd", launch, q))
     if q_split.slots.numel():
         _merge_slots(out, lse, po, plse, q_split, block_m)
     return out, lse
 
 
 def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, kv_len, scale, block_m, block_n,
-              has_alibi, schedule: Schedule, launch: list[int]):
+              has_alibi, schedule: Schedule, launch: list[int], regularizers: dict):
     """(dq, dk, dv) of the backward kernels over ``BlockPlan.backward_tensors``, in the variants
-    ``schedule`` names."""
+    ``schedule`` names, with the forward's dropout (the same seed: the same keep bits) and softcap."""
     kv_idx, kv_tile, q_idx, q_tile, tiles, tiles_t, q_work, *rest = plan
     q_split, k_work, k_split = Splits(*rest[:4]), rest[4], Splits(*rest[5:])
     B, H, Nq, D = q.shape
@@ -167,7 +186,7 @@ def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, kv_len,
     pdk, pdv = (_partials(k_split, B * heads, block_n, D, q.device) for _ in range(2))
     tma = schedule.tma and _tma_ready(q, k, v, dout)
     common = dict(BM=block_m, BN=block_n, D=D, HAS_ALIBI=has_alibi, IEEE=q.dtype == torch.float32,
-                  HAS_KV_LEN=kv_len.numel() > 0, TMA=tma, WS=schedule.warp_specialize)
+                  HAS_KV_LEN=kv_len.numel() > 0, TMA=tma, WS=schedule.warp_specialize, **regularizers)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))
     if atomic:  # dk/dv's kernel adds dQ too: float32, summed in whatever order the atomics land
@@ -202,9 +221,10 @@ def _backward(dout, q, k, v, out, lse, dlse, plan: list[Tensor], slopes, kv_len,
 @torch.library.custom_op("attnkit::triton_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, fwd_plan: list[Tensor], bwd_plan: list[Tensor], slopes: Tensor,
                   kv_len: Tensor, scale: float, block_m: int, block_n: int, b_block_m: int, b_block_n: int,
-                  has_alibi: bool, schedule: str, launch: list[int]) -> tuple[Tensor, Tensor]:
+                  has_alibi: bool, schedule: str, launch: list[int], dropout_p: float, dropout_seed: int,
+                  softcap: float | None) -> tuple[Tensor, Tensor]:
     return _forward(q, k, v, fwd_plan, slopes, kv_len, scale, block_m, block_n, has_alibi, Schedule.parse(schedule),
-                    launch)
+                    launch, _regularizers(dropout_p, dropout_seed, softcap))
 
 
 @_attention_op.register_fake
@@ -215,9 +235,10 @@ def _(q, k, v, *rest):
 @torch.library.custom_op("attnkit::triton_attention_backward", mutates_args=())
 def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor,
                            plan: list[Tensor], slopes: Tensor, kv_len: Tensor, scale: float, block_m: int,
-                           block_n: int, has_alibi: bool, schedule: str, launch: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                           block_n: int, has_alibi: bool, schedule: str, launch: list[int], dropout_p: float,
+                           dropout_seed: int, softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dout, q, k, v, out, lse, dlse, plan, slopes, kv_len, scale, block_m, block_n, has_alibi,
-                     Schedule.parse(schedule), launch)
+                     Schedule.parse(schedule), launch, _regularizers(dropout_p, dropout_seed, softcap))
 
 
 @_attention_backward_op.register_fake
@@ -226,9 +247,10 @@ def _(dout, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, fwd_plan, bwd_plan, slopes, kv_len, scale, _, _, b_block_m, b_block_n, has_alibi, schedule, launch = inputs
+    (q, k, v, fwd_plan, bwd_plan, slopes, kv_len, scale, _, _, b_block_m, b_block_n, has_alibi, schedule, launch,
+     dropout_p, dropout_seed, softcap) = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], slopes, kv_len, *bwd_plan)
-    ctx.config = (scale, b_block_m, b_block_n, has_alibi, schedule, launch)
+    ctx.config = (scale, b_block_m, b_block_n, has_alibi, schedule, launch, dropout_p, dropout_seed, softcap)
     ctx.plan_sizes = (len(fwd_plan), len(bwd_plan))
 
 
@@ -238,7 +260,7 @@ def _autograd_backward(ctx, dout, dlse):
         dlse = torch.zeros_like(lse)
     dq, dk, dv = _attention_backward_op(dout, q, k, v, out, lse, dlse, plan, slopes, kv_len, *ctx.config)
     n_fwd, n_bwd = ctx.plan_sizes  # the gradient's structure must follow the inputs': one None per plan tensor
-    return dq, dk, dv, [None] * n_fwd, [None] * n_bwd, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv, [None] * n_fwd, [None] * n_bwd, *[None] * 13)  # slopes .. softcap: no gradient
 
 
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -269,7 +291,7 @@ def _check_blocks(block_m: int, block_n: int) -> None:
 
 
 def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, plan_bwd,
-               split_tiles) -> tuple[BlockPlan, BlockPlan, Tensor, str]:
+               split_tiles, regularized: bool = False) -> tuple[BlockPlan, BlockPlan, Tensor, str]:
     """The forward's and the backward's plans. Given plans are checked. A missing forward plan
     comes from ``cached_plan`` at block_m x block_n (default ``default_blocks``). A missing
     backward plan is the forward's when a plan or block sizes were given (a ``plan=`` caller
@@ -277,7 +299,8 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
     otherwise ``cached_plan`` at the backward's default blocks and the same split_tiles, built
     only when a gradient will be asked for. Also returns the key lengths the kernels read
     (``split_key_lengths``), (B,) or (1,) int32 on q's device, (0,) without, and the mask's kind
-    for the config table (``configs.mask_kind`` of the mask without its key lengths)."""
+    for the config table (``configs.mask_kind`` of the mask without its key lengths). regularized
+    (dropout or softcap on): the backward's default blocks are ``configs.REGULARIZED_BWD``'s."""
     D, Nq, Nk = q.shape[-1], q.shape[2], k.shape[2]
     rest, lengths = split_key_lengths(mask)
     kind = configs.mask_kind(rest)
@@ -299,7 +322,7 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
         _check_batch(plan_bwd, kv_len, q.shape[0])
         return plan, plan_bwd, kv_len, kind
     wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    bwd_blocks = default_blocks(D, q.dtype, backward=True, kind=kind)
+    bwd_blocks = default_blocks(D, q.dtype, backward=True, kind=kind, regularized=regularized)
     if not wants_grad or chosen or bwd_blocks == (plan.block_m, plan.block_n):
         return plan, plan, kv_len, kind
     return plan, cached_plan(rest, Nq, Nk, *bwd_blocks, q.device, split_tiles), kv_len, kind
@@ -308,7 +331,8 @@ def _plans_for(q: Tensor, k: Tensor, v: Tensor, mask, block_m, block_n, plan, pl
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = None, bias: Bias | None = None,
                      scale: float | None = None, block_m: int | None = None, block_n: int | None = None,
                      plan: BlockPlan | None = None, plan_bwd: BlockPlan | None = None,
-                     split_tiles: int | None = None, schedule: Schedule | None = None) -> tuple[Tensor, Tensor]:
+                     split_tiles: int | None = None, schedule: Schedule | None = None, softcap: float | None = None,
+                     dropout_p: float = 0.0, dropout_seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Exact attention with the Triton kernels -> (out (B, Hq, Nq, D), lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k / v (B, Hkv, Nk, D); ``mask`` any attnkit mask; ``bias`` None or ALiBi.
@@ -323,11 +347,22 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
     (``configs.Schedule``; default the config table's row for this head dim, dtype and mask kind).
     Launch settings (warps, stages) come from the table (``configs.launch_config``).
 
+    ``softcap`` c > 0: the scores become c * tanh(q k^T * scale / c) before the bias and the mask
+    (Gemma 2's attention logit soft-capping, Gemma Team 2024, sec. 2.2); None: no cap.
+    ``dropout_p`` in [0, 1): dropout on the probabilities inside the kernels (FlashAttention, Dao
+    et al. 2022, sec. 3.1 and appendix B): each tile draws its keep bits from Philox4x32-10 keyed
+    by ``dropout_seed`` (an int in [0, 2**63); None: ``dropout.draw_seed()``) at its (b, query
+    head, query row, key) positions, and the backward draws the same bits again; the same seed
+    drops the same pairs as ``impl="reference"`` / ``"tiled"`` (``ops/dropout.py``). Kept
+    probabilities are scaled by 1 / (1 - p); the lse is that of the scores before dropout.
+
     Raises:
         ValueError: the call is one the kernels cannot run (``why_not``), a given plan is for
-            another mask structure or sizes, or block sizes are not powers of two >= 16.
+            another mask structure or sizes, block sizes are not powers of two >= 16, softcap is
+            not a finite number > 0, dropout_p is not in [0, 1) or dropout_seed not in [0, 2**63).
     """
-    reason = why_not(q, k, v, mask, bias, 0.0)
+    _check_regularizers(softcap, dropout_p, dropout_seed)
+    reason = why_not(q, k, v, mask, bias, float(dropout_p), softcap)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this call: {reason}")
     B, Hq, Nq, _ = q.shape
@@ -336,7 +371,19 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = Non
             part.check(B, Hq, Nq, k.shape[2])
     if schedule is not None and not isinstance(schedule, Schedule):
         raise TypeError(f"schedule={schedule!r}: expected an attnkit.ops.triton.configs.Schedule")
-    return run_checked(q, k, v, mask, bias, scale, block_m, block_n, plan, plan_bwd, split_tiles, schedule)
+    return run_checked(q, k, v, mask, bias, scale, block_m, block_n, plan, plan_bwd, split_tiles, schedule,
+                       softcap=None if softcap is None else float(softcap), dropout_p=float(dropout_p),
+                       dropout_seed=dropout_seed)
+
+
+def _check_regularizers(softcap, dropout_p, dropout_seed) -> None:
+    """What ``ak.attention``'s validation checks, for a direct call of ``triton_attention``."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap={softcap!r}: expected a finite number > 0, or None for no capping")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p={dropout_p!r}: expected a number in [0, 1)")
+    if dropout_seed is not None and not (isinstance(dropout_seed, int) and 0 <= dropout_seed < 2 ** 63):
+        raise ValueError(f"dropout_seed={dropout_seed!r}: expected an int in [0, 2**63), or None to draw one")
 
 
 _no_slopes: dict[torch.device, Tensor] = {}  # a placeholder per device, not a new tensor per call
@@ -347,14 +394,14 @@ def run_checked(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias |
                 plan_bwd: BlockPlan | None = None, split_tiles: int | None = None,
                 schedule: Schedule | None = None, softcap: float | None = None, dropout_p: float = 0.0,
                 dropout_seed: int | None = None) -> tuple[Tensor, Tensor]:
-    """``triton_attention`` for a call ``why_not`` has passed already (the dispatcher checks once)."""
-    if softcap is not None or dropout_p > 0:
-        raise ValueError("the Triton kernels implement neither softcap nor dropout yet")
-    fwd, bwd, kv_len, kind = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles)
+    """``triton_attention`` for a call ``why_not`` has passed already (the dispatcher checks once).
+    dropout_p > 0 without a seed draws one (``dropout.draw_seed``)."""
+    regularized = dropout_p > 0 or softcap is not None
+    fwd, bwd, kv_len, kind = _plans_for(q, k, v, mask, block_m, block_n, plan, plan_bwd, split_tiles, regularized)
     D = q.shape[-1]
     if schedule is None:
         schedule = configs.default_schedule(D, q.dtype, kind)
-    launch = launch_settings((fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n), D, q.dtype, kind)
+    launch = launch_settings((fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n), D, q.dtype, kind, regularized)
     has_alibi = isinstance(bias, Alibi)
     if has_alibi:
         slopes = bias.slopes.detach().to(device=q.device, dtype=torch.float32)
@@ -363,6 +410,8 @@ def run_checked(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias |
         if slopes is None:
             slopes = _no_slopes[q.device] = torch.zeros(1, dtype=torch.float32, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = _dropout.draw_seed()
     return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), fwd.forward_tensors(),
                          bwd.backward_tensors(), slopes, kv_len, scale, fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n,
-                         has_alibi, schedule.spec(), launch)
+                         has_alibi, schedule.spec(), launch, float(dropout_p), int(dropout_seed or 0), softcap)
