@@ -233,7 +233,7 @@ def windowed_reference(model, ids: torch.Tensor, valid: torch.Tensor, window: in
     return out, weights
 
 
-ENCODERS = [(k, a) for k in ("bert", "roberta") for a in ("eager", "sdpa")]
+ENCODERS = [(k, a) for k in ("bert", "roberta") for a in ("eager", "sdpa")] + [("bert", "attnkit")]
 
 
 @pytest.mark.parametrize("kind,attn", ENCODERS)

@@ -187,6 +187,19 @@ def test_from_hf_copies_weights():
     assert not ours.training
 
 
+def test_from_hf_shares_weights():
+    """share_weights=True: HF's own Linear layers (same Parameters), nothing left on the meta device."""
+    hf = make_hf(16)
+    ours = LongformerSelfAttention.from_hf(hf, share_weights=True)
+    for name in ("query", "key", "value", "query_global", "key_global", "value_global"):
+        assert getattr(ours, name) is getattr(hf, name), name
+    assert not any(p.is_meta for p in ours.parameters()) and not ours.training
+    x, m = _inputs(40, seed=9), mask012(40, lengths=(40, 30), globals_=((0,), (7,)))
+    with torch.no_grad():
+        hf.value.weight.mul_(2.0)  # seen by both
+        assert_matches_hf(ours(x, m), hf_forward(hf, x, m))
+
+
 def test_from_hf_copies_dropout_and_mode():
     hf = make_hf(16, dropout=0.1).train()
     ours = LongformerSelfAttention.from_hf(hf)

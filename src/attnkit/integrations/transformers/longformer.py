@@ -235,12 +235,17 @@ def _allowed_from_additive(m: Tensor) -> Tensor:
 
 def _padding_mask(attention_mask: object, B: int, N: int, device: torch.device) -> Mask | None:
     """The model's mask as an attnkit mask: ``key_padding`` when every query row agrees (what
-    transformers builds from a 0/1 attention_mask), else the dense 4-D mask itself."""
+    transformers builds from a 0/1 attention_mask), else the dense 4-D mask itself; with
+    ``attn_implementation="attnkit"`` the attnkit mask transformers' mask interface built."""
+    from . import LayerMask  # attn_implementation="attnkit": the model's mask, already an attnkit mask
+
     if attention_mask is None:
         return None
+    if isinstance(attention_mask, LayerMask):
+        return attention_mask.mask
     if not isinstance(attention_mask, Tensor):
         raise TypeError(f"attention_mask: a {type(attention_mask).__name__} is not supported (flex_attention's "
-                        f"BlockMask?); load the model with attn_implementation='eager' or 'sdpa'")
+                        f"BlockMask?); load the model with attn_implementation='eager', 'sdpa' or 'attnkit'")
     m = attention_mask.to(device)
     if m.dim() == 2 and tuple(m.shape) == (B, N):  # flash-attention style: 1 = real token
         valid = m != 0
