@@ -183,7 +183,7 @@ def base_forward(layer, x, ext):
 def test_swap_shares_weights_and_keeps_mode():
     torch.manual_seed(11)
     model = LongformerForMaskedLM(longformer_cfg()).train()
-    before = [(layer.attention.self.query, layer.attention.self.value_global) for layer in model.longformer.encoder.layer]
+    before = [(lay.attention.self.query, lay.attention.self.value_global) for lay in model.longformer.encoder.layer]
     keys = list(model.state_dict())
     swap_longformer_attention(model)
     for layer, (q, vg) in zip(model.longformer.encoder.layer, before):
