@@ -69,7 +69,9 @@ def test_shared_memory_fits_the_h100(sm90):
 
 def test_half_precision_runs_on_the_tensor_cores(sm90):
     half = [r for r in sm90 if r["dtype"] in ("fp16", "bf16") and r["kernel"] != "_bwd_delta"]  # delta: no dot
-    assert half and all(r["tensor_core_ops"] > 0 for r in half), triton_check._table(half)
+    # dropout / softcap's dQ at D = 128 has 32-row tiles: mma.sync (test_dropout_and_softcap_compile_...)
+    assert half and all(r["tensor_core_ops"] > 0 or (r["variant"] in triton_check.REGULARIZED and r["mma_sync_ops"] > 0)
+                        for r in half), triton_check._table(half)
     assert all(r["registers"] <= 255 for r in sm90)
 
 
