@@ -14,7 +14,7 @@ c the scaled score s is replaced by ``c * tanh(s / c)`` (Gemma 2, sec. 2.2) befo
 tile. Dropout comes as a multiplier tile ``Z = keep / (1 - p)`` (broadcastable to (..., r, c),
 ``ops/dropout.py``; the caller draws it for the tile's real (batch, head, row, key) positions and
 draws the same one again in the backward). With P the probabilities before dropout
-(FlashAttention, Dao et al. 2022, appendix B.2, with dropout)::
+(FlashAttention, Dao et al. 2022, appendix B, with dropout)::
 
     out = (P * Z) V                    lse = logsumexp of the scores before dropout
     dV = (P * Z)^T dO                  dP = (dO V^T) * Z
