@@ -34,9 +34,9 @@ keys by overlap-add (``_fold``). Global rows give their gradient only through th
 ``tiles.py`` has the algebra). Dropout's keep bits are those of ``ops/dropout.py`` at each pair's
 *original* coordinates, so every allowed pair keeps exactly the bit the reference gives it: in the
 band, row a of block b of a residue class is query row ``i0 + d * (b*c + a)`` and window slot t is
-key ``rho + d * (b*c + lo + t)`` (``Origin``), the heads dimension holds the query heads
-(``b * Hq + h``, GQA already expanded); the global columns and rows draw theirs for their query
-rows and global keys directly. The backward draws the same multipliers again.
+key ``rho + d * (b*c + lo + t)`` (``Origin``), and head h of batch b draws with the word
+``b * Hq + h`` (h the query head, GQA already expanded); the global columns and rows draw theirs
+for their query rows and global keys directly. The backward draws the same multipliers again.
 """
 
 from __future__ import annotations
