@@ -46,10 +46,11 @@ def test_philox_equals_tritons_word_for_word(seed):
     assert torch.equal(ours, _triton_words(seed, *c))
 
 
-def test_umulhi_is_the_high_word_of_the_product():
+def test_mulhilo_gives_both_words_of_the_product():
     b = torch.tensor([0, 1, 2 ** 16, 2 ** 32 - 1, 123456789, 2 ** 31 + 5])
     for a in (D.PHILOX_ROUND_A, D.PHILOX_ROUND_B, 1, 2 ** 32 - 1):
-        assert D._umulhi(a, b).tolist() == [(a * int(x)) >> 32 for x in b]
+        hi, lo = D._mulhilo(a, b)
+        assert hi.tolist() == [(a * int(x)) >> 32 for x in b] and lo.tolist() == [(a * int(x)) % 2 ** 32 for x in b]
 
 
 def test_words_are_a_function_of_the_position_only():

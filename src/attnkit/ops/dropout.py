@@ -46,12 +46,12 @@ def threshold(p: float) -> int:
     return min(int(p * 2 ** 32), MASK32)
 
 
-def _umulhi(a: int, b: Tensor) -> Tensor:
-    """High 32 bits of the 64-bit product of the 32-bit constant ``a`` and the words ``b`` (int64
-    tensors holding values in [0, 2**32)); split in 16-bit halves so that nothing overflows int64."""
-    lo = a * (b & 0xFFFF)  # < 2**48
-    hi = a * (b >> 16)  # < 2**48
-    return (hi + (lo >> 16)) >> 16
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of the 64-bit products of the 32-bit constant ``a`` and the words
+    ``b`` (int64 tensors with values in [0, 2**32)). The product can pass 2**63: int64 multiplication
+    wraps modulo 2**64, which keeps all 64 bits, and the arithmetic shift's sign bits are masked off."""
+    prod = b * a
+    return (prod >> 32) & MASK32, prod & MASK32
 
 
 def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int,
@@ -64,11 +64,9 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int,
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     c0, c1, c2, c3 = torch.broadcast_tensors(*(c.to(torch.int64) & MASK32 for c in (c0, c1, c2, c3)))
     for _ in range(rounds):
-        n0 = _umulhi(PHILOX_ROUND_B, c2) ^ c1 ^ k0
-        n2 = _umulhi(PHILOX_ROUND_A, c0) ^ c3 ^ k1
-        c1 = (PHILOX_ROUND_B * c2) & MASK32
-        c3 = (PHILOX_ROUND_A * c0) & MASK32
-        c0, c2 = n0, n2
+        hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_a
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
     return c0, c1, c2, c3
 
