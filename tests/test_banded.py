@@ -50,8 +50,8 @@ def test_refuses_bias_and_dropout_and_bad_kernels():
     mask = ak.sliding_window(3)
     with pytest.raises(ValueError, match="banded takes no additive bias"):
         ak.attention(q, k, v, mask=mask, bias=ak.alibi(2), impl="banded")
-    with pytest.raises(ValueError, match="dropout_p=0.1: banded does not implement dropout"):
-        ak.attention(q, k, v, mask=mask, dropout_p=0.1, impl="banded")
+    with pytest.raises(ValueError, match="kernel=.fused. cannot apply softcap=None / dropout_p=0.1"):
+        banded.banded_attention(q, k, v, mask=mask, scale=0.5, kernel="fused", dropout_p=0.1)
     q, k, v = qkv(Dv=6)
     with pytest.raises(ValueError, match="banded kernel='fused' needs CPU tensors with Dv == D"):
         banded.banded_attention(q, k, v, mask=mask, scale=0.5, kernel="fused")

@@ -5,7 +5,9 @@ needs no materialized mask, so FlashAttention or cuDNN run it), then ``triton`` 
 kernels for every mask structure, ALiBi and the lse; CUDA only: on the CPU they run only in
 Triton's interpreter, for tests, and auto never picks them there), then ``banded``
 (Longformer masks: sliding window, global tokens, padding; O(N·W)), then ``tiled`` (any
-structured mask, ALiBi, lse on any device), then ``reference`` (dropout with structured masks).
+structured mask, ALiBi, lse, dropout and softcap on any device), then ``reference`` (what nothing
+else runs, e.g. a bias that requires grad with ``return_lse``). A long call with dropout on the CPU
+skips ``sdpa``, whose math path would materialize the probabilities (``_sdpa_dropout_why_not``).
 An explicit ``impl`` never falls back: it raises with the backend's reason.
 """
 

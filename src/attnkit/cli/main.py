@@ -17,8 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     add_train_arguments(sub.add_parser("train", help="train a small decoder on a task that needs attention "
                                        "(CPU, about 20 s) and compare it with no-position and mean-mixing variants"))
     from .viz import add_arguments as add_viz_arguments
-    add_viz_arguments(sub.add_parser("viz", help="the real MiniLM's attention on a sentence: an offline "
-                                     "interactive page (--out) or a picture (--png)"))
+    add_viz_arguments(sub.add_parser("viz", help="the attention of the real MiniLM (or a local transformers checkpoint, --model DIR) "
+                                     "on a sentence: an offline interactive page (--out) or a picture (--png)"))
     sub.add_parser("bench", help="CPU benchmark: tiled vs sdpa vs reference, results under ./benchmarks/results "
                    "by default; options: attnkit bench --help", add_help=False)
     return p

@@ -253,15 +253,12 @@ def _run_checkpoint(folder: Path, text: str) -> Shown:
     """The checkpoint's forward pass on ``text``, captured (transformers, offline, attnkit attention)."""
     from ..integrations import transformers as akt  # registers attn_implementation="attnkit"
     from ..viz import capture
-    # transformers' Auto classes are imported here only (the integration has no loader yet).
-    from transformers import AutoModel, AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:  # files transformers cannot read as a tokenizer
-        raise _no_tokenizer(folder, str(e).strip()) from e
-    model = AutoModel.from_pretrained(folder, attn_implementation=akt.NAME, local_files_only=True, use_safetensors=True,
-                                      dtype=torch.float32).eval()
+        model, tokenizer = akt.load_pretrained(folder)
+    except (OSError, ValueError) as e:  # files transformers cannot read (the folder was checked for weights first)
+        raise ValueError(f"--model {str(folder)!r}: transformers could not load the checkpoint ({str(e).strip()}); "
+                         "the folder needs config.json, *.safetensors weights and the tokenizer's files "
+                         "(model.save_pretrained(folder), tokenizer.save_pretrained(folder))") from e
     limit = min(int(tokenizer.model_max_length), getattr(model.config, "max_position_embeddings", None) or 2 ** 62)
     enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")
     ids = enc["input_ids"][:1]  # (1, N)

@@ -195,9 +195,25 @@ def explain_model(model: nn.Module, *args: object, **kwargs: object) -> list[Lay
     return found
 
 
+def load_pretrained(folder, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a local checkpoint folder, offline, with ``attn_implementation="attnkit"``:
+    transformers' ``AutoModel`` / ``AutoTokenizer`` with ``local_files_only=True`` and
+    ``use_safetensors=True`` (pickled weights are never loaded). The model is in eval mode.
+
+    Raises:
+        OSError / ValueError: transformers' own, for a folder it cannot read (no config, no
+            tokenizer files, no safetensors weights).
+    """
+    from transformers import AutoModel, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, attn_implementation=NAME, local_files_only=True, use_safetensors=True,
+                                      dtype=dtype).eval()
+    return model, tokenizer
+
+
 register()
 
 from .longformer import swap_encoder_attention, swap_longformer_attention  # noqa: E402  (after register)
 
 __all__ = ["NAME", "AttentionCall", "LayerMask", "LayerExplanation", "attention_forward", "explain_model", "mask_interface",
-           "observing", "register", "swap_encoder_attention", "swap_longformer_attention", "translate"]
+           "load_pretrained", "observing", "register", "swap_encoder_attention", "swap_longformer_attention", "translate"]
