@@ -375,3 +375,17 @@ def test_a_captured_attention_layer_itself_is_named_by_its_class(make, name):
     with pytest.raises(ValueError, match=rf"the model has \['{name}'"):
         with capture(layer, layers=["nope"]):
             pass
+
+
+def test_capture_of_a_softcapped_module_caps_its_maps():
+    """MultiHeadAttention(softcap=c): the recorded maps are softmax(c * tanh(s / c)), what it ran."""
+    torch.manual_seed(0)
+    mha = aknn.MultiHeadAttention(16, 2, softcap=0.5).double()
+    x = torch.randn(1, 7, 16, dtype=torch.float64) * 5
+    with capture(mha) as cap:
+        mha(x, mask=ak.causal())
+    q, k = (p(x).view(1, 7, 2, 8).transpose(1, 2) for p in (mha.q_proj, mha.k_proj))
+    want = ak.attention_weights(q, k, mask=ak.causal(), softcap=0.5)
+    got = cap["MultiHeadAttention"].weights()
+    assert torch.allclose(got, want, atol=1e-12)
+    assert (got - ak.attention_weights(q, k, mask=ak.causal())).abs().max() > 1e-3
