@@ -229,3 +229,38 @@ def test_static_cache_generate_gives_the_same_tokens(name):
     am[1] = 1
     kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert torch.equal(eager.generate(ids, **kw), ours.generate(ids, **kw))
+
+
+def test_t5_relative_position_bias_is_added():
+    """T5 passes its relative position bias as position_bias=: it is added to the scores, not dropped."""
+    kw = lambda: dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)  # noqa: E731
+    eager, ours = _pair("T5Config", "T5EncoderModel", kw)
+    ids, am = _batch()
+    am[0] = 1
+    valid = am.bool()
+    a = eager(ids, attention_mask=am).last_hidden_state
+    assert _rel(ours(ids, attention_mask=am).last_hidden_state[valid], a[valid]) < TOL
+
+
+def test_gpt_oss_attention_sinks_go_through_the_lse():
+    """GPT-OSS passes s_aux= (one sink logit per head in each softmax denominator): out * sigmoid(lse - sink)."""
+    kw = lambda: _decoder_kwargs(head_dim=16, num_local_experts=2, num_experts_per_tok=1,  # noqa: E731
+                                 sliding_window=4, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    eager, ours = _pair("GptOssConfig", "GptOssForCausalLM", kw)
+    for layer in eager.model.layers:  # random sinks, so that dropping them shows
+        torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+    ours.load_state_dict(eager.state_dict())
+    ids, am = _batch()
+    valid = am.bool()
+    ref = eager(ids, attention_mask=am).logits
+    assert _rel(ours(ids, attention_mask=am).logits[valid], ref[valid]) < TOL
+
+
+def test_a_model_outside_the_attention_interface_gets_a_clear_error():
+    """Bloom adds the mask to its scores itself: attnkit's mask refuses to act as a tensor, and says why."""
+    kw = lambda: dict(vocab_size=V, hidden_size=32, n_layer=1, n_head=4)  # noqa: E731
+    cfg_cls, model_cls = transformers.BloomConfig, transformers.BloomForCausalLM
+    model = model_cls._from_config(cfg_cls(**kw()), attn_implementation="attnkit").eval()
+    ids, am = _batch()
+    with pytest.raises(TypeError, match="does not go through transformers' attention interface"):
+        model(ids, attention_mask=am)

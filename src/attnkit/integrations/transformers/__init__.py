@@ -16,7 +16,7 @@ Two registrations, both transformers' own extension points:
 
 Caches and ``generate`` work: transformers appends to the cache before the attention call, and
 the mask interface is given the cache's offsets (bottom-right aligned as attnkit's masks are).
-The attention weights are not returned (``output_attentions`` gets None, as with sdpa); use
+The attention weights are not returned (``output_attentions`` gives none, as with sdpa); use
 ``attnkit.viz.capture(model)``, which records the layers' calls through ``observing``.
 ``explain_model(model, inputs)`` says, per layer, how its mask was translated and which backend
 ``auto`` picks and why.
@@ -76,6 +76,14 @@ class LayerMask:
     how: str
     size: tuple[int, int, int]  # (B, Nq, Nk) it was made for
 
+    def _not_a_tensor(self, *_: object, **__: object):
+        raise TypeError("this model uses attnkit's mask as a tensor: its attention code does not go through "
+                        "transformers' attention interface, so attn_implementation='attnkit' cannot run it; "
+                        "use 'sdpa' or 'eager' (attnkit.integrations.transformers works with models whose "
+                        "attention calls ALL_ATTENTION_FUNCTIONS: Llama, Mistral, Qwen2, Gemma, BERT, ...)")
+
+    __add__ = __radd__ = __mul__ = __rmul__ = __getitem__ = to = _not_a_tensor
+
     ndim = 4  # generate() builds masks ahead for compileable (static) caches and hands them back to the
     # model, whose mask creation then reads ``attention_mask.ndim``: as a prepared 4-D mask it is passed through
 
@@ -95,13 +103,15 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset: int
     return LayerMask(t.mask, t.how, (batch_size, q_length, kv_length))
 
 
-def _as_mask(attention_mask: object, module: nn.Module, q: Tensor) -> tuple[Mask | None, Tensor | None, str]:
+def _as_mask(attention_mask: object, module: nn.Module, q: Tensor,
+             is_causal: bool | None = None) -> tuple[Mask | None, Tensor | None, str]:
     """(mask, bias, how) for ak.attention from what the model passed as attention_mask."""
     if isinstance(attention_mask, LayerMask):
         return attention_mask.mask, None, attention_mask.how
-    if attention_mask is None:  # a model that builds no mask: the module says whether it is causal
-        if getattr(module, "is_causal", False) and q.shape[2] > 1:
-            return causal(), None, "structural: no mask given, module.is_causal"
+    if attention_mask is None:  # a model that builds no mask: is_causal (the call's, else the module's) says
+        causal_call = getattr(module, "is_causal", False) if is_causal is None else is_causal
+        if causal_call and q.shape[2] > 1:
+            return causal(), None, "structural: no mask given, is_causal"
         return None, None, "none"
     if isinstance(attention_mask, Tensor) and attention_mask.dtype == torch.bool:
         return dense_mask(attention_mask), None, "dense: a 4-D bool mask was passed in"
@@ -109,6 +119,26 @@ def _as_mask(attention_mask: object, module: nn.Module, q: Tensor) -> tuple[Mask
         return None, attention_mask, "bias: a 4-D additive mask was passed in"  # exact as a bias
     raise TypeError(f"attnkit attention got attention_mask of type {type(attention_mask).__name__}; expected the "
                     "mask attnkit's mask interface builds, None, or a 4-D bool / additive float tensor")
+
+
+UNSUPPORTED_KWARGS = ("sinks",)  # meaningful arguments some models pass that attnkit does not compute
+
+
+def _with_position_bias(bias: Tensor | None, position_bias: object) -> Tensor | None:
+    """T5-style relative position bias (B or 1, Hq, Nq, Nk), added to the scores like a 4-D float mask."""
+    if position_bias is None:
+        return bias
+    if not isinstance(position_bias, Tensor) or not position_bias.is_floating_point():
+        raise TypeError(f"attnkit attention: position_bias must be a float tensor, got {type(position_bias).__name__}")
+    return position_bias if bias is None else bias + position_bias
+
+
+def _attention_sinks(out: Tensor, lse: Tensor, s_aux: Tensor) -> Tensor:
+    """GPT-OSS's attention sinks: one extra logit per head in each row's softmax denominator, that
+    attends to nothing. With the row's log-sum-exp: out * exp(lse) / (exp(lse) + exp(sink)) =
+    out * sigmoid(lse - sink). out (B, Hq, Nq, Dv), lse (B, Hq, Nq), s_aux (Hq,)."""
+    weight = torch.sigmoid(lse - s_aux.to(lse.dtype).reshape(1, -1, 1))  # (B, Hq, Nq); 0 where lse = -inf
+    return out * weight[..., None].to(out.dtype)
 
 
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: object,
@@ -122,12 +152,21 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         attention_mask: what ``mask_interface`` built (``LayerMask``), None, or a 4-D bool / float tensor.
         scaling: the score scale (None: 1/sqrt(D)); dropout: attention dropout (transformers passes 0
             in eval); softcap: Gemma 2's logit soft-capping (None: none).
-        kwargs: transformers' other keyword arguments; ``attnkit_impl`` picks a backend ("auto").
+        kwargs: transformers' other keyword arguments. Honoured: ``is_causal`` (when no mask is given),
+            ``position_bias`` (T5's relative bias, added to the scores), ``s_aux`` (GPT-OSS's attention
+            sinks, through the lse); ``attnkit_impl`` picks a backend ("auto"). Refused with a
+            TypeError: ``sinks`` and any other argument that would change the result.
 
     Returns:
         (out (B, Nq, Hq, Dv) contiguous, None): transformers' layout; no attention weights.
     """
-    mask, bias, how = _as_mask(attention_mask, module, query)
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise TypeError(f"attnkit attention: {type(module).__name__} passes {name}=, which attnkit does not "
+                            f"compute; run this model with attn_implementation='sdpa' or 'eager'")
+    mask, bias, how = _as_mask(attention_mask, module, query, kwargs.get("is_causal"))
+    bias = _with_position_bias(bias, kwargs.get("position_bias"))
+    sinks = kwargs.get("s_aux")
     impl = kwargs.get("attnkit_impl", "auto")
     observers = _observers.get()
     if observers:
@@ -135,7 +174,9 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         for observe in observers:
             observe(call)
     out = attention(query, key, value, mask=mask, bias=bias, scale=scaling, dropout_p=dropout, softcap=softcap,
-                    impl=impl)  # (B, Hq, Nq, Dv)
+                    impl=impl, return_lse=sinks is not None)  # (B, Hq, Nq, Dv)
+    if sinks is not None:
+        out = _attention_sinks(*out, sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
