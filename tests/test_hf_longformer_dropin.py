@@ -386,6 +386,8 @@ def test_per_call_errors():
         layer(x, attention_mask=torch.zeros(B, 4, 4), global_attention_mask=torch.zeros(B, 4))
     with pytest.raises(NotImplementedError, match="KV cache"):
         layer(x, cache=object())
+    with pytest.raises(NotImplementedError, match="relative position bias"):  # LayoutLMv3 passes one
+        layer(x, position_bias=torch.zeros(B, H, 4, 4))
     drop_in = DropInLongformerSelfAttention(E, H, 8)
     with pytest.raises(TypeError, match="expected LongformerModel's extended float mask"):
         drop_in(x, attention_mask=torch.ones(B, 4, dtype=torch.bool))

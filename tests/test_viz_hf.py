@@ -213,3 +213,15 @@ def test_viz_model_refuses_pickled_weights_without_loading_them(checkpoint, tmp_
         (bare / name).write_bytes((folder / name).read_bytes())
     assert main(["viz", "the boat", "--model", str(bare), "--out", str(tmp_path / "p.html")]) == 2
     assert "no tokenizer could be loaded from the folder" in capsys.readouterr().err
+
+
+def test_viz_model_refuses_an_encoder_decoder_checkpoint(tmp_path, capsys):
+    """T5 needs decoder inputs and has three kinds of attention: refused with a reason, not a traceback."""
+    folder = tmp_path / "t5"
+    t5 = transformers.T5Model(transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                    num_heads=4))
+    t5.save_pretrained(folder, safe_serialization=True)
+    _tokenizer().save_pretrained(folder)
+    assert main(["viz", "the boat", "--model", str(folder), "--out", str(tmp_path / "p.html")]) == 2
+    assert "T5Model is an encoder-decoder model" in capsys.readouterr().err
+    assert not (tmp_path / "p.html").exists()

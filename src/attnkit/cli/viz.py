@@ -259,6 +259,9 @@ def _run_checkpoint(folder: Path, text: str) -> Shown:
         raise ValueError(f"--model {str(folder)!r}: transformers could not load the checkpoint ({str(e).strip()}); "
                          "the folder needs config.json, *.safetensors weights and the tokenizer's files "
                          "(model.save_pretrained(folder), tokenizer.save_pretrained(folder))") from e
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"--model {str(folder)!r}: {type(model).__name__} is an encoder-decoder model; attnkit viz "
+                         "shows one sequence's self-attention (an encoder or a decoder-only checkpoint)")
     limit = min(int(tokenizer.model_max_length), getattr(model.config, "max_position_embeddings", None) or 2 ** 62)
     enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")
     ids = enc["input_ids"][:1]  # (1, N)

@@ -273,15 +273,19 @@ class WindowedSelfAttention:
         ``output_attentions=True`` (before dropout), else None. ``global_attention_mask`` (B, N)
         (nonzero = global), passed to the model's forward, reaches here through its ``**kwargs``
         and replaces the swap's global positions for that call. Other kwargs are ignored, as HF's
-        eager path ignores them.
+        eager path ignores them, except a relative position bias, which is refused.
 
         Raises:
-            NotImplementedError: a KV cache (decoder use).
+            NotImplementedError: a KV cache (decoder use); a relative position bias (``position_bias``).
             ValueError / TypeError: see ``swap_encoder_attention``'s per-call errors.
         """
         if cache is not None or kwargs.get("past_key_values") is not None:
             raise NotImplementedError("swap_encoder_attention makes bidirectional encoder layers; a KV cache "
                                       "(decoder use) is not supported")
+        if kwargs.get("position_bias") is not None or kwargs.get("rel_pos") is not None:
+            raise NotImplementedError(f"{type(self).__name__} is given a relative position bias (LayoutLMv3, "
+                                      "DeBERTa-style), which swap_encoder_attention does not add; it swaps "
+                                      "BERT/RoBERTa-style layers without one")
         B, N, _ = hidden_states.shape
         pattern = self.attnkit_pattern
         mask = pattern.mask(attention_mask, kwargs.get("global_attention_mask"), B, N, hidden_states.device)
