@@ -212,3 +212,15 @@ def test_bad_arguments_are_refused(kw, match):
 def test_why_not_takes_dropout_and_softcap():
     q = torch.randn(1, 2, 16, 16)
     assert why_not(q, q, q, ak.causal(), ak.alibi(2), 0.5, 3.0) is None
+
+
+@pytest.mark.parametrize("cap", [1e3, 1e6])
+def test_a_large_softcap_keeps_float32_accuracy(cap):
+    """Every score sits where tanh(x) ~ x: the kernels' tanh must not cancel there (it did: 8e-3 at
+    softcap 1e6 from (1 - e) / (1 + e))."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g, requires_grad=True) for _ in range(3))
+    out = ak.attention(q, k, v, softcap=cap, mask=ak.causal(), impl="triton")
+    ref = reference_attention(*(t.detach().double().requires_grad_() for t in (q, k, v)), mask=ak.causal(), bias=None,
+                              scale=0.25, softcap=cap)[0]
+    assert (out.double() - ref).abs().max() < 1e-6

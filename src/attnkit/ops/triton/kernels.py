@@ -128,10 +128,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _tanh(x):
     """tanh(x) from one exp2: (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1], so nothing
-    overflows and |x| -> inf gives +-1 exactly (libdevice's tanh does not run in the interpreter)."""
+    overflows and |x| -> inf gives +-1 exactly (libdevice's tanh does not run in the interpreter).
+    Below |x| = 1/4, where 1 - e cancels (a large softcap puts every score there), its Taylor series
+    to x^9 instead: the first term left out is under 1e-8 relative there."""
     e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E_K))  # tensor first: constexpr * tensor stays a constexpr
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    t = tl.where(x < 0, -t, t)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(tl.abs(x) < 0.25, series, t)
 
 
 @triton.jit
