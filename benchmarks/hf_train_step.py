@@ -52,7 +52,8 @@ from typing import Callable, Sequence
 import torch
 
 import attnkit as ak
-from attnkit.bench.cpu import RESULT_TAG, CommaList, _child_env, _failed_child, _limit_address_space, cpu_model
+from attnkit.bench.cpu import (RESULT_TAG, CommaList, _child_env, _failed_child, _limit_address_space, cpu_model,
+                               measured_or_failed)
 from attnkit.bench.process import peak_rss_mb, reset_peak_rss
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
 
@@ -259,14 +260,7 @@ def child_main(case_json: str) -> int:
     """The child process: measure one case, print its result as one tagged JSON line."""
     case = Case(**json.loads(case_json))
     _limit_address_space(case.as_limit_gb)
-    try:
-        result = {"status": "ok", **measure(case)}
-    except MemoryError as e:
-        result = {"status": "oom", "reason": f"MemoryError: {e}"[:300]}
-    except RuntimeError as e:
-        oom = any(w in str(e).lower() for w in ("memory", "alloc"))
-        result = {"status": "oom" if oom else "error", "reason": f"RuntimeError: {e}"[:300]}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    print(RESULT_TAG + json.dumps(measured_or_failed(measure, case)), flush=True)
     return 0
 
 

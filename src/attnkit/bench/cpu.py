@@ -189,19 +189,24 @@ def measure(case: Case) -> dict:
             "extra_peak_mb": peak - base, "threads": torch.get_num_threads()}
 
 
+def measured_or_failed(measure_case, case) -> dict:
+    """``{"status": "ok", **measure_case(case)}``, or the failure as a result: "oom" for a
+    MemoryError or an allocation RuntimeError, else "error", with the reason (what a child prints)."""
+    try:
+        return {"status": "ok", **measure_case(case)}
+    except MemoryError as e:
+        return {"status": "oom", "reason": f"MemoryError: {e}"[:300]}
+    except RuntimeError as e:
+        msg = str(e)
+        oom = "memory" in msg.lower() or "alloc" in msg.lower()
+        return {"status": "oom" if oom else "error", "reason": f"RuntimeError: {msg}"[:300]}
+
+
 def child_main(case_json: str) -> int:
     """Entry point of the child process: measure one case and print its result as one JSON line."""
     case = Case(**json.loads(case_json))
     _limit_address_space(case.as_limit_gb)
-    try:
-        result = {"status": "ok", **measure(case)}
-    except MemoryError as e:
-        result = {"status": "oom", "reason": f"MemoryError: {e}"[:300]}
-    except RuntimeError as e:
-        msg = str(e)
-        oom = "memory" in msg.lower() or "alloc" in msg.lower()
-        result = {"status": "oom" if oom else "error", "reason": f"RuntimeError: {msg}"[:300]}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+    print(RESULT_TAG + json.dumps(measured_or_failed(measure, case)), flush=True)
     return 0
 
 
