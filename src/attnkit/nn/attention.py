@@ -162,6 +162,20 @@ def _check_positional_fits(positional: AttentionPositional | None, num_heads: in
                          f"this attention has head_dim={head_dim}, num_heads={num_heads}")
 
 
+def _check_core_fits(core: nn.Module | None, dropout: float, softcap: float | None,
+                     positional: AttentionPositional | None) -> None:
+    if core is None:
+        return
+    if not isinstance(core, nn.Module):
+        raise TypeError(f"core must be an nn.Module (an attnkit.approx core), got {type(core).__name__}")
+    if dropout or softcap is not None:
+        raise ValueError(f"core {type(core).__name__}: dropout={dropout} / softcap={softcap} act on attention "
+                         "probabilities, which an approximate core never forms; use the block's dropout instead")
+    if positional is not None and positional.bias() is not None:
+        raise ValueError(f"core {type(core).__name__}: {type(positional).__name__} is an additive bias, which an "
+                         "approximate core cannot take; use RotaryEmbedding or absolute positions")
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self- or cross-attention with optional GQA, positional module and KV cache.
 
@@ -178,13 +192,20 @@ class MultiHeadAttention(nn.Module):
         scale: score scale (default 1/sqrt(D)).
         softcap: cap the scores at ±softcap, ``softcap * tanh(scores / softcap)`` before the mask and
             bias (Gemma 2's ``attn_logit_softcapping``; ``attnkit.attention``'s softcap). None: no cap.
+        core: an approximate attention core (``attnkit.approx``: ``LinearAttention``,
+            ``PerformerAttention``, ``LinformerAttention``, ``NystromAttention``, or any module with
+            ``forward(q, k, v, *, mask, scale, cache) -> out``) that replaces exact attention; the
+            projections, positional module and caches stay this module's. None: exact
+            ``attnkit.attention``. A core with ``new_cache()`` decodes with that constant-size state
+            (``new_cache``); otherwise a ``KVCache`` holds the keys and the core sees them all.
+            A core takes no additive bias (ALiBi), dropout or softcap: refused at construction.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, kdim: int | None = None, vdim: int | None = None,
                  bias: bool = True, out_bias: bool | None = None, dropout: float = 0.0, impl: str = "auto",
                  positional: AttentionPositional | None = None, scale: float | None = None,
-                 softcap: float | None = None):
+                 softcap: float | None = None, core: nn.Module | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
@@ -205,9 +226,11 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"positional must be an AttentionPositional (RotaryEmbedding, ALiBi) or None, got "
                             f"{type(positional).__name__}; absolute encodings are added to the embeddings instead")
         _check_positional_fits(positional, num_heads, head_dim)
+        _check_core_fits(core, dropout, softcap, positional)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.dropout, self.impl, self.scale, self.positional = dropout, impl, scale, positional
         self.softcap = None if softcap is None else float(softcap)
+        self.core = core
         self.observers: list = []  # callables (q, k, mask, bias, scale), set by attnkit.viz.capture
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(kdim or embed_dim, num_kv_heads * head_dim, bias=bias)
@@ -267,6 +290,8 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = self._memory_kv(memory, memory if value is None else value, cache)
             dropped = 0
+        if self.core is not None:
+            return self._core_forward(q, k, v, mask, bias, cache)
         Nq, Nk = q.shape[2], k.shape[2]
         _check_window_reach(mask, Nq, Nk, dropped)
         bias = self._bias(bias) if memory is None else bias
@@ -276,14 +301,38 @@ class MultiHeadAttention(nn.Module):
                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)  # (B, Hq, N, D)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
 
+    def new_cache(self, window: int | None = None) -> object:
+        """This layer's decoding state: the core's own (``KernelState``: constant size) if it has one,
+        else a ``KVCache(window)``."""
+        if self.core is not None and hasattr(self.core, "new_cache"):
+            return self.core.new_cache()
+        return KVCache(window)
+
+    def _core_forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None,
+                      bias: Bias | Tensor | None, cache: object) -> Tensor:
+        """The approximate core in place of exact attention; q, k, v (B, H, N, D) -> (B, N, E)."""
+        if bias is not None:
+            raise ValueError(f"MultiHeadAttention with core {type(self.core).__name__}: bias= given, but an "
+                             "approximate core takes no additive bias; use RoPE or absolute positions")
+        state = None if cache is None or isinstance(cache, (KVCache, MemoryKVCache)) else cache
+        out = self.core(q, k, v, mask=mask, scale=self.scale, cache=state)  # (B, Hq, N, Dv)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
+
+    def _owns_state(self, cache: object) -> bool:
+        """A cache made by this layer's core (its recurrent state), not a KVCache."""
+        return (self.core is not None and hasattr(self.core, "new_cache")
+                and type(cache) is type(self.core.new_cache()))
+
     def _self_qkv(self, q: Tensor, x: Tensor, cache: KVCache | None,
                   positions: Tensor | None) -> tuple[Tensor, Tensor, Tensor, int]:
         """Project x to k, v, place q and k at their positions, join the cache.
 
         Returns q (B, Hq, N, D), k / v (B, Hkv, L + N, D) and how many old keys the cache dropped.
         """
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"self-attention takes a KVCache, got {type(cache).__name__}")
+        state = cache if self._owns_state(cache) else None
+        if cache is not None and state is None and not isinstance(cache, KVCache):
+            raise TypeError(f"self-attention takes a KVCache (or its core's state, from new_cache()), got "
+                            f"{type(cache).__name__}")
         k = self._heads(self.k_proj(x), self.num_kv_heads)  # (B, Hkv, N, D)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if self.positional is not None:  # new keys are rotated once, before they enter the cache
@@ -291,7 +340,7 @@ class MultiHeadAttention(nn.Module):
                 start = 0 if cache is None else cache.position
                 positions = torch.arange(start, start + x.shape[1], device=x.device)  # (N,)
             q, k = self.positional.rotate(q, k, positions, positions)
-        if cache is None:
+        if cache is None or state is not None:  # a core's recurrent state takes the keys itself
             return q, k, v, 0
         dropped = cache.dropped
         k, v = cache.update(k, v)  # (B, Hkv, L + N, D)
@@ -343,4 +392,4 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, impl={self.impl!r}" + ("" if self.softcap is None else f", softcap={self.softcap}"))
+                f"head_dim={self.head_dim}" + ("" if self.core is not None else f", impl={self.impl!r}") + ("" if self.softcap is None else f", softcap={self.softcap}"))

@@ -277,6 +277,11 @@ class Encoder(nn.Module):
         return states if return_all else x
 
 
+def _layer_cache(block: nn.Module, window: int | None) -> object:
+    attn = getattr(block, "attn", None)
+    return attn.new_cache(window) if isinstance(attn, MultiHeadAttention) else KVCache(window)
+
+
 class DecoderLM(nn.Module):
     """Decoder-only language model: embeddings, causal blocks, final norm, LM head. -> logits (B, N, V).
 
@@ -300,8 +305,9 @@ class DecoderLM(nn.Module):
         self.mask, self.cache_window = mask, cache_window
 
     def new_cache(self) -> list[BlockCache]:
-        """Empty decoding state, one per block."""
-        return [BlockCache(self_attn=KVCache(self.cache_window)) for _ in self.blocks]
+        """Empty decoding state, one per block: each layer's ``new_cache`` (a ``KVCache``, or the
+        constant-size state of an approximate core such as ``attnkit.approx.LinearAttention``)."""
+        return [BlockCache(self_attn=_layer_cache(block, self.cache_window)) for block in self.blocks]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 cache: list[BlockCache] | None = None, memory: Tensor | None = None,
