@@ -1,8 +1,13 @@
 """Approximate attention: different operations from ``attnkit.attention`` (which is exact), each with
-its own function and a module that plugs into ``attnkit.nn.MultiHeadAttention(core=...)``.
+its own function and a module (an attention "core") that plugs into
+``attnkit.nn.MultiHeadAttention(core=...)``.
 
-    linear_attention     Katharopoulos et al. 2020 (phi = elu + 1), causal by chunks, recurrent decoding
-    KernelState          the constant-size recurrent state of causal kernelized attention
+    linear_attention     Katharopoulos et al. 2020: phi(q).phi(k) with phi = elu + 1 (or any feature
+                         map); non-causal, causal by chunks, recurrent decoding (KernelState)
+    linformer_attention  Wang et al. 2020: keys and values projected along the sequence by learned
+                         E, F (non-causal)
+    nystrom_attention    Xiong et al. 2021: segment-mean landmarks and an iterative pseudo-inverse
+                         (non-causal)
 
 Same ``(B, H, N, D)`` layout and the same mask vocabulary as ``ak.attention`` where a method allows it
 (``ak.causal()``, ``ak.key_padding(...)``); any other mask is refused with the reason.
@@ -10,5 +15,9 @@ Same ``(B, H, N, D)`` layout and the same mask vocabulary as ``ak.attention`` wh
 
 from .kernelized import KernelState
 from .linear import LinearAttention, elu_feature_map, linear_attention, relu_feature_map
+from .linformer import LinformerAttention, LinformerProjection, linformer_attention
+from .nystrom import NystromAttention, iterative_pinv, nystrom_attention
 
-__all__ = ["KernelState", "LinearAttention", "linear_attention", "elu_feature_map", "relu_feature_map"]
+__all__ = ["KernelState", "LinearAttention", "linear_attention", "elu_feature_map", "relu_feature_map",
+           "LinformerAttention", "LinformerProjection", "linformer_attention",
+           "NystromAttention", "iterative_pinv", "nystrom_attention"]
