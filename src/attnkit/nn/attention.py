@@ -231,7 +231,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout, self.impl, self.scale, self.positional = dropout, impl, scale, positional
         self.softcap = None if softcap is None else float(softcap)
         self.core = core
-        self.observers: list = []  # callables (q, k, mask, bias, scale), set by attnkit.viz.capture
+        self.observers: list = []  # callables (q, k, mask, bias, scale, *, v): attnkit.viz.capture, approx.audit
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(kdim or embed_dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, num_kv_heads * head_dim, bias=bias)
@@ -295,8 +295,8 @@ class MultiHeadAttention(nn.Module):
         Nq, Nk = q.shape[2], k.shape[2]
         _check_window_reach(mask, Nq, Nk, dropped)
         bias = self._bias(bias) if memory is None else bias
-        for observe in self.observers:  # attnkit.viz.capture: keeps q, k; computes nothing here
-            observe(q, k, mask, bias, self.scale)
+        for observe in self.observers:  # attnkit.viz.capture, approx.audit: keep references; compute nothing here
+            observe(q, k, mask, bias, self.scale, v=v)
         out = attention(q, k, v, mask=mask, bias=bias, scale=self.scale, softcap=self.softcap,
                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)  # (B, Hq, N, D)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)

@@ -317,7 +317,7 @@ def _observer(cap: Capture, name: str, module: nn.Module) -> Callable[..., None]
             cap._add(longformer_record(name, q, k, mask, roles, glob))
         return observe_longformer
 
-    def observe(q, k, mask, bias, scale):  # MultiHeadAttention(softcap=c) caps its scores: so do its maps
+    def observe(q, k, mask, bias, scale, v=None):  # softcap=c caps the scores: so do its maps; v not needed
         cap._add(AttentionRecord(name, q.detach(), k.detach(), mask, bias, scale, softcap=getattr(module, "softcap", None)))
     return observe
 

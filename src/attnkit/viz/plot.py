@@ -6,7 +6,8 @@
 - ``plot_map``: one (Nq, Nk) matrix, token labels on both axes (row = query, column = key);
 - ``plot_grid``: a layers x heads grid of such matrices;
 - ``plot_token``: the attention from one chosen query token, as bars over the keys;
-- ``plot_mask``: the dense truth of any attnkit mask expression.
+- ``plot_mask``: the dense truth of any attnkit mask expression;
+- ``plot_audit``: an ``attnkit.approx.audit`` report, error per layer and method.
 
 This is the only module of attnkit that imports matplotlib, and only when a function is called.
 Legend: Nq / Nk query / key tokens.
@@ -140,6 +141,65 @@ def plot_mask(mask: Mask, Nq: int, Nk: int | None = None, *, batch: int = 0, hea
     ax.set_ylabel("query")
     fig.tight_layout()
     return fig
+
+
+ERROR_FLOOR = 1e-12  # a log axis cannot show 0: smaller errors are drawn here
+
+
+def _audit_series(report, method: str) -> tuple[list[int], list[float], list[float], list[float], int]:
+    """(x, mean, best head, worst head, refused count) of one method over the report's layers."""
+    xs, mean, lo, hi, refused = [], [], [], [], 0
+    for i, layer in enumerate(report.layers):
+        row = report.row(layer, method)
+        if row.refused is not None:
+            refused += 1
+            continue
+        errors = [max(e, ERROR_FLOOR) for e in row.rel_l2 if e == e]  # nan (x != x) left out
+        if not errors:
+            continue
+        xs.append(i)
+        mean.append(max(row.mean_rel_l2, ERROR_FLOOR))
+        lo.append(min(errors))
+        hi.append(max(errors))
+    return xs, mean, lo, hi, refused
+
+
+def plot_audit(report, path: str | Path, *, title: str | None = None) -> Path:
+    """Draw an ``attnkit.approx.audit`` report: per layer (x) and method (one line each) the
+    relative L2 error against exact attention, mean over heads, with a band from the best to the
+    worst head (log scale; errors below 1e-12 drawn at 1e-12). The "exact" row (the layer's own
+    rounding) is drawn only where it is not 0; a method refused on some layers says how many in its
+    legend entry. Written to ``path`` (.png, .svg, .pdf); returns the path.
+
+    Raises:
+        TypeError: ``report`` is not an audit report (needs ``layers``, ``methods``, ``row``).
+        ValueError: an unsupported extension (``save``).
+    """
+    if not all(hasattr(report, a) for a in ("layers", "methods", "row")):
+        raise TypeError(f"plot_audit: expected an attnkit.approx.AuditReport, got {type(report).__name__}")
+    plt = _pyplot()
+    layers = report.layers
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers) + 3.0), 4.0))
+    for method in report.methods:
+        xs, mean, lo, hi, refused = _audit_series(report, method)
+        if method == "exact" and all(m <= ERROR_FLOOR for m in mean):
+            continue
+        label = method + (f" (refused on {refused} of {len(layers)})" if refused else "")
+        if not xs:
+            ax.plot([], [], label=label)
+            continue
+        line, = ax.plot(xs, mean, marker="o", markersize=3, label=label,
+                        linestyle="--" if method == "exact" else "-")
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), [str(n) for n in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("relative L2 error vs exact\n(mean over heads; band: best to worst head)", fontsize=8)
+    ax.set_title(title or f"approximate attention on this model's q, k, v ({report.dtype}, {report.device})",
+                 fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save(fig, path)
 
 
 def save(fig, path: str | Path, *, dpi: int = 120) -> Path:

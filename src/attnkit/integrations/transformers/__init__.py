@@ -53,14 +53,15 @@ _observers: contextvars.ContextVar[tuple[Observer, ...]] = contextvars.ContextVa
 class AttentionCall:
     """One attention call through "attnkit", as observers see it (references, nothing copied).
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D) after RoPE and the cache; ``mask`` the attnkit mask and
-    ``how`` its translation ("structural", "dense: <why>", "none"); ``bias`` a float tensor a
-    caller passed as a 4-D additive mask, else None; ``scale`` and ``softcap`` as given to
-    ``ak.attention``."""
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) after RoPE and the cache; ``mask`` the
+    attnkit mask and ``how`` its translation ("structural", "dense: <why>", "none"); ``bias`` a
+    float tensor a caller passed as a 4-D additive mask, else None; ``scale`` and ``softcap`` as
+    given to ``ak.attention``."""
 
     module: nn.Module
     q: Tensor
     k: Tensor
+    v: Tensor
     mask: Mask | None
     bias: Tensor | None
     scale: float | None
@@ -170,7 +171,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     impl = kwargs.get("attnkit_impl", "auto")
     observers = _observers.get()
     if observers:
-        call = AttentionCall(module, query, key, mask, bias, scaling, softcap, how)
+        call = AttentionCall(module=module, q=query, k=key, v=value, mask=mask, bias=bias, scale=scaling,
+                             softcap=softcap, how=how)
         for observe in observers:
             observe(call)
     out = attention(query, key, value, mask=mask, bias=bias, scale=scaling, dropout_p=dropout, softcap=softcap,
