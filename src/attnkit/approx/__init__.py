@@ -9,17 +9,20 @@ its own function and a module (an attention "core") that plugs into
     nystrom_attention    Xiong et al. 2021: segment-mean landmarks and an iterative pseudo-inverse
                          (non-causal)
     replace_attention    put a core into every attnkit MultiHeadAttention of a trained model
+    audit                every approximation on every attention layer's real q, k, v against exact:
+                         per layer and head errors, time and memory (``attnkit.viz.plot.plot_audit``)
 
 Same ``(B, H, N, D)`` layout and the same mask vocabulary as ``ak.attention`` where a method allows it
 (``ak.causal()``, ``ak.key_padding(...)``); any other mask is refused with the reason.
 """
 
+from .audit import AuditReport, AuditRow, audit
 from .kernelized import KernelState
 from .linear import LinearAttention, elu_feature_map, linear_attention, relu_feature_map
 from .linformer import LinformerAttention, LinformerProjection, linformer_attention
 from .nystrom import NystromAttention, iterative_pinv, nystrom_attention
 from .swap import replace_attention
 
-__all__ = ["KernelState", "LinearAttention", "linear_attention", "elu_feature_map", "relu_feature_map",
+__all__ = ["audit", "AuditReport", "AuditRow", "KernelState", "LinearAttention", "linear_attention", "elu_feature_map", "relu_feature_map",
            "LinformerAttention", "LinformerProjection", "linformer_attention",
            "NystromAttention", "iterative_pinv", "nystrom_attention", "replace_attention"]
