@@ -4,6 +4,8 @@ its own function and a module (an attention "core") that plugs into
 
     linear_attention     Katharopoulos et al. 2020: phi(q).phi(k) with phi = elu + 1 (or any feature
                          map); non-causal, causal by chunks, recurrent decoding (KernelState)
+    performer_attention  Choromanski et al. 2020 (FAVOR+): positive orthogonal random features for the
+                         softmax kernel (or ReLU); non-causal, causal by chunks, recurrent decoding
     linformer_attention  Wang et al. 2020: keys and values projected along the sequence by learned
                          E, F (non-causal)
     nystrom_attention    Xiong et al. 2021: segment-mean landmarks and an iterative pseudo-inverse
@@ -20,9 +22,13 @@ from .audit import AuditReport, AuditRow, audit
 from .kernelized import KernelState
 from .linear import LinearAttention, elu_feature_map, linear_attention, relu_feature_map
 from .linformer import LinformerAttention, LinformerProjection, linformer_attention
+from .performer import (PerformerAttention, orthogonal_random_features, performer_attention, performer_features,
+                        relu_features, softmax_features)
 from .nystrom import NystromAttention, iterative_pinv, nystrom_attention
 from .swap import replace_attention
 
 __all__ = ["audit", "AuditReport", "AuditRow", "KernelState", "LinearAttention", "linear_attention", "elu_feature_map", "relu_feature_map",
            "LinformerAttention", "LinformerProjection", "linformer_attention",
-           "NystromAttention", "iterative_pinv", "nystrom_attention", "replace_attention"]
+           "NystromAttention", "iterative_pinv", "nystrom_attention",
+           "PerformerAttention", "performer_attention", "orthogonal_random_features", "performer_features",
+           "relu_features", "softmax_features", "replace_attention"]
