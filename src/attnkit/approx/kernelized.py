@@ -79,8 +79,12 @@ def _safe(m: Tensor) -> Tensor:
 
 
 def _divide(num: Tensor, den: Tensor) -> Tensor:
-    """num / den per row; a row whose denominator is 0 saw no key and gets 0 (never NaN)."""
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
+    """num (..., Dv) / den (...) per row; a row whose denominator is 0 saw no key and gets 0, with a
+    zero gradient (never NaN: dividing by a clamped den would send 1 / tiny ~ 1e38 back into the
+    state, which overflows to inf and turns into NaN at the padded keys' zeroed features)."""
+    seen = den > 0
+    safe = torch.where(seen, den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
+    return torch.where(seen[..., None], num / safe[..., None], torch.zeros_like(num))
 
 
 def _weighted(phi_k: Tensor, s: Tensor | None, m: Tensor) -> Tensor:
