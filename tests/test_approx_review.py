@@ -55,3 +55,26 @@ def test_rows_that_see_no_key_have_finite_zero_gradients(method, causal, dtype):
     (fn(q0, k0, v0, ak.causal() if causal else None) * g[:1]).sum().backward()
     for a, b in ((q, q0), (k, k0), (v, v0)):
         torch.testing.assert_close(a.grad[:1], b.grad)
+
+
+# -- Linformer: E's columns are positions, so padding anywhere must meet the same columns ---------------
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_linformer_padding_anywhere_equals_the_unpadded_call(per_head):
+    """A left- or inner-padded row (e.g. an EncoderDecoder's memory, which keeps the source's layout)
+    used E's columns at the padded positions: 0.46 off the unpadded row before the fix."""
+    from attnkit.approx import linformer_attention
+
+    q, k, v = qkv(B=1, Nq=5, Nk=6, seed=2)
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(*((2,) if per_head else ()), 4, 12, generator=g, dtype=F64)
+    Fv = torch.randn(E.shape, generator=g, dtype=F64)
+    alone = linformer_attention(q, k, v, E, Fv)  # (1, H, Nq, Dv): the oracle, no padding at all
+    junk_k, junk_v = (50 * torch.randn(1, 2, 3, t.shape[-1], generator=g, dtype=F64) for t in (k, v))
+    layouts = {"left": ([junk_k, k], [junk_v, v], [0] * 3 + [1] * 6),
+               "inner": ([k[:, :, :2], junk_k, k[:, :, 2:]], [v[:, :, :2], junk_v, v[:, :, 2:]], [1] * 2 + [0] * 3 + [1] * 4),
+               "right": ([k, junk_k], [v, junk_v], [1] * 6 + [0] * 3)}
+    for name, (ks, vs, valid) in layouts.items():
+        got = linformer_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), E, Fv,
+                                  mask=ak.key_padding(torch.tensor([valid], dtype=torch.bool)))
+        torch.testing.assert_close(got, alone, rtol=1e-12, atol=1e-12, msg=name)

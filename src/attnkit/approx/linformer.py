@@ -41,6 +41,18 @@ def _check_projection(name: str, P: object, Hq: int, Nk: int, device: torch.devi
                          "sequence (Linformer's projection has a fixed length)")
 
 
+def _valid_first(k: Tensor, v: Tensor, key_valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's valid keys moved to the front, in order, and the padded ones zeroed behind them.
+
+    k (B, H, Nk, D), v (B, H, Nk, Dv), key_valid (B, Nk) bool -> k, v of the same shapes. E's column j
+    stands for position j, so the valid key of rank r must meet column r wherever the padding sits
+    (left, right, between tokens), as in the row's unpadded call."""
+    order = torch.argsort((~key_valid).to(torch.uint8), dim=-1, stable=True)  # (B, Nk): valid first
+    pad = ~key_valid.gather(-1, order)[:, None, :, None]  # (B, 1, Nk, 1): True = padded
+    k, v = (t.gather(2, order[:, None, :, None].expand_as(t)) for t in (k, v))
+    return k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)  # masked_fill: no NaN * 0 from garbage
+
+
 def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor | None = None, *, mask=None,
                         scale: float | None = None) -> Tensor:
     """Linformer attention: softmax(q (E K)^T * scale) (F V) (Wang et al. 2020, eq. 7).
@@ -48,8 +60,10 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor | 
     Inputs shorter than the projection (Nk < Nmax) use the leading columns ``E[..., :Nk]``,
     ``F[..., :Nk]``, as the ``linformer`` package (and fairseq's ``compress_k.weight[:, :T]``) do.
 
-    Padded keys (``ak.key_padding``) are zeroed before projecting, so they add nothing to E K and F V:
-    a padded batch row gives exactly what its unpadded keys give alone. The Kp projected rows all
+    Padded keys (``ak.key_padding``) are zeroed before projecting, so they add nothing to E K and F V,
+    and each row's valid keys meet E's leading columns in order (the valid key of rank r is projected
+    by column r), so a padded batch row gives exactly what its unpadded keys give alone, wherever the
+    padding sits (left, right, between tokens). The Kp projected rows all
     stay in the softmax (Linformer has no per-key mask), so with E = F = identity a padded position
     is a zero key with a zero value that still takes weight: padding is exact only against the
     unpadded Linformer call, not against exact masked attention.
@@ -84,8 +98,7 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor | 
                              "they project keys and values to the same Kp rows, so give them one shape")
     k_, v_ = call.k, call.v  # (B, Hq, Nk, D / Dv)
     if call.key_valid is not None:
-        pad = ~call.key_valid[:, None, :, None]  # (B, 1, Nk, 1): True = padded
-        k_, v_ = k_.masked_fill(pad, 0.0), v_.masked_fill(pad, 0.0)  # masked_fill: no NaN * 0 from garbage
+        k_, v_ = _valid_first(k_, v_, call.key_valid)
     E_ = E[..., :Nk].to(call.dtype)  # (Kp, Nk) or (Hq, Kp, Nk)
     F_ = F[..., :Nk].to(call.dtype)
     k_proj, v_proj = E_ @ k_, F_ @ v_  # (B, Hq, Kp, D), (B, Hq, Kp, Dv): matmul broadcasts over B (and Hq)
