@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.approx import (linear_attention, orthogonal_random_features,
+from attnkit.approx import (LinearAttention, linear_attention, orthogonal_random_features,
                             performer_attention)
 
 F64 = torch.float64
@@ -78,3 +78,31 @@ def test_linformer_padding_anywhere_equals_the_unpadded_call(per_head):
         got = linformer_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), E, Fv,
                                   mask=ak.key_padding(torch.tensor([valid], dtype=torch.bool)))
         torch.testing.assert_close(got, alone, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# -- the core path of MultiHeadAttention ------------------------------------------------------------------
+
+def test_a_core_behind_a_windowed_kv_cache_refuses_a_mask_that_reaches_dropped_keys():
+    """A core without its own state reads the KVCache; with window=3 the cache drops keys that
+    ak.causal() still lets a query see. Exact attention refuses that; the core path silently
+    attended to the window only (0.28 off the full causal output) before the fix."""
+    from attnkit.nn import KVCache, MultiHeadAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 10, 16, dtype=F64)
+    for core in (None, LinearAttention()):
+        mha = MultiHeadAttention(16, 2, core=core).double()
+        cache = KVCache(window=3)
+        with torch.no_grad():
+            mha(x[:, :6], mask=ak.causal(), cache=cache)
+            with pytest.raises(ValueError, match="dropped"):
+                mha(x[:, 6:], mask=ak.causal(), cache=cache)
+        # a mask the window covers still decodes, and equals the uncached call (the oracle)
+        cache = KVCache(window=3)
+        window = ak.causal() & ak.sliding_window(3, 0)
+        if core is not None:  # linear attention refuses windows: check the core with an unbounded cache
+            cache, window = KVCache(), ak.causal()
+        with torch.no_grad():
+            first = mha(x[:, :6], mask=window, cache=cache)
+            rest = mha(x[:, 6:], mask=window, cache=cache)
+            torch.testing.assert_close(torch.cat([first, rest], 1), mha(x, mask=window))

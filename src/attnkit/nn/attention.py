@@ -290,10 +290,10 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = self._memory_kv(memory, memory if value is None else value, cache)
             dropped = 0
+        Nq, Nk = q.shape[2], k.shape[2]
+        _check_window_reach(mask, Nq, Nk, dropped)  # a core reads the same windowed KVCache: same check
         if self.core is not None:
             return self._core_forward(q, k, v, mask, bias, cache)
-        Nq, Nk = q.shape[2], k.shape[2]
-        _check_window_reach(mask, Nq, Nk, dropped)
         bias = self._bias(bias) if memory is None else bias
         for observe in self.observers:  # attnkit.viz.capture, approx.audit: keep references; compute nothing here
             observe(q, k, mask, bias, self.scale, v=v)
