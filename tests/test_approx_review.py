@@ -106,3 +106,21 @@ def test_a_core_behind_a_windowed_kv_cache_refuses_a_mask_that_reaches_dropped_k
             first = mha(x[:, :6], mask=window, cache=cache)
             rest = mha(x[:, 6:], mask=window, cache=cache)
             torch.testing.assert_close(torch.cat([first, rest], 1), mha(x, mask=window))
+
+
+def test_kernel_state_refuses_a_dtype_change_with_what_to_do_and_works_after_reset():
+    """model.double() in the middle of decoding: torch's 'expected scalar type Double but found
+    Float' came from a matmul deep inside before the fix; now a ValueError that says reset()."""
+    from attnkit.approx import KernelState
+
+    q, k, v = qkv(B=1, Nq=4, Nk=4, dtype=torch.float32)
+    state = KernelState()
+    linear_attention(q, k, v, mask=ak.causal(), state=state)
+    with pytest.raises(ValueError, match=r"float32.*float64.*reset\(\)"):
+        linear_attention(q.double(), k.double(), v.double(), mask=ak.causal(), state=state)
+    assert state.position == 4 and state.S.dtype == torch.float32  # the refused call changed nothing
+    half = linear_attention(q.half(), k.half(), v.half(), mask=ak.causal(), state=state)  # half computes in fp32
+    assert half.dtype == torch.float16 and state.position == 8
+    state.reset()
+    got = linear_attention(q.double(), k.double(), v.double(), mask=ak.causal(), state=state)
+    torch.testing.assert_close(got, linear_attention(q.double(), k.double(), v.double(), mask=ak.causal()))

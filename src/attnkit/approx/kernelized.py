@@ -66,6 +66,11 @@ class KernelState:
         if self.S.shape != (B, H, F, v.shape[-1]):
             raise ValueError(f"KernelState holds a state of shape {tuple(self.S.shape)} (B, H, F, Dv); these "
                              f"inputs need {(B, H, F, v.shape[-1])}: call reset() for a new sequence")
+        if self.S.dtype != phi_k.dtype or self.S.device != phi_k.device:
+            raise ValueError(f"KernelState holds a {self.S.dtype} state on {self.S.device}, but these inputs are "
+                             f"computed in {phi_k.dtype} on {phi_k.device} (the model was moved or cast, e.g. "
+                             ".double() / .to(device), during decoding): call reset() and run the sequence "
+                             "again, or cast / move the model before decoding starts")
         return self.S, self.z, self.m
 
     def __repr__(self) -> str:
