@@ -124,3 +124,38 @@ def test_kernel_state_refuses_a_dtype_change_with_what_to_do_and_works_after_res
     state.reset()
     got = linear_attention(q.double(), k.double(), v.double(), mask=ak.causal(), state=state)
     torch.testing.assert_close(got, linear_attention(q.double(), k.double(), v.double(), mask=ak.causal()))
+
+
+# -- whatever sits at padded positions stays out ----------------------------------------------------------
+
+def _methods_on(E, P):
+    from attnkit.approx import linformer_attention, nystrom_attention
+
+    return {"linear": lambda q, k, v, m: linear_attention(q, k, v, mask=m),
+            "linear causal": lambda q, k, v, m: linear_attention(q, k, v, mask=m & ak.causal()),
+            "performer": lambda q, k, v, m: performer_attention(q, k, v, P, mask=m),
+            "performer causal": lambda q, k, v, m: performer_attention(q, k, v, P, mask=m & ak.causal()),
+            "nystrom": lambda q, k, v, m: nystrom_attention(q, k, v, num_landmarks=3, mask=m),
+            "linformer": lambda q, k, v, m: linformer_attention(q, k, v, E, mask=m)}
+
+
+def test_large_finite_garbage_in_padded_keys_changes_nothing_and_has_finite_gradients():
+    """A padded key of 1e20 (finite; exact attention takes it): |k|^2 overflows in the Performer's
+    exp(w.k - |k|^2 / 2), and NaN * 0 left the padded feature NaN in every row of the head before the
+    fix (and its gradient NaN even after zeroing the features). Oracle: the call without the padded
+    keys (left padding, so the bottom-right causal diagonal stays on the same keys; Nq != Nk)."""
+    q, k, v = qkv(B=1, Nq=5, Nk=6, dtype=torch.float32, seed=4)
+    E = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    P = orthogonal_random_features(16, 8, generator=torch.Generator().manual_seed(6))
+    kp = torch.cat([torch.full((1, 2, 2, 8), 1e20), k], 2)
+    vp = torch.cat([torch.full((1, 2, 2, 4), -1e20), v], 2)
+    mask = ak.key_padding(torch.tensor([[False] * 2 + [True] * 6]))
+    for name, fn in _methods_on(E, P).items():
+        want = fn(q, k, v, ak.key_padding(torch.ones(1, 6, dtype=torch.bool)))
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, kp, vp))
+        got = fn(qg, kg, vg, mask)
+        torch.testing.assert_close(got, want, msg=name)
+        got.sum().backward()
+        for t in (qg, kg, vg):
+            assert torch.isfinite(t.grad).all(), name
+            assert t is qg or torch.equal(t.grad[:, :, :2], torch.zeros_like(t.grad[:, :, :2])), name

@@ -21,7 +21,8 @@ class ApproxCall:
 
     q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv): k and v repeated to the Hq query heads (GQA),
     all in ``dtype`` (float32, or float64 for float64 inputs: half inputs are accumulated in float32).
-    ``key_valid`` (B, Nk) bool, True = a real key, or None; ``out_dtype`` the inputs' dtype.
+    ``key_valid`` (B, Nk) bool, True = a real key, or None; padded keys and values are 0 in k and v
+    (any garbage there, a 1e20 or a NaN, never reaches a method); ``out_dtype`` the inputs' dtype.
     """
 
     q: Tensor
@@ -89,5 +90,9 @@ def prepare(method: str, q: object, k: object, v: object, *, mask: object, scale
     dtype = torch.promote_types(q.dtype, torch.float32)
     group = Hq // k.shape[1]
     k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (k, v))  # (B, Hq, Nk, D)
+    key_valid = _key_valid(padding, B, Nk, q.device)
+    if key_valid is not None:  # whatever padded positions hold never reaches a feature map or a gradient
+        pad = ~key_valid[:, None, :, None]  # (B, 1, Nk, 1)
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     return ApproxCall(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), causal=causal,
-                      key_valid=_key_valid(padding, B, Nk, q.device), scale=scale, out_dtype=q.dtype)
+                      key_valid=key_valid, scale=scale, out_dtype=q.dtype)

@@ -151,7 +151,7 @@ def _masked_keys(phi_k: Tensor, s: Tensor | None, key_valid: Tensor | None) -> t
     if key_valid is None:
         return phi_k, s
     valid = key_valid[:, None, :]  # (B, 1, Nk)
-    phi_k = phi_k * valid[..., None]
+    phi_k = phi_k.masked_fill(~valid[..., None], 0.0)  # not * valid: a padded key's NaN features * 0 is NaN
     return phi_k, None if s is None else s.masked_fill(~valid, NEG_INF)
 
 
