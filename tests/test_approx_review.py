@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnkit as ak
-from attnkit.approx import (LinearAttention, linear_attention, orthogonal_random_features,
+from attnkit.approx import (LinearAttention, PerformerAttention, linear_attention, orthogonal_random_features,
                             performer_attention)
 
 F64 = torch.float64
@@ -159,3 +159,38 @@ def test_large_finite_garbage_in_padded_keys_changes_nothing_and_has_finite_grad
         for t in (qg, kg, vg):
             assert torch.isfinite(t.grad).all(), name
             assert t is qg or torch.equal(t.grad[:, :, :2], torch.zeros_like(t.grad[:, :, :2])), name
+
+
+# -- audit -------------------------------------------------------------------------------------------------
+
+def test_audit_defaults_serve_layers_with_different_head_dims():
+    """An EncoderDecoder whose encoder has 4 heads (D = 8) and decoder 2 (D = 16): the default
+    Performer was built for the first call's D and every decoder layer showed it 'refused' with
+    'projection must be a (F, D=16) tensor ... got (256, 8)', audit's own construction error. Oracle:
+    the Performer with seed 0 built for that layer's D, run on the layer's recorded q, k, v."""
+    from torch import nn
+
+    from attnkit.approx import audit
+    from attnkit.approx.audit import head_errors, record_calls
+    from attnkit.nn import (DecoderLM, Encoder, EncoderDecoder, FeedForward, MultiHeadAttention, PreNormBlock,
+                            RMSNorm, TokenEmbeddings)
+
+    E, V = 32, 20
+    torch.manual_seed(0)
+    enc = Encoder(TokenEmbeddings(V, E), [PreNormBlock(MultiHeadAttention(E, 4), FeedForward(E, 32), RMSNorm(E),
+                                                        RMSNorm(E))])
+    dec = DecoderLM(TokenEmbeddings(V, E), [PreNormBlock(MultiHeadAttention(E, 2), FeedForward(E, 32), RMSNorm(E),
+                                                         RMSNorm(E), cross_attn=MultiHeadAttention(E, 2),
+                                                         norm_cross=RMSNorm(E))], RMSNorm(E), nn.Linear(E, V))
+    model = EncoderDecoder(enc, dec).eval()
+    src, tgt = torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 5))
+    report = audit(model, src, tgt, repeats=1)
+    calls = {c.name: c for c in record_calls(model, src, tgt)}
+    for layer in ("encoder.blocks.0.attn", "decoder.blocks.0.attn", "decoder.blocks.0.cross_attn"):
+        row = report.row(layer, "performer F=256")
+        assert row.refused is None, row.refused
+        c = calls[layer]
+        with torch.no_grad():
+            out = PerformerAttention(c.q.shape[-1], 256, seed=0).eval()(c.q, c.k, c.v, mask=c.mask)
+        want = head_errors(out, ak.attention(c.q, c.k, c.v, mask=c.mask))[0]
+        assert row.rel_l2 == pytest.approx(want, rel=1e-4)

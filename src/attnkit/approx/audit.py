@@ -34,7 +34,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
@@ -297,7 +297,21 @@ def _numbered(calls: list[RecordedCall]) -> list[RecordedCall]:
 # -- the default methods -------------------------------------------------------------------------------
 
 
-def default_methods(head_dim: int, max_keys: int) -> tuple[dict[str, nn.Module], list[str]]:
+class _PerHeadDim(nn.Module):
+    """One core per head dim D, picked by q's last dim: the Performer's feature rows are (F, D), and a
+    model's layers may differ in D (an encoder and a decoder with other head counts)."""
+
+    def __init__(self, cores: Mapping[int, nn.Module]):
+        super().__init__()
+        self.cores = nn.ModuleDict({str(D): core for D, core in cores.items()})
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask=None, scale: float | None = None,
+                cache: object = None) -> Tensor:
+        """q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) -> (B, Hq, Nq, Dv): the core built for D."""
+        return self.cores[str(q.shape[-1])](q, k, v, mask=mask, scale=scale, cache=cache)
+
+
+def default_methods(head_dim: int | Sequence[int], max_keys: int) -> tuple[dict[str, nn.Module], list[str]]:
     """The methods ``audit`` runs when none are given, and the notes that say what they are.
 
     linear attention (Katharopoulos et al. 2020, phi = elu + 1), Performer / FAVOR+ (Choromanski et
@@ -306,18 +320,18 @@ def default_methods(head_dim: int, max_keys: int) -> tuple[dict[str, nn.Module],
     m = min(64, Nk) landmarks, 6 pseudo-inverse iterations). Built without touching the global RNG.
 
     Args:
-        head_dim: D of the calls (the Performer's feature rows are (F, D)).
+        head_dim: D of the calls, or every D they have (the Performer's feature rows are (F, D): one
+            Performer per D, each seeded 0).
         max_keys: the largest Nk of the calls (the Linformer projection's length).
     """
     from .linformer import LinformerAttention
     from .nystrom import NystromAttention
-    from .performer import PerformerAttention
 
     k, m = min(256, max_keys), min(64, max_keys)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         methods = {"linear (elu+1)": LinearAttention(),
-                   "performer F=256": PerformerAttention(head_dim, num_features=256, seed=0),
+                   "performer F=256": _performer_per_dim(head_dim),
                    f"linformer k={k}": LinformerAttention.build(max_keys, k),
                    f"nystrom m={m}": NystromAttention(num_landmarks=m)}
     notes = [f"linformer k={k}: E, F are random N(0, 1/k) projections, untrained; a trained Linformer learns "
@@ -325,6 +339,14 @@ def default_methods(head_dim: int, max_keys: int) -> tuple[dict[str, nn.Module],
              "performer F=256: one draw of orthogonal random features (seed 0); the error varies with the draw",
              "linformer and nystrom cannot be causal: they are refused on causal layers"]
     return {name: core.eval() for name, core in methods.items()}, notes
+
+
+def _performer_per_dim(head_dim: int | Sequence[int]) -> nn.Module:
+    from .performer import PerformerAttention
+
+    dims = sorted({head_dim} if isinstance(head_dim, int) else set(head_dim))
+    cores = {D: PerformerAttention(D, num_features=256, seed=0) for D in dims}
+    return cores[dims[0]] if len(dims) == 1 else _PerHeadDim(cores)
 
 
 # -- measuring -----------------------------------------------------------------------------------------
@@ -439,7 +461,7 @@ def _checked_methods(methods: Mapping[str, Core] | None, calls: list[RecordedCal
                      ) -> tuple[Mapping[str, Core], list[str]]:
     if methods is None:
         first = calls[0]
-        built, notes = default_methods(first.q.shape[-1], max(c.k.shape[2] for c in calls))
+        built, notes = default_methods(sorted({c.q.shape[-1] for c in calls}), max(c.k.shape[2] for c in calls))
         return {name: core.to(first.q.device) for name, core in built.items()}, notes
     if not isinstance(methods, Mapping):
         raise TypeError(f"audit: methods must be a mapping name -> core module, got {type(methods).__name__}")
