@@ -194,3 +194,35 @@ def test_audit_defaults_serve_layers_with_different_head_dims():
             out = PerformerAttention(c.q.shape[-1], 256, seed=0).eval()(c.q, c.k, c.v, mask=c.mask)
         want = head_errors(out, ak.attention(c.q, c.k, c.v, mask=c.mask))[0]
         assert row.rel_l2 == pytest.approx(want, rel=1e-4)
+
+
+# -- the Performer's features and its decoding state -------------------------------------------------------
+
+def test_performer_refuses_a_decoding_state_built_before_its_features_changed():
+    """redraw() (or load_state_dict) between two decoding steps left S, z summed with the old
+    features and the new queries read them with the new ones: a silent mix before the fix."""
+    core = PerformerAttention(8, 16, seed=3).double().eval()
+    q, k, v = qkv(B=1, Nq=6, Nk=6, Dv=8)
+    for change in ("redraw", "load_state_dict"):
+        state = core.new_cache()
+        core(q[:, :, :3], k[:, :, :3], v[:, :, :3], mask=ak.causal(), cache=state)
+        if change == "redraw":
+            core.redraw()
+        else:
+            core.load_state_dict(PerformerAttention(8, 16, seed=4).double().state_dict())
+        with pytest.raises(ValueError, match=r"reset\(\)"):
+            core(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], mask=ak.causal(), cache=state)
+        state.reset()  # rerun the sequence with the current features: equals the one-shot causal call
+        steps = [core(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], mask=ak.causal(), cache=state)
+                 for i in range(6)]
+        torch.testing.assert_close(torch.cat(steps, 2), performer_attention(q, k, v, core.projection,
+                                                                            mask=ak.causal()))
+    other = PerformerAttention(8, 16, seed=3).double()  # same features, another layer: not its state
+    with pytest.raises(ValueError, match="another layer"):
+        other(q[:, :, :1], k[:, :, :1], v[:, :, :1], mask=ak.causal(), cache=state)
+
+
+def test_performer_built_for_another_head_dim_says_which():
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match=r"head_dim=8.*D=16.*PerformerAttention\(layer.head_dim"):
+        PerformerAttention(8, 16)(q, q, q)

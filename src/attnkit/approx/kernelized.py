@@ -35,6 +35,8 @@ class KernelState:
     m (B, H) the running maximum of the key log scales (-inf before any key; 0 without scales).
     ``position`` counts the tokens seen (RoPE places new tokens after them). Decoding with it takes
     O(F Dv) memory and time per token whatever the length (Katharopoulos et al. 2020, sec. 3.4).
+    ``features``: a core's tag for the feature map the sums were built with (the Performer refuses
+    a state built before its features were redrawn); None until a core sets it.
     """
 
     def __init__(self):
@@ -42,6 +44,7 @@ class KernelState:
         self.z: Tensor | None = None
         self.m: Tensor | None = None
         self.position = 0
+        self.features: object = None
 
     def __len__(self) -> int:
         return 0  # no keys are stored: the state stands for all of them
@@ -51,7 +54,7 @@ class KernelState:
         return self.position
 
     def reset(self) -> None:
-        self.S = self.z = self.m = None
+        self.S = self.z = self.m = self.features = None
         self.position = 0
 
     def empty_like(self, phi_k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -252,6 +252,7 @@ class PerformerAttention(nn.Module):
             raise ValueError("PerformerAttention: pass generator= or seed=, not both")
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else generator
         self.frozen, self.calls_since_redraw = False, 0
+        self._draws = 0  # counts every change of the features (redraw, load_state_dict): tags decoding states
         self.register_buffer("projection", self._draw(F, D, torch.float32, None))  # (F, D)
 
     def _draw(self, F: int, D: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
@@ -268,6 +269,11 @@ class PerformerAttention(nn.Module):
         F, D = self.projection.shape
         self.projection.copy_(self._draw(F, D, self.projection.dtype, self.projection.device))
         self.calls_since_redraw = 0
+        self._draws += 1
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._draws += 1  # new features: a decoding state built with the old ones no longer fits
 
     def freeze(self) -> "PerformerAttention":
         """Stop the automatic redraw (e.g. for fine-tuning or inference); returns self."""
@@ -294,10 +300,23 @@ class PerformerAttention(nn.Module):
         """q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) -> (B, Hq, Nq, Dv); see ``performer_attention``.
 
         Raises:
-            ValueError: ``performer_attention``'s errors (cache without a causal mask, ...).
+            ValueError: q's D is not this core's head_dim; a ``cache`` built with features that were
+                redrawn or reloaded since (reset() it); ``performer_attention``'s errors (cache
+                without a causal mask, ...).
         """
+        F, D = self.projection.shape
+        if isinstance(q, Tensor) and q.dim() == 4 and q.shape[-1] != D:
+            raise ValueError(f"PerformerAttention was built for head_dim={D} (projection ({F}, {D})), but q has "
+                             f"D={q.shape[-1]}: build it for this layer, PerformerAttention(layer.head_dim, ...)")
         if cache is None:
             self._tick()
+        elif isinstance(cache, KernelState):
+            tag = (id(self), self._draws)
+            if cache.S is not None and cache.features != tag:
+                raise ValueError("PerformerAttention: this KernelState was built with other random features (this "
+                                 "core redrew or reloaded them since, or the state is another layer's); its sums "
+                                 "no longer match: call cache.reset() (or model.new_cache()) and rerun the sequence")
+            cache.features = tag
         return performer_attention(q, k, v, self.projection, mask=mask, kernel=self.kernel, scale=scale,
                                    chunk_size=self.chunk_size, state=cache)
 
