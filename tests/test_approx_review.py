@@ -226,3 +226,52 @@ def test_performer_built_for_another_head_dim_says_which():
     q = torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match=r"head_dim=8.*D=16.*PerformerAttention\(layer.head_dim"):
         PerformerAttention(8, 16)(q, q, q)
+
+
+# -- recurrent steps of any shape against the quadratic form over all the keys so far ------------------------
+
+def _step_oracle(method, q, K, V, valid):
+    """The masked quadratic form of the same features over every key so far, bottom-right causal."""
+    from attnkit.approx import elu_feature_map, kernelized
+    from attnkit.approx.performer import performer_features
+
+    if method == "linear":
+        return kernelized.quadratic(elu_feature_map(q), elu_feature_map(K), V, causal=True, key_valid=valid)
+    pq, pk, s = performer_features(q, K, P8, kernel="softmax", scale=q.shape[-1] ** -0.5)
+    return kernelized.quadratic(pq, pk, V, causal=True, key_logscale=s, key_valid=valid)
+
+
+@pytest.mark.parametrize("method", ["linear", "performer"])
+def test_recurrent_steps_with_fewer_queries_than_keys_and_padding_equal_the_quadratic_form(method):
+    from attnkit.approx import KernelState
+
+    g = torch.Generator().manual_seed(7)
+    state, ks, vs, valids = KernelState(), [], [], []
+    for nq, nk in [(2, 5), (1, 1), (3, 4), (4, 4)]:  # steps with Nq <= Nk, keys partly padded
+        q, k, v = (3 * torch.randn(2, 2, n, 8, generator=g, dtype=F64) for n in (nq, nk, nk))
+        valid = torch.rand(2, nk, generator=g) > 0.4
+        if not valids:
+            valid[:, 0] = False  # the first step starts with a padded key
+        mask = ak.causal() & ak.key_padding(valid)
+        if method == "linear":
+            out = linear_attention(q, k, v, mask=mask, chunk_size=2, state=state)
+        else:
+            out = performer_attention(q, k, v, P8, mask=mask, chunk_size=2, state=state)
+        ks, vs, valids = ks + [k], vs + [v], valids + [valid]
+        want = _step_oracle(method, q, torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(valids, 1))
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_more_queries_than_new_keys_with_a_filled_state_is_refused():
+    """Bottom-right over all the keys, query 0 of a (Nq=3, Nk=1) step after 4 stored tokens sees
+    keys 0..1 only; the state's sums hold all 4 and gave it all of them (0.6 to 1.7 off the masked
+    quadratic form) before the fix. An empty state is fine: the early queries see nothing."""
+    from attnkit.approx import KernelState
+
+    q, k, v = qkv(B=1, Nq=4, Nk=4)
+    state = KernelState()
+    linear_attention(q, k, v, mask=ak.causal(), state=state)
+    with pytest.raises(ValueError, match="as many new keys as queries"):
+        linear_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], mask=ak.causal(), state=state)
+    fresh = linear_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], mask=ak.causal(), state=KernelState())
+    torch.testing.assert_close(fresh, _step_oracle("linear", q[:, :, :3], k[:, :, :1], v[:, :, :1], None))

@@ -183,12 +183,19 @@ def causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, key_logscale: Tensor | No
     key_valid (B, Nk) or None -> (B, H, Nq, Dv).
 
     Raises:
-        ValueError: chunk_size < 1; a state of another shape.
+        ValueError: chunk_size < 1; a state of another shape, dtype or device; Nq > Nk with a state
+            that holds keys (bottom-right aligned over all the keys, the first Nq - Nk queries would
+            see only part of the state's keys, which its sums cannot separate).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     phi_k, s = _masked_keys(phi_k, key_logscale, key_valid)
     Nq, Nk = phi_q.shape[2], phi_k.shape[2]
+    if state is not None and state.S is not None and Nq > Nk:
+        raise ValueError(f"causal attention with a KernelState that holds {state.position} tokens got Nq={Nq} "
+                         f"queries for Nk={Nk} new keys: aligned bottom-right over all the keys, the first "
+                         f"{Nq - Nk} queries would see only part of the state's keys, which its sums cannot "
+                         "separate. Pass as many new keys as queries (decoding: one key per new token)")
     carry = (KernelState() if state is None else state).read(phi_k, v)
     if s is None:
         carry = (carry[0], carry[1], torch.zeros_like(carry[2]))
