@@ -275,3 +275,28 @@ def test_more_queries_than_new_keys_with_a_filled_state_is_refused():
         linear_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], mask=ak.causal(), state=state)
     fresh = linear_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], mask=ak.causal(), state=KernelState())
     torch.testing.assert_close(fresh, _step_oracle("linear", q[:, :, :3], k[:, :, :1], v[:, :, :1], None))
+
+
+def test_a_core_whose_new_cache_is_a_kv_cache_decodes_with_it():
+    """A custom core (``forward(q, k, v, *, mask, scale, cache)``, documented as pluggable) whose
+    new_cache() returns a KVCache was taken as owning its state: the layer never filled the cache,
+    the core got cache=None and each step saw only its own keys (0.30 off) before the fix."""
+    from torch import nn
+
+    from attnkit.nn import KVCache, MultiHeadAttention
+
+    class ExactCore(nn.Module):
+        def new_cache(self):
+            return KVCache()
+
+        def forward(self, q, k, v, *, mask=None, scale=None, cache=None):
+            return ak.attention(q, k, v, mask=mask, scale=scale)
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2, core=ExactCore()).double()
+    x = torch.randn(1, 6, 16, dtype=F64)
+    cache = mha.new_cache()
+    with torch.no_grad():
+        steps = [mha(x[:, :3], mask=ak.causal(), cache=cache), mha(x[:, 3:], mask=ak.causal(), cache=cache)]
+        torch.testing.assert_close(torch.cat(steps, 1), mha(x, mask=ak.causal()))
+    assert len(cache) == 6

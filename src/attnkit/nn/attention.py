@@ -319,8 +319,10 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
 
     def _owns_state(self, cache: object) -> bool:
-        """A cache made by this layer's core (its recurrent state), not a KVCache."""
+        """A cache made by this layer's core (its recurrent state), not a KVCache (a core whose
+        ``new_cache`` returns a KVCache decodes by re-reading the keys, which this layer stores)."""
         return (self.core is not None and hasattr(self.core, "new_cache")
+                and not isinstance(cache, (KVCache, MemoryKVCache))
                 and type(cache) is type(self.core.new_cache()))
 
     def _self_qkv(self, q: Tensor, x: Tensor, cache: KVCache | None,
