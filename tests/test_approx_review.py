@@ -300,3 +300,19 @@ def test_a_core_whose_new_cache_is_a_kv_cache_decodes_with_it():
         steps = [mha(x[:, :3], mask=ak.causal(), cache=cache), mha(x[:, 3:], mask=ak.causal(), cache=cache)]
         torch.testing.assert_close(torch.cat(steps, 1), mha(x, mask=ak.causal()))
     assert len(cache) == 6
+
+
+def test_replace_attention_with_a_core_instance_says_to_pass_a_factory():
+    """replace_attention(model, LinearAttention()) (a natural first try) called the core's forward
+    with the layer: 'LinearAttention.forward() missing 2 required positional arguments'."""
+    from torch import nn
+
+    from attnkit.approx import replace_attention
+    from attnkit.nn import MultiHeadAttention
+
+    model = nn.Sequential(MultiHeadAttention(16, 2))
+    with pytest.raises(TypeError, match=r"make_core must be a function.*lambda layer: LinearAttention\(\.\.\.\)"):
+        replace_attention(model, LinearAttention())
+    assert model[0].core is None  # nothing changed
+    assert replace_attention(model, lambda layer: LinearAttention()) == ["0"]
+    assert isinstance(model[0].core, LinearAttention)

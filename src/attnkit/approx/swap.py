@@ -25,8 +25,13 @@ def replace_attention(model: nn.Module, make_core: CoreFactory | None) -> list[s
         ValueError: no attnkit MultiHeadAttention in ``model``; a layer the core cannot serve
             (dropout, softcap or an ALiBi bias: see ``MultiHeadAttention(core=)``); nothing is
             changed then.
-        TypeError: ``make_core`` returned something other than an nn.Module.
+        TypeError: ``make_core`` is a core instance (or not callable) instead of a factory; it
+            returned something other than an nn.Module.
     """
+    if isinstance(make_core, nn.Module) or (make_core is not None and not callable(make_core)):
+        raise TypeError(f"replace_attention: make_core must be a function layer -> core, called once per layer, "
+                        f"got {type(make_core).__name__} instance; pass e.g. lambda layer: "
+                        f"{type(make_core).__name__}(...) for a core per layer (or lambda layer: core to share one)")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
     if not layers:
         raise ValueError(f"replace_attention: {type(model).__name__} has no attnkit.nn.MultiHeadAttention; "
