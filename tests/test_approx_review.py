@@ -316,3 +316,13 @@ def test_replace_attention_with_a_core_instance_says_to_pass_a_factory():
     assert model[0].core is None  # nothing changed
     assert replace_attention(model, lambda layer: LinearAttention()) == ["0"]
     assert isinstance(model[0].core, LinearAttention)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True, None])
+def test_linear_attention_core_refuses_a_bad_chunk_size_when_built(chunk_size):
+    """Accepted at construction before the fix; a model then failed at its first causal call (or,
+    with chunk_size=True, ran with chunks of 1 row). PerformerAttention already checked it."""
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        LinearAttention(chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        PerformerAttention(8, chunk_size=chunk_size)

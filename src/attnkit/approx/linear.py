@@ -97,10 +97,17 @@ class LinearAttention(nn.Module):
 
     ``new_cache()`` gives the constant-size ``KernelState`` that ``DecoderLM.generate`` decodes with.
     No parameters; ``feature_map`` and ``chunk_size`` as in ``linear_attention``.
+
+    Raises:
+        ValueError: chunk_size not an int >= 1; an unknown feature map name.
+        TypeError: a feature map that is neither a name nor a callable.
     """
 
     def __init__(self, feature_map: str | FeatureMap = "elu", chunk_size: int = 128):
         super().__init__()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"LinearAttention: chunk_size must be an int >= 1 (rows per chunk of the causal form), "
+                             f"got {chunk_size!r}")
         self.feature_map, self.chunk_size = feature_map_named(feature_map), chunk_size
         self._name = feature_map if isinstance(feature_map, str) else getattr(feature_map, "__name__", "custom")
 
