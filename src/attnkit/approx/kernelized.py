@@ -54,15 +54,22 @@ class KernelState:
         return self.position
 
     def reset(self) -> None:
+        """Forget every key (and the features tag): the next call starts a new sequence at position 0."""
         self.S = self.z = self.m = self.features = None
         self.position = 0
 
     def empty_like(self, phi_k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A zero state for phi_k (B, H, n, F), v (B, H, n, Dv): S (B, H, F, Dv), z (B, H, F), m (B, H) = -inf."""
         B, H, _, F = phi_k.shape
         return (phi_k.new_zeros(B, H, F, v.shape[-1]), phi_k.new_zeros(B, H, F),
                 phi_k.new_full((B, H), NEG_INF))
 
     def read(self, phi_k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(S, z, m) to continue from with keys phi_k (B, H, n, F) and values v (B, H, n, Dv); zeros when empty.
+
+        Raises:
+            ValueError: a held state of another (B, H, F, Dv), dtype or device (call reset()).
+        """
         if self.S is None:
             return self.empty_like(phi_k, v)
         B, H, _, F = phi_k.shape

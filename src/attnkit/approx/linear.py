@@ -93,7 +93,9 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, mask=None, feature_map:
 
 
 class LinearAttention(nn.Module):
-    """Linear attention as the attention core of ``attnkit.nn.MultiHeadAttention(core=...)``.
+    """Linear attention (Katharopoulos et al. 2020, eq. 4-9) as the attention core of
+    ``attnkit.nn.MultiHeadAttention(core=...)``: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) ->
+    (B, Hq, Nq, Dv).
 
     ``new_cache()`` gives the constant-size ``KernelState`` that ``DecoderLM.generate`` decodes with.
     No parameters; ``feature_map`` and ``chunk_size`` as in ``linear_attention``.
@@ -112,6 +114,7 @@ class LinearAttention(nn.Module):
         self._name = feature_map if isinstance(feature_map, str) else getattr(feature_map, "__name__", "custom")
 
     def new_cache(self) -> KernelState:
+        """An empty constant-size decoding state (S (B, H, F, Dv), z (B, H, F) once filled)."""
         return KernelState()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask=None, scale: float | None = None,

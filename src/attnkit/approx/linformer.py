@@ -107,7 +107,8 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor | 
 
 
 class LinformerProjection(nn.Module):
-    """The learned sequence projections E (key) and F (value) of Linformer, (Kp, Nmax) each.
+    """The learned sequence projections E (key) and F (value) of Linformer (Wang et al. 2020, eq. 7,
+    sharing options of sec. 4), (Kp, Nmax) each, or (Hq, Kp, Nmax) with ``num_heads``.
 
     Args:
         max_len: Nmax, the longest key sequence the layer will take (longer ones are refused).
@@ -151,7 +152,9 @@ class LinformerProjection(nn.Module):
 
 
 class LinformerAttention(nn.Module):
-    """Linformer as the attention core of ``attnkit.nn.MultiHeadAttention(core=...)``.
+    """Linformer (Wang et al. 2020, eq. 7) as the attention core of
+    ``attnkit.nn.MultiHeadAttention(core=...)``: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) ->
+    (B, Hq, Nq, Dv).
 
     ``LinformerAttention(projection)`` uses the given ``LinformerProjection`` (share one instance
     between layers for layerwise sharing); ``LinformerAttention.build(max_len, proj_len, ...)`` makes

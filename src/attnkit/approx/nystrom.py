@@ -175,7 +175,9 @@ def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, ma
 
 
 class NystromAttention(nn.Module):
-    """Nyström attention as the attention core of ``attnkit.nn.MultiHeadAttention(core=...)``.
+    """Nyström attention (Xiong et al. 2021, eq. 14-18) as the attention core of
+    ``attnkit.nn.MultiHeadAttention(core=...)``: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) ->
+    (B, Hq, Nq, Dv).
 
     Args:
         num_landmarks, pinv_iterations: as in ``nystrom_attention``.

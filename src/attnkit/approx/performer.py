@@ -281,10 +281,12 @@ class PerformerAttention(nn.Module):
         return self
 
     def unfreeze(self) -> "PerformerAttention":
+        """Let ``redraw_interval`` redraw again (training mode only); returns self."""
         self.frozen = False
         return self
 
     def new_cache(self) -> KernelState:
+        """An empty decoding state; it is tied to the current features (a redraw makes it refused)."""
         return KernelState()
 
     def _tick(self) -> None:
