@@ -326,3 +326,46 @@ def test_linear_attention_core_refuses_a_bad_chunk_size_when_built(chunk_size):
         LinearAttention(chunk_size=chunk_size)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         PerformerAttention(8, chunk_size=chunk_size)
+
+
+# -- owner's fixes of the review's open points A, B, C ------------------------------------------------
+
+def test_nystrom_core_is_refused_on_cross_attention_and_self_attention_is_explicit():
+    import attnkit as ak
+    from attnkit.approx import NystromAttention, nystrom_attention
+    from attnkit.nn import MultiHeadAttention
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2, core=NystromAttention(num_landmarks=3))
+    with pytest.raises(ValueError, match="cross-attention"):
+        mha(torch.randn(1, 5, 16), torch.randn(1, 7, 16))
+    q, k, v = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+    pad = ak.key_padding(torch.tensor([6]))
+    cross = nystrom_attention(q, k, v, num_landmarks=3, mask=pad, self_attention=False)
+    longer = nystrom_attention(q, torch.cat([k, torch.randn(1, 2, 3, 4)], 2), torch.cat([v, torch.randn(1, 2, 3, 4)], 2),
+                               num_landmarks=3, mask=pad)  # Nq != Nk: every query counts
+    torch.testing.assert_close(cross, longer, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cross, nystrom_attention(q, k, v, num_landmarks=3, mask=pad))
+    with pytest.raises(ValueError, match="Nq == Nk"):
+        nystrom_attention(q[:, :, :5], k, v, num_landmarks=3, self_attention=True)
+
+
+def test_more_landmarks_than_tokens_change_nothing():
+    from attnkit.approx import nystrom_attention
+    q, k, v = torch.randn(2, 2, 9, 4, dtype=torch.float64), torch.randn(2, 2, 9, 4, dtype=torch.float64), \
+        torch.randn(2, 2, 9, 3, dtype=torch.float64)
+    torch.testing.assert_close(nystrom_attention(q, k, v, num_landmarks=9),
+                               nystrom_attention(q, k, v, num_landmarks=1000), rtol=1e-10, atol=1e-10)
+
+
+def test_padded_cached_decoding_with_cores_on_some_layers_only_says_what_to_do():
+    from attnkit.approx import LinearAttention, replace_attention
+    from attnkit.nn import DecoderLM, FeedForward, MultiHeadAttention, PreNormBlock, RMSNorm, TokenEmbeddings
+    torch.manual_seed(0)
+    blocks = [PreNormBlock(MultiHeadAttention(16, 2), FeedForward(16, 32), RMSNorm(16), RMSNorm(16)) for _ in range(2)]
+    lm = DecoderLM(TokenEmbeddings(20, 16), blocks, RMSNorm(16), torch.nn.Linear(16, 20)).eval()
+    replace_attention(lm, lambda layer: LinearAttention() if layer is lm.blocks[0].attn else None)
+    ids, am = torch.randint(0, 20, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    am[1, :2] = False
+    with pytest.raises(ValueError, match="use_cache=False"):
+        lm.generate(ids, 3, attention_mask=am)
+    assert torch.equal(lm.generate(ids, 3), lm.generate(ids, 3, use_cache=False))  # unpadded: fine

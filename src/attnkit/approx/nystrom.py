@@ -121,13 +121,26 @@ def _softmax(scores: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, torch.softmax(scores, dim=-1), 0.0)
 
 
-def _nystrom(call: ApproxCall, m: int, iterations: int | None) -> Tensor:
+def _is_self_attention(self_attention: bool | None, Nq: int, Nk: int) -> bool:
+    if self_attention is None:
+        return Nq == Nk
+    if not isinstance(self_attention, bool):
+        raise TypeError(f"self_attention must be True, False or None, got {self_attention!r}")
+    if self_attention and Nq != Nk:
+        raise ValueError(f"self_attention=True needs Nq == Nk (query i is key i's token), got Nq={Nq}, Nk={Nk}")
+    return self_attention
+
+
+def _nystrom(call: ApproxCall, m: int, iterations: int | None, self_attention: bool | None = None) -> Tensor:
     """Nyström attention on a prepared call: (B, Hq, Nq, Dv) in the call's dtype."""
     q, k, v = call.q * call.scale, call.k, call.v  # (B, H, N, D); the scale enters every score
     Nq, Nk = q.shape[2], k.shape[2]
+    # more landmarks than tokens only adds empty segments, which are removed: same result, less work
+    m = min(m, max(Nq, Nk))
     ones = torch.ones(1, Nk, dtype=torch.bool, device=k.device)
     key_valid = ones if call.key_valid is None else call.key_valid  # (B or 1, Nk)
-    query_valid = key_valid if Nq == Nk else torch.ones(1, Nq, dtype=torch.bool, device=q.device)
+    query_valid = (key_valid if _is_self_attention(self_attention, Nq, Nk)
+                   else torch.ones(1, Nq, dtype=torch.bool, device=q.device))
     w_k, k_nonempty = segment_means(key_valid, m, q.dtype)  # (Bk, m, Nk), (Bk, m)
     w_q, q_nonempty = segment_means(query_valid, m, q.dtype)  # (Bq, m, Nq), (Bq, m)
     k_land = w_k[:, None] @ k  # (B, H, m, D): K~, eq. 14
@@ -141,7 +154,8 @@ def _nystrom(call: ApproxCall, m: int, iterations: int | None) -> Tensor:
 
 
 def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, mask=None,
-                      scale: float | None = None, pinv_iterations: int | None = 6) -> Tensor:
+                      scale: float | None = None, pinv_iterations: int | None = 6,
+                      self_attention: bool | None = None) -> Tensor:
     """Nyström attention: softmax(Q K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T) V.
 
     Xiong et al. 2021, eq. 14-16 (segment-mean landmarks Q~, K~) and eq. 18 / Algorithm 1 (iterative
@@ -159,6 +173,11 @@ def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, ma
         scale: score scale, default 1/sqrt(D).
         pinv_iterations: iterations of ``iterative_pinv`` (6, the paper's); None for the exact
             ``torch.linalg.pinv`` (an SVD: slower, for tests and for m small).
+        self_attention: True: query i is key i's token, so padded keys are padded queries too and
+            leave the query landmarks; False: every query counts (cross-attention); None: True
+            when Nq == Nk. Note that the query landmarks average the queries, so every output
+            depends on the other queries: never use it where queries must not see each other
+            (a decoder's cross-attention).
 
     Returns:
         (B, Hq, Nq, Dv) in q's dtype. A row with no valid key gets 0.
@@ -171,7 +190,7 @@ def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, *, num_landmarks: int, ma
     if pinv_iterations is not None:
         _check_iterations(pinv_iterations)
     call = prepare("nystrom_attention", q, k, v, mask=mask, scale=scale, causal_why_not=CAUSAL_WHY_NOT)
-    return _nystrom(call, num_landmarks, pinv_iterations).to(call.out_dtype)
+    return _nystrom(call, num_landmarks, pinv_iterations, self_attention).to(call.out_dtype)
 
 
 class NystromAttention(nn.Module):
@@ -211,9 +230,14 @@ class NystromAttention(nn.Module):
         elif num_heads is not None:
             raise ValueError("NystromAttention: num_heads= is only used by residual_kernel=; leave it out")
 
+    # Q~ averages the queries, so each output depends on the other queries: MultiHeadAttention
+    # refuses such a core on cross-attention (a decoder's later target tokens would leak into earlier)
+    mixes_queries = True
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask=None, scale: float | None = None,
                 cache: object = None) -> Tensor:
-        """q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) -> (B, Hq, Nq, Dv); see ``nystrom_attention``.
+        """q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D / Dv) -> (B, Hq, Nq, Dv); see ``nystrom_attention``
+        (Nq == Nk is taken as self-attention).
 
         Raises:
             ValueError: a ``cache`` (Nyström attention has no recurrent state); with the residual,

@@ -293,7 +293,7 @@ class MultiHeadAttention(nn.Module):
         Nq, Nk = q.shape[2], k.shape[2]
         _check_window_reach(mask, Nq, Nk, dropped)  # a core reads the same windowed KVCache: same check
         if self.core is not None:
-            return self._core_forward(q, k, v, mask, bias, cache)
+            return self._core_forward(q, k, v, mask, bias, cache, cross=memory is not None)
         bias = self._bias(bias) if memory is None else bias
         for observe in self.observers:  # attnkit.viz.capture, approx.audit: keep references; compute nothing here
             observe(q, k, mask, bias, self.scale, v=v)
@@ -309,8 +309,12 @@ class MultiHeadAttention(nn.Module):
         return KVCache(window)
 
     def _core_forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask | Tensor | None,
-                      bias: Bias | Tensor | None, cache: object) -> Tensor:
+                      bias: Bias | Tensor | None, cache: object, cross: bool) -> Tensor:
         """The approximate core in place of exact attention; q, k, v (B, H, N, D) -> (B, N, E)."""
+        if cross and getattr(self.core, "mixes_queries", False):
+            raise ValueError(f"{type(self.core).__name__} mixes the queries (its landmarks average them), so in "
+                             "cross-attention each target token would see later target tokens; use it for "
+                             "self-attention only, or another core (Performer, linear, Linformer) here")
         if bias is not None:
             raise ValueError(f"MultiHeadAttention with core {type(self.core).__name__}: bias= given, but an "
                              "approximate core takes no additive bias; use RoPE or absolute positions")

@@ -358,6 +358,10 @@ class DecoderLM(nn.Module):
             # read per call (a bool (B, N) mask would be a new block plan every batch)
             positions, mask = _token_positions(valid, N), self.mask & key_padding(valid.sum(-1))
         else:
+            if len({len(c.self_attn) for c in cache}) > 1:  # one padding mask is sized for every layer's keys
+                raise ValueError("a padded batch with a cache needs every layer to keep the same keys, but this "
+                                 "model mixes KV caches and constant-size core states (a core on some layers "
+                                 "only); decode it without a cache (generate(use_cache=False)) or unpadded")
             self._check_cached_layout(valid)
             # A bounded cache holds only the last `stored` keys; with left padding the dropped ones are
             # the oldest, so the window check in MultiHeadAttention sees the structure of self.mask.
