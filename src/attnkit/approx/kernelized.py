@@ -212,12 +212,13 @@ def causal(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, key_logscale: Tensor | No
     start = max(lead, 0)
     first = max(-lead, 0)
     outs = [_state_only(carry, phi_q[:, :, :first])] if first else []  # queries before every key of these
-    for c0 in range(0, Nk - start, chunk_size):
-        ks = slice(start + c0, min(start + c0 + chunk_size, Nk))
-        qs = slice(first + c0, first + c0 + (ks.stop - ks.start))
-        sc = None if s is None else s[:, :, ks]
-        outs.append(_chunk(carry, phi_q[:, :, qs], phi_k[:, :, ks], v[:, :, ks], sc))
-        carry = _absorb(carry, phi_k[:, :, ks], v[:, :, ks], sc)
+    # split once: a slice per chunk would make autograd add a full-size (N, F) gradient per chunk
+    # in the backward, O(N^2 / C) work; split's backward joins the chunks' gradients once
+    chunks = [t.split(chunk_size, dim=2) for t in (phi_q[:, :, first:], phi_k[:, :, start:], v[:, :, start:])]
+    scales = [None] * len(chunks[0]) if s is None else s[:, :, start:].split(chunk_size, dim=2)
+    for pq, pk, vc, sc in zip(*chunks, scales):
+        outs.append(_chunk(carry, pq, pk, vc, sc))
+        carry = _absorb(carry, pk, vc, sc)
     if state is not None:
         state.S, state.z, state.m = carry
         state.position += Nk
