@@ -84,7 +84,6 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -95,7 +94,7 @@ import torch
 from torch import Tensor
 
 import attnkit as ak
-from attnkit.bench.cpu import (RESULT_TAG, CommaList, _child_env, _failed_child, _limit_address_space, header,
+from attnkit.bench.cpu import (RESULT_TAG, CommaList, _limit_address_space, run_case_process, header,
                                measured_or_failed)
 from attnkit.bench.process import peak_rss_mb, reset_peak_rss
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
@@ -496,15 +495,8 @@ def sdpa_kernels(n: int = 64) -> dict[str, list[str]]:
 
 def run_child(case: Case, timeout_s: float) -> dict:
     """Run ``case`` in a fresh Python process; its result (status ok / oom / timeout / error)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(asdict(case))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env())
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"child ran past the {timeout_s:g} s limit (--timeout)"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    return _failed_child(proc)
+    return run_case_process([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(asdict(case))],
+                            timeout_s)
 
 
 def call_seconds(row: dict) -> float | None:

@@ -42,7 +42,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +51,7 @@ from typing import Callable, Sequence
 import torch
 
 import attnkit as ak
-from attnkit.bench.cpu import (RESULT_TAG, CommaList, _child_env, _failed_child, _limit_address_space, cpu_model,
+from attnkit.bench.cpu import (RESULT_TAG, CommaList, _limit_address_space, run_case_process, cpu_model,
                                measured_or_failed)
 from attnkit.bench.process import peak_rss_mb, reset_peak_rss
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
@@ -270,15 +269,8 @@ def child_main(case_json: str) -> int:
 
 def run_child(case: Case, timeout_s: float) -> dict:
     """Run ``case`` in a fresh Python process; its result (status ok / oom / timeout / error)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(asdict(case))]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env())
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"child ran past the {timeout_s:g} s limit (--timeout)"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    return _failed_child(proc)
+    return run_case_process([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(asdict(case))],
+                            timeout_s)
 
 
 def run_case(case: Case, mem_budget_gb: float, timeout_s: float,

@@ -236,17 +236,22 @@ def _failed_child(proc: subprocess.CompletedProcess) -> dict:
     return {"status": status, "reason": " | ".join([reason, *tail])[:500]}
 
 
-def run_child(case: Case, timeout_s: float) -> dict:
-    """Run ``case`` in a fresh Python process; its result dict (status ok/oom/timeout/error)."""
-    cmd = [sys.executable, "-m", "attnkit.bench.cpu", "--case", json.dumps(asdict(case))]
+def run_case_process(cmd: list[str], timeout_s: float) -> dict:
+    """Run one case's command (a fresh Python process that prints ``RESULT_TAG`` + JSON) and return
+    its result dict: the child's own (status ok / oom / error), or timeout / a failed child's."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env())
     except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"child ran past the {timeout_s:g} s limit"}
+        return {"status": "timeout", "reason": f"child ran past the {timeout_s:g} s limit (--timeout)"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
     return _failed_child(proc)
+
+
+def run_child(case: Case, timeout_s: float) -> dict:
+    """Run ``case`` in a fresh Python process; its result dict (status ok/oom/timeout/error)."""
+    return run_case_process([sys.executable, "-m", "attnkit.bench.cpu", "--case", json.dumps(asdict(case))], timeout_s)
 
 
 def make_row(case: Case, result: dict) -> dict:
