@@ -26,6 +26,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# -- a benchmarks/ script loaded by path, with one torch thread (its tests run small calls) ----------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Generator for a module-scoped fixture: ``yield from load_benchmark("approx_speed")`` yields
+    benchmarks/<name>.py as a module, torch on one thread (small calls: fastest, and it spares a
+    loaded machine); both are undone afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)
+
+
 # -- benchmarks/gpu.py and its modules, loaded as the device machine runs them (test_gpu_benchmark.py,
 # test_gpu_tune.py) ----------------------------------------------------------------------------------
 

@@ -6,35 +6,22 @@ attention. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import attnkit as ak
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "approx_speed.py"
 APPROX = ("linear", "linear_causal", "performer", "performer_causal", "linformer", "nystrom")
 
 
 @pytest.fixture(scope="module")
 def aps():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small calls: one thread is fastest, and spares a loaded machine
-    spec = importlib.util.spec_from_file_location("approx_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
+    yield from load_benchmark("approx_speed")
 
 
 # -- FLOPs --------------------------------------------------------------------------------------

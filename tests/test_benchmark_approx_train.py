@@ -5,10 +5,7 @@ variant on two tiny tasks writes JSON / markdown / PNG with a record per run. No
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +15,13 @@ from attnkit.approx.linformer import LinformerAttention
 from attnkit.approx.nystrom import NystromAttention
 from attnkit.approx.performer import PerformerAttention
 from attnkit.cli.train import ModelConfig, TrainConfig, make_task
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "approx_train.py"
 
 
 @pytest.fixture(scope="module")
 def at():
-    spec = importlib.util.spec_from_file_location("approx_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_benchmark("approx_train")
 
 
 def tiny_setups(at) -> dict:

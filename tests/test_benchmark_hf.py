@@ -5,33 +5,19 @@ fit, and the markdown table holds every case. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-import torch
+from conftest import load_benchmark
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_train_step.py"
 
 
 @pytest.fixture(scope="module")
 def hts():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # N=64 steps: one thread is fastest, and spares a loaded machine
-    spec = importlib.util.spec_from_file_location("hf_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
+    yield from load_benchmark("hf_train_step")
 
 
 @pytest.mark.parametrize("model", ["llama", "longformer"])
