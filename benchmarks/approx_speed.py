@@ -78,9 +78,7 @@ rewritten after each case, so a killed run keeps what it measured. Cases run wit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
-import gc
 import json
 import math
 import statistics
@@ -96,7 +94,7 @@ from torch import Tensor
 import attnkit as ak
 from attnkit.bench.cpu import (RESULT_TAG, CommaList, _limit_address_space, run_case_process, header,
                                measured_or_failed)
-from attnkit.bench.process import peak_rss_mb, reset_peak_rss
+from attnkit.bench.process import peak_rss_mb, release_memory, reset_peak_rss
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
 
 B, H, D = 1, 8, 64
@@ -409,15 +407,6 @@ def errors(name: str, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, out_rows: T
     return got
 
 
-def _release_memory() -> None:
-    """Free what Python and glibc hold, so the RSS at the reset is what the call starts from."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def timed_calls(step: Callable[[], Tensor], reps: int, budget_s: float,
                 keep: Callable[[Tensor], object]) -> tuple[float, list[float], object]:
     """Warm-up call (its output goes to ``keep``; the rest is freed at once), then up to ``reps``
@@ -444,7 +433,7 @@ def measure(case: Case) -> dict:
     q, k, v, dout = make_inputs(case.n, case.mode, case.seed)
     fn = make_call(case.name, case.n, case.seed)
     rows = sample_rows(case.n, case.seed)
-    _release_memory()
+    release_memory()
     reset_peak_rss()
     base = peak_rss_mb()
     warm, times, out_rows = timed_calls(make_step(fn, q, k, v, dout, case.mode), case.reps, case.case_budget_s,

@@ -36,9 +36,7 @@ Results: ``<out-dir>/hf_train_step_<YYYY-MM-DDTHHMM>.json`` and ``.md``, rewritt
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
-import gc
 import json
 import os
 import statistics
@@ -53,7 +51,7 @@ import torch
 import attnkit as ak
 from attnkit.bench.cpu import (RESULT_TAG, CommaList, _limit_address_space, run_case_process, cpu_model,
                                measured_or_failed)
-from attnkit.bench.process import peak_rss_mb, reset_peak_rss
+from attnkit.bench.process import peak_rss_mb, release_memory, reset_peak_rss
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
 
 MODELS = ("longformer", "llama", "mistral")
@@ -201,15 +199,6 @@ def attnkit_backends(model: torch.nn.Module, step: Callable[[], object]) -> list
     return sorted(seen)
 
 
-def _release_memory() -> None:
-    """Free what Python and glibc hold, so the RSS at the reset is what the step starts from."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def timed_steps(step: Callable[[], object], reps: int, budget_s: float,
                 warm_up: Callable[[], object] | None = None) -> tuple[float, list[float]]:
     """``warm_up`` (default ``step``) once, then ``reps`` timed steps, fewer (>= 1) when the
@@ -244,7 +233,7 @@ def measure(case: Case) -> dict:
     def warm_up() -> None:  # attnkit: the warm-up step also records what auto picks
         backends.extend(attnkit_backends(model, step) if case.impl == "attnkit" else step() or [])
 
-    _release_memory()
+    release_memory()
     reset_peak_rss()
     base = peak_rss_mb()
     warm, times = timed_steps(step, case.reps, case.case_budget_s, warm_up)

@@ -54,9 +54,7 @@ comma-separated.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
-import gc
 import os
 import platform
 import resource
@@ -73,7 +71,7 @@ from torch import Tensor
 
 import attnkit as ak
 from attnkit.bench.cpu import CommaList, cpu_model
-from attnkit.bench.process import peak_rss_mb, reset_peak_rss
+from attnkit.bench.process import peak_rss_mb, release_memory, reset_peak_rss
 from attnkit.cli._paths import OutputPathError, prepare_output_dir
 
 B, H, D, W, G = 1, 12, 64, 256, 16
@@ -430,15 +428,6 @@ BUILDERS: dict[str, Callable[[Problem, str, Context], Runner]] = {
 # ---------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------
-
-def release_memory() -> None:
-    """Collect garbage and ask glibc to hand freed heap pages back, so RSS is a fair baseline."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
 
 def useful_flops(n: int, mode: str) -> float:
     """Useful FLOPs of one call (see FLOP_FORMULA)."""
