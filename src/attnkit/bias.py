@@ -120,6 +120,34 @@ class SumBias(Bias):
         return " + ".join(repr(part) for part in self.parts)
 
 
+@dataclass(frozen=True, eq=False)
+class RegionBias(Bias):
+    """``inner`` on a region of its (NQ, NK) problem: local row i is row ``row0 + row_step * i``,
+    local key j key ``col0 + col_step * j`` (``masks.Region``'s counterpart, for context-parallel
+    shards): ALiBi's distances stay global."""
+
+    inner: Bias
+    row0: int
+    row_step: int
+    col0: int
+    col_step: int
+    NQ: int
+    NK: int
+
+    def evaluate(self, rows, cols, Nq, Nk):
+        return self.inner.evaluate(self.row0 + self.row_step * rows, self.col0 + self.col_step * cols,
+                                   self.NQ, self.NK)
+
+    def requires_grad(self) -> bool:
+        return self.inner.requires_grad()
+
+    def check(self, B, H, Nq, Nk):
+        self.inner.check(B, H, self.NQ, self.NK)
+
+    def __repr__(self) -> str:
+        return f"region({self.inner!r}, rows={self.row0}::{self.row_step}, keys={self.col0}::{self.col_step})"
+
+
 # -- rows whose scores are all huge ---------------------------------------------------------------
 
 SHIFT_THRESHOLD = 2.0 ** 8  # |visible row max| of a bias beyond which its row is shifted to max 0:

@@ -41,12 +41,23 @@ def query_positions(rows: Tensor, Nq: int, Nk: int) -> Tensor:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile boundaries of an (Nq, Nk) problem cut into blocks of (block_q, block_k)."""
+    """Tile boundaries of an (Nq, Nk) problem cut into blocks of (block_q, block_k).
+
+    The problem may be a *region* of a larger (NQ, NK) one (``Region``, context-parallel shards):
+    local row i is global row ``row0 + row_step * i`` and local key j global key ``col0 +
+    col_step * j``; masks classify tiles by those global indices. Defaults: the problem itself.
+    """
 
     Nq: int
     Nk: int
     block_q: int
     block_k: int
+    row0: int = 0
+    row_step: int = 1
+    col0: int = 0
+    col_step: int = 1
+    NQ: int | None = None  # the whole problem's sizes; None = (Nq, Nk)
+    NK: int | None = None
 
     @property
     def n_q(self) -> int:
@@ -56,13 +67,32 @@ class Tiling:
     def n_k(self) -> int:
         return -(-self.Nk // self.block_k)
 
+    @property
+    def full_q(self) -> int:
+        return self.Nq if self.NQ is None else self.NQ
+
+    @property
+    def full_k(self) -> int:
+        return self.Nk if self.NK is None else self.NK
+
+    def row_index(self, device: torch.device | None = None) -> Tensor:
+        """(Nq,) global row of each local query row."""
+        return self.row0 + self.row_step * torch.arange(self.Nq, device=device)
+
+    def col_index(self, device: torch.device | None = None) -> Tensor:
+        """(Nk,) global key of each local key column."""
+        return self.col0 + self.col_step * torch.arange(self.Nk, device=device)
+
     def bounds(self, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """First/last query *position* of each q block (nQ, 1) and first/last key of each k block (1, nK)."""
+        """First/last query *position* of each q block (nQ, 1) and first/last key of each k block
+        (1, nK), in the whole problem (global indices grow with local ones: steps are >= 1)."""
         q0 = torch.arange(self.n_q, device=device) * self.block_q
         q1 = torch.clamp(q0 + self.block_q, max=self.Nq) - 1
         k0 = torch.arange(self.n_k, device=device) * self.block_k
         k1 = torch.clamp(k0 + self.block_k, max=self.Nk) - 1
-        off = self.Nk - self.Nq
+        off = self.full_k - self.full_q
+        q0, q1 = self.row0 + self.row_step * q0, self.row0 + self.row_step * q1
+        k0, k1 = self.col0 + self.col_step * k0, self.col0 + self.col_step * k1
         return (q0 + off)[:, None], (q1 + off)[:, None], k0[None, :], k1[None, :]
 
     def pool_counts(self, flags: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -395,8 +425,8 @@ class GlobalTokens(Mask):
         return _per_tile_bits(torch.cat([q_flag, k_flag], -1))  # (P, Bm * ceil((BM + BN) / 64))
 
     def _block_kinds(self, tiling, device):
-        q_flag, k_flag = self._both_flags(torch.arange(tiling.Nq, device=device),
-                                          torch.arange(tiling.Nk, device=device), tiling.Nq, tiling.Nk)
+        q_flag, k_flag = self._both_flags(tiling.row_index(device), tiling.col_index(device),
+                                          tiling.full_q, tiling.full_k)
         qc, qs = tiling.pool_counts(q_flag, tiling.block_q)  # (Bm, nQ)
         kc, ks = tiling.pool_counts(k_flag, tiling.block_k)  # (Bm, nK)
         full = (qc == qs)[:, :, None] | (kc == ks)[:, None, :]
@@ -445,7 +475,8 @@ class KeyPadding(Mask):
         return _per_tile_bits(self._valid(Nk, k0.device)[:, _tile_offsets(k0, bn, Nk)])  # (P, B * ceil(BN / 64))
 
     def _block_kinds(self, tiling, device):
-        kc, ks = tiling.pool_counts(self._valid(tiling.Nk, device), tiling.block_k)  # (B, nK)
+        valid = self._valid(tiling.full_k, device)[:, tiling.col_index(device)]  # (B, Nk) of the region
+        kc, ks = tiling.pool_counts(valid, tiling.block_k)  # (B, nK)
         full, empty = (kc == ks)[:, None, :], (kc == 0)[:, None, :]  # (B, 1, nK)
         return _kinds(full, empty).expand(-1, tiling.n_q, -1)
 
@@ -495,8 +526,8 @@ class Document(Mask):
         return _per_tile(ids - ids.amin(-1, keepdim=True))  # equal up to a shift of the ids: equal truth
 
     def _block_kinds(self, tiling, device):
-        q_doc = self._query_values(torch.arange(tiling.Nq, device=device), tiling.Nq, tiling.Nk)  # (Bm, Nq)
-        k_doc = self.values.to(device)
+        q_doc = self._query_values(tiling.row_index(device), tiling.full_q, tiling.full_k)  # (Bm, Nq)
+        k_doc = self.values.to(device)[:, tiling.col_index(device)]  # (Bm, Nk)
         q_lo, q_hi = _block_min_max(q_doc, tiling.block_q)  # (Bm, nQ)
         k_lo, k_hi = _block_min_max(k_doc, tiling.block_k)  # (Bm, nK)
         q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
@@ -546,7 +577,9 @@ class Dense(Mask):
         return full[:, :, rows.to(full.device), cols.to(full.device)].to(rows.device)  # (Bm, Hm, *S)
 
     def _block_kinds(self, tiling, device):
-        t = self._full(tiling.Nq, tiling.Nk).to(device)
+        t = self._full(tiling.full_q, tiling.full_k).to(device)
+        if (tiling.NQ, tiling.NK) != (None, None):  # a region: its rows and columns only
+            t = t[:, :, tiling.row_index(t.device)][:, :, :, tiling.col_index(t.device)]
         Bm, Hm = t.shape[:2]
         bq, bk, nq, nk = tiling.block_q, tiling.block_k, tiling.n_q, tiling.n_k
         pad = (0, nk * bk - tiling.Nk, 0, nq * bq - tiling.Nq)
@@ -639,6 +672,63 @@ class Not(Mask):
 
     def __repr__(self) -> str:
         return f"~{self.a!r}"
+
+
+@dataclass(frozen=True)
+class Region(Mask):
+    """``inner`` restricted to a region of its (NQ, NK) problem: local query row i is row ``row0 +
+    row_step * i`` of the whole problem and local key j its key ``col0 + col_step * j`` (a
+    context-parallel rank's shard of queries against a shard of keys: contiguous, zigzag chunks or
+    striped, Brandon et al. 2023). The local problem's own sizes are ignored: ``inner`` is always
+    evaluated on the whole problem, so a region of a causal mask stays causal in global positions.
+    Tiles are classified through ``Tiling``'s region fields, never by materializing the region."""
+
+    inner: Mask
+    row0: int
+    row_step: int
+    col0: int
+    col_step: int
+    NQ: int
+    NK: int
+
+    def _rows(self, rows: Tensor) -> Tensor:
+        return self.row0 + self.row_step * rows
+
+    def _cols(self, cols: Tensor) -> Tensor:
+        return self.col0 + self.col_step * cols
+
+    def _evaluate(self, rows, cols, Nq, Nk):
+        return self.inner._evaluate(self._rows(rows), self._cols(cols), self.NQ, self.NK)
+
+    def _block_kinds(self, tiling, device):
+        whole = Tiling(tiling.Nq, tiling.Nk, tiling.block_q, tiling.block_k,
+                       row0=self.row0 + self.row_step * tiling.row0, row_step=self.row_step * tiling.row_step,
+                       col0=self.col0 + self.col_step * tiling.col0, col_step=self.col_step * tiling.col_step,
+                       NQ=self.NQ, NK=self.NK)
+        return self.inner._block_kinds(whole, device)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        if self.row_step != 1 or self.col_step != 1:  # a strided tile is no run of the inner mask's rows
+            return super()._tile_signature(q0, k0, bm, bn, Nq, Nk)
+        # rows past the region's end are outside the local problem, which the block plan masks
+        return self.inner._tile_signature(q0 + self.row0, k0 + self.col0, bm, bn, self.NQ, self.NK)
+
+    def check(self, B, H, Nq, Nk):
+        self.inner.check(B, H, self.NQ, self.NK)
+        last_q, last_k = self.row0 + self.row_step * (Nq - 1), self.col0 + self.col_step * (Nk - 1)
+        if min(self.row0, self.col0) < 0 or min(self.row_step, self.col_step) < 1 or last_q >= self.NQ \
+                or last_k >= self.NK:
+            raise ValueError(f"region: rows {self.row0}+{self.row_step}*i (i < {Nq}) and keys {self.col0}+"
+                             f"{self.col_step}*j (j < {Nk}) must lie inside the whole ({self.NQ}, {self.NK}) "
+                             "problem with steps >= 1")
+
+    def structure_key(self):
+        return (type(self), self.inner.structure_key(), self.row0, self.row_step, self.col0, self.col_step,
+                self.NQ, self.NK)
+
+    def __repr__(self) -> str:
+        return (f"region({self.inner!r}, rows={self.row0}::{self.row_step}, keys={self.col0}::{self.col_step}, "
+                f"of {self.NQ}x{self.NK})")
 
 
 # -- constructors (the public spelling) ------------------------------------------------------
