@@ -11,7 +11,7 @@ from .masks import (EMPTY, FULL, PARTIAL, Mask, causal, dense_mask, document, gl
 
 __version__ = "0.1.0"
 
-SUBPACKAGES = ("nn", "viz", "pretrained", "bench", "cli", "ops", "approx")
+SUBPACKAGES = ("nn", "viz", "pretrained", "bench", "cli", "ops", "approx", "distributed")
 
 
 def __getattr__(name: str):

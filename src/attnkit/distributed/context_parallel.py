@@ -1,0 +1,285 @@
+"""Exact context-parallel attention: each rank holds a shard of the sequence and receives only the
+keys and values its queries may see.
+
+Ring Attention (Liu et al. 2023) and its descendants (ring-flash-attn, Megatron's and PyTorch's
+context parallelism) pass every key shard around a ring of P ranks and merge the partial results
+through their log-sum-exps. Here each rank reads the mask's block structure (``plan.build``) and
+exchanges only the key blocks some query of the receiver may see (a sliding window: the
+neighbours' edges only; a causal mask: nothing from later positions), with every transfer posted at
+once (``batch_isend_irecv``) so it runs while the rank computes its own keys first.
+
+Forward, on rank r (legend: B batch, Hq / Hkv heads, n = N / P local positions, D head dim)::
+
+    post sends of r's needed key blocks to every rank that needs them, and receives of r's
+    for each source s (r first): for each non-empty (query run, key segment) pair:
+        (out_p, lse_p) = ak.attention(q_run, k_seg, v_seg, mask=Region(mask, run, seg), return_lse=True)
+        (out, lse) = merge((out, lse), (out_p, lse_p))          # ops/merge.py, exact
+
+Backward (FlashAttention-2's recomputation, Dao 2023, per pair): the keys are exchanged again, each
+pair's partial is recomputed with autograd, and its gradient flows from the merged output by
+
+    w_p = exp(lse_p - lse),   d out_p = w_p dout,   d lse_p = w_p (<dout, out_p - out> + dlse)
+
+(the merge's derivative); dk and dv of another rank's keys are sent home and added there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._validate import _check_tensors, _normalize_bias, _normalize_mask
+from ..bias import Bias
+from ..functional import attention
+from ..masks import Mask
+from ..ops.merge import finite_or_zero, merge
+from ..ops.precision import compute_dtype
+from .comm import DEFAULT_TIMEOUT_S, CommStats, Exchange, check_same_everywhere, digest, world_of
+from .layout import LAYOUTS, check_layout, local_size
+from .plan import KEY_BLOCK, SCHEDULES, Plan, Segment, build, region_bias
+
+TAG_KV, TAG_KV_BACKWARD, TAG_GRAD = 11, 12, 13
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Everything a call's forward and backward share besides the tensors."""
+
+    plan: Plan
+    rank: int
+    group: object
+    bias: Bias | None
+    scale: float | None
+    softcap: float | None
+    impl: str
+    timeout_s: float
+    stats: CommStats | None
+    shapes: tuple[int, int, int, int]  # B, Hkv, D, Dv
+
+
+def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = None,
+                               bias: Bias | Tensor | None = None, scale: float | None = None,
+                               softcap: float | None = None, group=None, layout: str = "zigzag",
+                               schedule: str = "mask", impl: str = "auto", return_lse: bool = False,
+                               timeout_s: float = DEFAULT_TIMEOUT_S, stats: CommStats | None = None,
+                               key_block: int = KEY_BLOCK) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention over a sequence sharded across the ranks of ``group``; call it on every rank.
+
+    Equal to ``ak.attention`` on the whole sequence (the numerics contract), forward and backward.
+
+    Args:
+        q: (B, Hq, n, D) this rank's queries: the positions ``layout`` gives it of a whole sequence of
+            N = the sum of every rank's n (``attnkit.distributed.shard`` cuts a whole tensor).
+        k, v: (B, Hkv, n, D) / (B, Hkv, n, Dv) the same positions' keys and values (self-attention;
+            Hq % Hkv == 0, GQA).
+        mask: any attnkit mask (or bool tensor) of the *whole* (N, N) problem, the same on every
+            rank; True = may attend. A bool tensor or ``dense_mask`` holds N x N on every rank.
+        bias: additive, of the whole problem: a structured bias (``ak.alibi``) or a float tensor
+            broadcastable to (B, Hq, N, N); one that requires grad is refused.
+        scale, softcap, impl: as ``ak.attention`` (impl is the backend of each rank's local work).
+        group: the process group (None: the default one). gloo takes CPU tensors, nccl CUDA ones.
+        layout: "zigzag" (default; balanced for causal masks), "contiguous" or "striped"
+            (``attnkit.distributed.layout``).
+        schedule: "mask" (send only the key blocks some query of the receiver may see) or "ring"
+            (every key shard to every rank, as Ring Attention's traffic; for comparison).
+        return_lse: also return lse (B, Hq, n), natural log, in float32 (float64 for float64).
+        timeout_s: how long any wait for a peer may take before ``ContextParallelError``.
+        stats: a ``CommStats`` to add this call's bytes and messages to (forward and backward).
+        key_block: keys per block when deciding what to send (the slack at a window's edge).
+
+    Returns:
+        out (B, Hq, n, Dv) in q's dtype (rows in this rank's local order); with return_lse also lse.
+
+    Raises:
+        ContextParallelError: torch.distributed not initialized; a peer raised, died or timed out.
+        ValueError / TypeError: shapes, dtypes, mask, bias, layout or schedule that differ across ranks
+            (named, with every rank's value) or do not fit; n not the layout's share of N; dropout
+            (not supported) or a bias that requires grad.
+    """
+    rank, world = world_of(group)
+    _check_tensors(q, k, v)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"context_parallel_attention: q holds {q.shape[2]} positions but k {k.shape[2]}; it is "
+                         "self-attention over one sharded sequence (the same positions for q, k and v)")
+    check_layout(layout)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose 'mask' (mask-aware) or 'ring' (every key to every rank)")
+    mask_n, bias_n = _normalize_mask(mask), _normalize_bias(bias, q)
+    if bias_n is not None and bias_n.requires_grad():
+        raise ValueError("context_parallel_attention: the bias requires grad, which the distributed backward "
+                         "does not return; detach it, or use ak.attention on one device")
+    N = _agreed_length(q, k, v, mask_n, bias_n, scale, softcap, layout, schedule, key_block, group, rank, world,
+                       timeout_s)
+    for check in (mask_n, bias_n):
+        if check is not None:
+            check.check(q.shape[0], q.shape[1], N, N)
+    call = _Call(build(mask_n, layout, world, N, schedule, key_block), rank, group, bias_n, scale, softcap,
+                 impl, timeout_s, stats, (k.shape[0], k.shape[1], k.shape[3], v.shape[3]))
+    out, lse = _ContextParallel.apply(q, k, v, call)
+    return (out, lse) if return_lse else out
+
+
+def _agreed_length(q, k, v, mask, bias, scale, softcap, layout, schedule, key_block, group, rank, world,
+                   timeout_s) -> int:
+    """Check every rank called alike (one all-gather) and return N; raise, the same on every rank."""
+    fields = {"batch size B": q.shape[0], "query heads Hq": q.shape[1], "kv heads Hkv": k.shape[1],
+              "head dim D": q.shape[3], "value dim Dv": v.shape[3], "dtype": _DTYPES.index(q.dtype),
+              "mask": digest(mask), "bias": digest(bias), "scale": -1.0 if scale is None else float(scale),
+              "softcap": -1.0 if softcap is None else float(softcap), "layout": LAYOUTS.index(layout),
+              "schedule": SCHEDULES.index(schedule), "key_block": key_block, "n": q.shape[2]}
+    device = q.device if q.device.type == "cuda" else "cpu"
+    table = check_same_everywhere(group, rank, world, fields, device, timeout_s, per_rank=("n",))
+    sizes = [int(row["n"]) for row in table]
+    N = sum(sizes)
+    want = [local_size(layout, r, world, N) for r in range(world)]
+    if sizes != want:
+        raise ValueError(f"context_parallel_attention: the ranks hold {sizes} positions, but layout {layout!r} "
+                         f"shards N={N} over {world} ranks as {want}; cut the sequence with "
+                         f"attnkit.distributed.shard(x, rank, world, layout={layout!r})")
+    return N
+
+
+class _ContextParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call):
+        out, lse = _forward(q, k, v, call)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, dlse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.call)
+        return dq, dk, dv, None
+
+
+def _pack(k: Tensor, v: Tensor, segs: tuple[Segment, ...]) -> Tensor:
+    """The segments' keys and values as one flat buffer (k's then v's), in the segments' order."""
+    ks = [k[:, :, s.local_start:s.local_start + s.run.count] for s in segs]  # (B, Hkv, c, D) each
+    vs = [v[:, :, s.local_start:s.local_start + s.run.count] for s in segs]
+    return torch.cat([torch.cat(ks, 2).flatten(), torch.cat(vs, 2).flatten().to(k.dtype)])
+
+
+def _unpack(buf: Tensor, m: int, call: _Call) -> tuple[Tensor, Tensor]:
+    B, Hkv, D, Dv = call.shapes
+    nk = B * Hkv * m * D
+    return buf[:nk].view(B, Hkv, m, D), buf[nk:].view(B, Hkv, m, Dv)
+
+
+def _buffer(m: int, call: _Call, dtype, device) -> Tensor:
+    B, Hkv, D, Dv = call.shapes
+    return torch.empty(B * Hkv * m * (D + Dv), dtype=dtype, device=device)
+
+
+def _post_kv(k: Tensor, v: Tensor, call: _Call, tag: int) -> Exchange:
+    """Send this rank's needed key blocks to each rank that needs them; receive its own."""
+    plan, rank = call.plan, call.rank
+    ex = Exchange(call.group, rank, call.timeout_s, call.stats, "keys/values", tag)
+    sends = {dst: _pack(k, v, segs) for dst, segs in enumerate(plan.sends[rank]) if segs}
+    recvs = {src: _buffer(plan.keys_sent(src, rank), call, k.dtype, k.device)
+             for src in range(plan.world) if src != rank and plan.sends[src][rank]}
+    ex.post(sends, recvs)
+    return ex
+
+
+def _sources(call: _Call) -> list[int]:
+    """This rank first (its keys need no transfer), then the others by ring distance."""
+    return [(call.rank - d) % call.plan.world for d in range(call.plan.world)]
+
+
+def _keys_from(src: int, k: Tensor, v: Tensor, ex: Exchange, call: _Call) -> tuple[Tensor, Tensor] | None:
+    if src == call.rank:
+        return k, v
+    if not call.plan.sends[src][call.rank]:
+        return None
+    return _unpack(ex.recv(src), call.plan.keys_sent(src, call.rank), call)
+
+
+def _partial(q: Tensor, kk: Tensor, vv: Tensor, pair, call: _Call) -> tuple[Tensor, Tensor]:
+    """One pair's (out, lse): q's rows of the pair's query run against its key segment."""
+    qs = q[:, :, pair.q_start:pair.q_start + pair.q_run.count]
+    ks = kk[:, :, pair.k_start:pair.k_start + pair.k_run.count]
+    vs = vv[:, :, pair.k_start:pair.k_start + pair.k_run.count]
+    return attention(qs, ks, vs, mask=pair.mask, bias=region_bias(call.bias, pair.q_run, pair.k_run, call.plan.N),
+                     scale=call.scale, softcap=call.softcap, impl=call.impl, return_lse=True)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tensor]:
+    ex = _post_kv(k, v, call, TAG_KV)
+    ct = compute_dtype(q.dtype)
+    B, Hq, n, _ = q.shape
+    out = torch.zeros(B, Hq, n, v.shape[3], dtype=ct, device=q.device)
+    lse = torch.full((B, Hq, n), float("-inf"), dtype=ct, device=q.device)
+    for src in _sources(call):
+        kv = _keys_from(src, k, v, ex, call)
+        for pair in call.plan.pairs[call.rank][src] if kv is not None else ():
+            o, l = _partial(q, kv[0], kv[1], pair, call)
+            rows = slice(pair.q_start, pair.q_start + pair.q_run.count)
+            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o.to(ct), l.to(ct))
+    ex.finish()
+    return out.to(q.dtype), lse
+
+
+def _backward(q, k, v, out, lse, dout, dlse, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+    plan, rank = call.plan, call.rank
+    ex = _post_kv(k, v, call, TAG_KV_BACKWARD)
+    ct = compute_dtype(q.dtype)
+    grads = Exchange(call.group, rank, call.timeout_s, call.stats, "dk/dv", TAG_GRAD)
+    grads.post({}, {dst: _buffer(plan.keys_sent(rank, dst), call, ct, q.device)
+                    for dst, segs in enumerate(plan.sends[rank]) if segs})
+    dq = torch.zeros(q.shape, dtype=ct, device=q.device)
+    dk, dv = torch.zeros(k.shape, dtype=ct, device=k.device), torch.zeros(v.shape, dtype=ct, device=v.device)
+    for src in _sources(call):
+        kv = _keys_from(src, k, v, ex, call)
+        if kv is None:
+            continue
+        gk, gv = (dk, dv) if src == rank else (torch.zeros(kv[0].shape, dtype=ct, device=k.device),
+                                               torch.zeros(kv[1].shape, dtype=ct, device=v.device))
+        for pair in plan.pairs[rank][src]:
+            _pair_backward(q, kv, out, lse, dout, dlse, pair, call, dq, gk, gv)
+        if src != rank:  # send this source's key gradients home as soon as they are complete
+            grads.post({src: torch.cat([gk.flatten(), gv.flatten()])}, {})
+    for dst, segs in enumerate(plan.sends[rank]):
+        if segs:
+            gk, gv = _unpack(grads.recv(dst), plan.keys_sent(rank, dst), call)
+            start = 0
+            for s in segs:
+                c = s.run.count
+                dk[:, :, s.local_start:s.local_start + c] += gk[:, :, start:start + c]
+                dv[:, :, s.local_start:s.local_start + c] += gv[:, :, start:start + c]
+                start += c
+    ex.finish()
+    grads.finish()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _pair_backward(q, kv, out, lse, dout, dlse, pair, call: _Call, dq, gk, gv) -> None:
+    """Recompute one pair's partial with autograd and add its share of dq, dk, dv (module docstring)."""
+    ct = dq.dtype
+    rows = slice(pair.q_start, pair.q_start + pair.q_run.count)
+    cols = slice(pair.k_start, pair.k_start + pair.k_run.count)
+    with torch.enable_grad():
+        qs = q[:, :, rows].detach().requires_grad_()
+        ks = kv[0][:, :, cols].detach().requires_grad_()
+        vs = kv[1][:, :, cols].detach().requires_grad_()
+        o, l = _partial(qs, ks, vs, _at_zero(pair), call)
+    w = torch.exp(l.detach().to(ct) - finite_or_zero(lse[:, :, rows]))  # (B, Hq, r): 0 where lse_p = -inf
+    d_out = dout[:, :, rows].to(ct)
+    d_lse = w * (d_out * (o.detach().to(ct) - out[:, :, rows].to(ct))).sum(-1)  # (B, Hq, r)
+    if dlse is not None:
+        d_lse = d_lse + w * dlse[:, :, rows].to(ct)
+    dqs, dks, dvs = torch.autograd.grad((o, l), (qs, ks, vs), ((w.unsqueeze(-1) * d_out).to(o.dtype), d_lse.to(l.dtype)),
+                                        allow_unused=True)
+    for acc, g, sl in ((dq, dqs, rows), (gk, dks, cols), (gv, dvs, cols)):
+        if g is not None:
+            acc[:, :, sl] += g.to(ct)
+
+
+def _at_zero(pair):
+    """The pair with its query and key starts at 0 (for tensors already sliced to it)."""
+    from dataclasses import replace
+    return replace(pair, q_start=0, k_start=0)

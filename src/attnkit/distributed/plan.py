@@ -1,0 +1,152 @@
+"""Which keys each rank sends to which, and what each pair of shards computes: read from the mask.
+
+Every rank builds the same plan from the same inputs (mask, layout, world size, N), so no rank asks
+another what it needs. For each receiving rank r and sending rank s the plan keeps the blocks of
+s's keys (``key_block`` keys each) that any of r's queries may see, classified by the mask's own
+tile kinds over a ``masks.Region`` (``Mask.block_kinds``, never an N x N tensor): a sliding window
+of W needs ``ceil(W / key_block) + 1`` blocks from each neighbour and nothing from the others,
+whatever N is; a causal mask needs nothing from later positions; ``schedule="ring"`` ignores the
+mask and sends every key to every rank (Ring Attention's traffic), for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..bias import Bias, RegionBias
+from ..masks import EMPTY, FULL, Causal, Mask, Region
+from .layout import Run, runs
+
+SCHEDULES = ("mask", "ring")
+KEY_BLOCK = 64  # keys per block when deciding what to send: the slack a window's edge costs
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Keys ``local_start .. local_start + count - 1`` of the sender's shard: global run ``run``."""
+
+    local_start: int
+    run: Run
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Local queries ``q_start .. q_start + run.count - 1`` (global run ``q_run``) against keys
+    ``k_start ..`` of a key buffer (global run ``k_run``), under ``mask`` (None: all pairs)."""
+
+    q_start: int
+    q_run: Run
+    k_start: int
+    k_run: Run
+    mask: Mask | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole schedule. ``sends[s][r]``: segments s sends r (``[]``: nothing, never sent);
+    ``pairs[r][s]``: what r computes against the keys it holds from s (its own when s == r), with
+    ``k_start`` indexing the buffer the segments of ``sends[s][r]`` fill, in order."""
+
+    world: int
+    N: int
+    sends: tuple[tuple[tuple[Segment, ...], ...], ...]
+    pairs: tuple[tuple[tuple[Pair, ...], ...], ...]
+
+    def keys_sent(self, src: int, dst: int) -> int:
+        return sum(seg.run.count for seg in self.sends[src][dst])
+
+
+def region(mask: Mask, q: Run, k: Run, N: int) -> Region:
+    return Region(mask, q.start, q.step, k.start, k.step, N, N)
+
+
+def region_bias(bias: Bias | None, q: Run, k: Run, N: int) -> Bias | None:
+    return None if bias is None else RegionBias(bias, q.start, q.step, k.start, k.step, N, N)
+
+
+def _needed_blocks(mask: Mask | None, queries: tuple[Run, ...], keys: Run, N: int, block: int) -> torch.Tensor:
+    """(ceil(keys.count / block),) bool: key blocks some query of ``queries`` may see."""
+    nb = -(-keys.count // block)
+    need = torch.zeros(nb, dtype=torch.bool)
+    if mask is None:
+        return ~need
+    for q in queries:
+        if q.count:
+            kinds = region(mask, q, keys, N).block_kinds(q.count, keys.count, q.count, block)  # (Bm, Hm, 1, nb)
+            need |= (kinds != EMPTY).flatten(0, 2).any(0)
+    return need
+
+
+def _segments(need: torch.Tensor, run: Run, local_start: int, block: int) -> list[Segment]:
+    """Consecutive needed blocks of ``run`` as segments (clipped to the run's end)."""
+    out, flags = [], need.tolist()
+    i = 0
+    while i < len(flags):
+        if not flags[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(flags) and flags[j]:
+            j += 1
+        first, last = i * block, min(j * block, run.count)
+        out.append(Segment(local_start + first, run.sub(first, last - first)))
+        i = j
+    return out
+
+
+def pair_mask(mask: Mask | None, q: Run, k: Run, N: int) -> Mask | None | str:
+    """The mask of one pair of runs: None when every pair is allowed, ``causal()`` when the
+    region is exactly a causal square (so torch's fused kernels run it), "empty" when none is,
+    else the region of the mask."""
+    if mask is None:
+        return None
+    reg = region(mask, q, k, N)
+    kinds = reg.block_kinds(q.count, k.count, q.count, k.count)  # (Bm, Hm, 1, 1): the pair as one tile
+    if bool((kinds == EMPTY).all()):
+        return "empty"
+    if bool((kinds == FULL).all()):
+        return None
+    if isinstance(mask, Causal) and q.step == k.step == 1 and q.start == k.start and q.count == k.count:
+        return Causal()
+    return reg
+
+
+def _local_starts(rs: tuple[Run, ...]) -> list[int]:
+    return [sum(r.count for r in rs[:i]) for i in range(len(rs))]
+
+
+def build(mask: Mask | None, layout: str, world: int, N: int, schedule: str = "mask",
+          key_block: int = KEY_BLOCK) -> Plan:
+    """The plan every rank computes (identically) for a call. ``schedule="ring"`` sends every key."""
+    held = [runs(layout, r, world, N) for r in range(world)]
+    starts = [_local_starts(h) for h in held]
+    sends = [[() for _ in range(world)] for _ in range(world)]
+    pairs = [[() for _ in range(world)] for _ in range(world)]
+    for dst in range(world):
+        for src in range(world):
+            segs: list[Segment] = []
+            for run, start in zip(held[src], starts[src]):
+                if src == dst or schedule == "ring":
+                    segs += [Segment(start, run)] if run.count else []
+                else:
+                    segs += _segments(_needed_blocks(mask, held[dst], run, N, key_block), run, start, key_block)
+            if src != dst:
+                sends[src][dst] = tuple(segs)
+            pairs[dst][src] = tuple(_pairs(mask, held[dst], starts[dst], segs, N))
+    return Plan(world, N, tuple(map(tuple, sends)), tuple(map(tuple, pairs)))
+
+
+def _pairs(mask: Mask | None, queries: tuple[Run, ...], q_starts: list[int], segs: list[Segment],
+           N: int) -> list[Pair]:
+    """The non-empty (query run, key segment) pairs, keys indexed in the order the segments arrive."""
+    out, k_start = [], 0
+    for seg in segs:
+        for q, q_start in zip(queries, q_starts):
+            if q.count:
+                m = pair_mask(mask, q, seg.run, N)
+                if m != "empty":
+                    out.append(Pair(q_start, q, k_start, seg.run, m))
+        k_start += seg.run.count
+    return out
