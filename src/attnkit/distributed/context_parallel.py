@@ -37,10 +37,12 @@ from ..masks import Mask
 from ..ops.merge import finite_or_zero, merge
 from ..ops.precision import compute_dtype
 from .comm import DEFAULT_TIMEOUT_S, CommStats, Exchange, check_same_everywhere, digest, world_of
-from .layout import LAYOUTS, check_layout, local_size
+from .global_rows import GlobalRows, global_rows, replace_rows, without_global_rows
+from .layout import LAYOUTS, check_layout, local_size, positions
 from .plan import KEY_BLOCK, SCHEDULES, Plan, Segment, build, region_bias
 
 TAG_KV, TAG_KV_BACKWARD, TAG_GRAD = 11, 12, 13
+TAG_GLOBAL_Q, TAG_GLOBAL_PARTIAL, TAG_GLOBAL_DOUT, TAG_GLOBAL_DQ = 21, 22, 23, 24
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -58,6 +60,9 @@ class _Call:
     timeout_s: float
     stats: CommStats | None
     shapes: tuple[int, int, int, int]  # B, Hkv, D, Dv
+    mask: Mask | None  # the whole mask (the plan's pairs may hold it without its global query rows)
+    rows: GlobalRows | None  # global query rows, reduced apart (global_rows.py), or None
+    key_positions: Tensor  # (n,) this rank's positions
 
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | Tensor | None = None,
@@ -116,8 +121,11 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | 
     for check in (mask_n, bias_n):
         if check is not None:
             check.check(q.shape[0], q.shape[1], N, N)
-    call = _Call(build(mask_n, layout, world, N, schedule, key_block), rank, group, bias_n, scale, softcap,
-                 impl, timeout_s, stats, (k.shape[0], k.shape[1], k.shape[3], v.shape[3]))
+    main, tokens = without_global_rows(mask_n) if schedule == "mask" else (mask_n, [])
+    held = [positions(layout, r, world, N) for r in range(world)]
+    call = _Call(build(main, layout, world, N, schedule, key_block), rank, group, bias_n, scale, softcap,
+                 impl, timeout_s, stats, (k.shape[0], k.shape[1], k.shape[3], v.shape[3]), mask_n,
+                 global_rows(tokens, held, N), held[rank].to(q.device))
     out, lse = _ContextParallel.apply(q, k, v, call)
     return (out, lse) if return_lse else out
 
@@ -145,16 +153,30 @@ def _agreed_length(q, k, v, mask, bias, scale, softcap, layout, schedule, key_bl
 class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call):
+        q_rows = _post_global_queries(q, call)
         out, lse = _forward(q, k, v, call)
-        ctx.save_for_backward(q, k, v, out, lse)
+        q_global = None
+        if call.rows is not None:
+            q_global = _global_queries(q, q_rows, call)
+            out, lse = _global_forward(q_global, k, v, out, lse, call)
+        ctx.save_for_backward(q, k, v, out, lse, q_global)
         ctx.call = call
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, dlse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.call)
-        return dq, dk, dv, None
+        q, k, v, out, lse, q_global = ctx.saved_tensors
+        call = ctx.call
+        extra = None
+        if call.rows is not None:  # the global rows' gradients flow through their own partials only
+            extra = _post_global_douts(dout, dlse, out, lse, call)
+            mine = call.rows.local[call.rank]
+            dout = replace_rows(dout, mine, torch.zeros_like(dout[:, :, :len(mine)]))
+            dlse = None if dlse is None else dlse.index_fill(2, mine.to(dlse.device), 0.0)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, call)
+        if call.rows is not None:
+            _global_backward(q_global, k, v, extra, call, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def _pack(k: Tensor, v: Tensor, segs: tuple[Segment, ...]) -> Tensor:
@@ -254,7 +276,7 @@ def _backward(q, k, v, out, lse, dout, dlse, call: _Call) -> tuple[Tensor, Tenso
                 start += c
     ex.finish()
     grads.finish()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 def _pair_backward(q, kv, out, lse, dout, dlse, pair, call: _Call, dq, gk, gv) -> None:
@@ -283,3 +305,118 @@ def _at_zero(pair):
     """The pair with its query and key starts at 0 (for tensors already sliced to it)."""
     from dataclasses import replace
     return replace(pair, q_start=0, k_start=0)
+
+
+# -- global query rows (global_rows.py): gathered once, attended where the keys are, reduced home --
+
+def _rows_exchange(call: _Call, what: str, tag: int, mine: Tensor | None, width: int, dtype, device,
+                   to_owners: Tensor | None = None) -> Exchange:
+    """Post one global-rows message per peer. With ``mine`` (B, Hq, G_rank, width): send this rank's
+    rows to every peer and receive each peer's. With ``to_owners`` (B, Hq, G, width): send each
+    owner its rows and receive this rank's rows from every peer."""
+    rows, rank, world = call.rows, call.rank, call.plan.world
+    B, Hq = (mine if mine is not None else to_owners).shape[:2]
+    ex = Exchange(call.group, rank, call.timeout_s, call.stats, what, tag)
+    count = [len(rows.local[r]) for r in range(world)]
+    if mine is not None:
+        sends = {r: mine.contiguous().flatten() for r in range(world) if r != rank and count[rank]}
+        recvs = {r: torch.empty(B * Hq * count[r] * width, dtype=dtype, device=device)
+                 for r in range(world) if r != rank and count[r]}
+    else:
+        sends = {r: to_owners[:, :, rows.index[r].to(device)].contiguous().flatten()
+                 for r in range(world) if r != rank and count[r]}
+        recvs = {r: torch.empty(B * Hq * count[rank] * width, dtype=dtype, device=device)
+                 for r in range(world) if r != rank and count[rank]}
+    ex.post(sends, recvs)
+    return ex
+
+
+def _gathered(own: Tensor, ex: Exchange, call: _Call) -> Tensor:
+    """(B, Hq, G, width): every rank's global rows, this rank's ``own`` and the peers' received."""
+    rows = call.rows
+    B, Hq, _, width = own.shape
+    whole = own.new_zeros(B, Hq, rows.count, width)
+    for r in range(call.plan.world):
+        idx = rows.index[r].to(own.device)
+        if len(idx):
+            part = own if r == call.rank else ex.recv(r).view(B, Hq, len(idx), width)
+            whole[:, :, idx] = part
+    ex.finish()
+    return whole
+
+
+def _post_global_queries(q: Tensor, call: _Call) -> Exchange | None:
+    if call.rows is None:
+        return None
+    mine = q[:, :, call.rows.local[call.rank].to(q.device)]  # (B, Hq, G_rank, D)
+    return _rows_exchange(call, "global query rows", TAG_GLOBAL_Q, mine, q.shape[3], q.dtype, q.device)
+
+
+def _global_queries(q: Tensor, ex: Exchange, call: _Call) -> Tensor:
+    return _gathered(q[:, :, call.rows.local[call.rank].to(q.device)], ex, call)  # (B, Hq, G, D)
+
+
+def _global_partial(q_global: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tensor]:
+    """The G global rows against this rank's keys under the whole mask and bias, evaluated on the
+    (G, n) grid (G is small): (out (B, Hq, G, Dv), lse (B, Hq, G))."""
+    N, pos, cols = call.plan.N, call.rows.positions.to(k.device), call.key_positions
+    mask = None if call.mask is None else call.mask.evaluate(pos, cols, N, N)  # (Bm, Hm, G, n) bool
+    bias = None if call.bias is None else call.bias.evaluate(pos, cols, N, N)  # (Bb, Hb, G, n)
+    return attention(q_global, k, v, mask=mask, bias=bias, scale=call.scale, softcap=call.softcap,
+                     impl=call.impl, return_lse=True)
+
+
+def _global_forward(q_global, k, v, out, lse, call: _Call) -> tuple[Tensor, Tensor]:
+    """Replace this rank's global rows of (out, lse) by the merge of every rank's partial."""
+    ct = lse.dtype
+    o, l = _global_partial(q_global, k, v, call)
+    both = torch.cat([o.to(ct), l.to(ct).unsqueeze(-1)], -1)  # (B, Hq, G, Dv + 1)
+    ex = _rows_exchange(call, "global rows' partials", TAG_GLOBAL_PARTIAL, None, both.shape[3], ct, q_global.device,
+                        to_owners=both)
+    mine = call.rows.index[call.rank].to(q_global.device)
+    acc_o, acc_l = both[:, :, mine, :-1], both[:, :, mine, -1]
+    B, Hq = q_global.shape[:2]
+    for r in range(call.plan.world):
+        if r != call.rank and len(mine):
+            part = ex.recv(r).view(B, Hq, len(mine), both.shape[3])
+            acc_o, acc_l = merge(acc_o, acc_l, part[..., :-1], part[..., -1])
+    ex.finish()
+    local = call.rows.local[call.rank]
+    return replace_rows(out, local, acc_o), replace_rows(lse, local, acc_l)
+
+
+def _post_global_douts(dout, dlse, out, lse, call: _Call):
+    """Send this rank's global rows' (dout, out, lse, dlse) to every peer; (exchange, own rows)."""
+    ct = lse.dtype
+    idx = call.rows.local[call.rank].to(dout.device)
+    d_lse = torch.zeros_like(lse) if dlse is None else dlse.to(ct)
+    own = torch.cat([dout.to(ct), out.to(ct), lse.unsqueeze(-1), d_lse.unsqueeze(-1)], -1)[:, :, idx]
+    return _rows_exchange(call, "global rows' output gradients", TAG_GLOBAL_DOUT, own, own.shape[3], ct,
+                          dout.device), own
+
+
+def _global_backward(q_global, k, v, extra, call: _Call, dq, dk, dv) -> None:
+    """Add the global rows' share of dq (summed at the owner), dk and dv (this rank's keys)."""
+    ct, Dv = dq.dtype, v.shape[3]
+    whole = _gathered(extra[1], extra[0], call)  # (B, Hq, G, 2 Dv + 2)
+    d_out, out, lse, d_lse = whole[..., :Dv], whole[..., Dv:2 * Dv], whole[..., -2], whole[..., -1]
+    with torch.enable_grad():
+        qg, kk, vv = (t.detach().requires_grad_() for t in (q_global, k, v))
+        o, l = _global_partial(qg, kk, vv, call)
+    w = torch.exp(l.detach().to(ct) - finite_or_zero(lse))  # (B, Hq, G)
+    g_lse = w * ((d_out * (o.detach().to(ct) - out)).sum(-1) + d_lse)
+    dqg, dkk, dvv = torch.autograd.grad((o, l), (qg, kk, vv), ((w.unsqueeze(-1) * d_out).to(o.dtype),
+                                                              g_lse.to(l.dtype)), allow_unused=True)
+    dk += 0 if dkk is None else dkk.to(ct)
+    dv += 0 if dvv is None else dvv.to(ct)
+    dqg = torch.zeros_like(q_global, dtype=ct) if dqg is None else dqg.to(ct)
+    ex = _rows_exchange(call, "global rows' dq", TAG_GLOBAL_DQ, None, dqg.shape[3], ct, dq.device, to_owners=dqg)
+    mine = call.rows.index[call.rank].to(dq.device)
+    total = dqg[:, :, mine]
+    B, Hq = dq.shape[:2]
+    for r in range(call.plan.world):
+        if r != call.rank and len(mine):
+            total = total + ex.recv(r).view(B, Hq, len(mine), dqg.shape[3])
+    ex.finish()
+    local = call.rows.local[call.rank].to(dq.device)
+    dq.index_add_(2, local, total)

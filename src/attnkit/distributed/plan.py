@@ -1,12 +1,12 @@
 """Which keys each rank sends to which, and what each pair of shards computes: read from the mask.
 
 Every rank builds the same plan from the same inputs (mask, layout, world size, N), so no rank asks
-another what it needs. For each receiving rank r and sending rank s the plan keeps the blocks of
-s's keys (``key_block`` keys each) that any of r's queries may see, classified by the mask's own
-tile kinds over a ``masks.Region`` (``Mask.block_kinds``, never an N x N tensor): a sliding window
-of W needs ``ceil(W / key_block) + 1`` blocks from each neighbour and nothing from the others,
-whatever N is; a causal mask needs nothing from later positions; ``schedule="ring"`` ignores the
-mask and sends every key to every rank (Ring Attention's traffic), for comparison.
+another what it needs. For each receiving rank r and sending rank s the plan keeps the keys of s
+that some query of r may see, classified by the mask's own tile kinds over a ``masks.Region``
+(``Mask.block_kinds`` with one key per tile: O(n), never an N x N tensor). A sliding window of W
+needs W keys from each neighbour and nothing from the others, whatever N is; a causal mask needs
+nothing from later positions. ``schedule="ring"`` ignores the mask and sends every key to every
+rank (Ring Attention's traffic), for comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..masks import EMPTY, FULL, Causal, Mask, Region
 from .layout import Run, runs
 
 SCHEDULES = ("mask", "ring")
-KEY_BLOCK = 64  # keys per block when deciding what to send: the slack a window's edge costs
+KEY_BLOCK = 64  # needed keys closer than this are sent as one segment (one message part, one local call)
 
 
 @dataclass(frozen=True)
@@ -66,33 +66,35 @@ def region_bias(bias: Bias | None, q: Run, k: Run, N: int) -> Bias | None:
     return None if bias is None else RegionBias(bias, q.start, q.step, k.start, k.step, N, N)
 
 
-def _needed_blocks(mask: Mask | None, queries: tuple[Run, ...], keys: Run, N: int, block: int) -> torch.Tensor:
-    """(ceil(keys.count / block),) bool: key blocks some query of ``queries`` may see."""
-    nb = -(-keys.count // block)
-    need = torch.zeros(nb, dtype=torch.bool)
+def _needed_keys(mask: Mask | None, queries: tuple[Run, ...], keys: Run, N: int) -> torch.Tensor:
+    """(keys.count,) bool: the keys some query of ``queries`` may see. Each key is a (queries x 1)
+    tile of the region, classified from the mask's structure: O(keys.count), never queries x keys
+    (except for a dense mask, which holds N x N already)."""
+    need = torch.zeros(keys.count, dtype=torch.bool)
     if mask is None:
         return ~need
     for q in queries:
-        if q.count:
-            kinds = region(mask, q, keys, N).block_kinds(q.count, keys.count, q.count, block)  # (Bm, Hm, 1, nb)
+        if q.count and keys.count:
+            kinds = region(mask, q, keys, N).block_kinds(q.count, keys.count, q.count, 1)  # (Bm, Hm, 1, n_k)
             need |= (kinds != EMPTY).flatten(0, 2).any(0)
     return need
 
 
-def _segments(need: torch.Tensor, run: Run, local_start: int, block: int) -> list[Segment]:
-    """Consecutive needed blocks of ``run`` as segments (clipped to the run's end)."""
-    out, flags = [], need.tolist()
-    i = 0
-    while i < len(flags):
-        if not flags[i]:
-            i += 1
+def _segments(need: torch.Tensor, run: Run, local_start: int, gap: int) -> list[Segment]:
+    """The needed keys of ``run`` as segments of consecutive keys; gaps shorter than ``gap`` keys are
+    sent too, so a dilated window or nearby global keys make one segment, not one per key."""
+    idx = need.nonzero().flatten().tolist()
+    out: list[Segment] = []
+    if not idx:
+        return out
+    first = last = idx[0]
+    for i in idx[1:] + [None]:
+        if i is not None and i - last <= gap:
+            last = i
             continue
-        j = i
-        while j < len(flags) and flags[j]:
-            j += 1
-        first, last = i * block, min(j * block, run.count)
-        out.append(Segment(local_start + first, run.sub(first, last - first)))
-        i = j
+        out.append(Segment(local_start + first, run.sub(first, last - first + 1)))
+        if i is not None:
+            first = last = i
     return out
 
 
@@ -131,7 +133,7 @@ def build(mask: Mask | None, layout: str, world: int, N: int, schedule: str = "m
                 if src == dst or schedule == "ring":
                     segs += [Segment(start, run)] if run.count else []
                 else:
-                    segs += _segments(_needed_blocks(mask, held[dst], run, N, key_block), run, start, key_block)
+                    segs += _segments(_needed_keys(mask, held[dst], run, N), run, start, key_block)
             if src != dst:
                 sends[src][dst] = tuple(segs)
             pairs[dst][src] = tuple(_pairs(mask, held[dst], starts[dst], segs, N))

@@ -1,0 +1,105 @@
+"""Longformer's global query rows, reduced instead of fed every key (issue 18, mask-aware traffic).
+
+A global token's query row sees every key of the sequence. Fed like the other rows, its rank would
+receive every key shard: O(N) traffic for a handful of rows. Instead (Beltagy et al. 2020's global
+attention, computed where the keys live):
+
+- the main schedule runs with each ``global_tokens(g)`` replaced by ``GlobalKeys`` (every query
+  sees the global keys; global queries see only what their other terms give them), which equals
+  the mask on every row that is not global, so only window edges and global keys travel;
+- the global rows' queries (B, Hq, G, D) are sent once to every rank; each rank attends them to its
+  own keys under the full mask and returns the partial (out, lse) to the row's owner, which merges
+  the P partials (``ops/merge.py``) and overwrites its rows: O(G·D) per rank each way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..masks import And, GlobalTokens, Mask, Not, Or, Tiling, _kinds, _per_tile_bits, _tile_offsets
+
+
+@dataclass(frozen=True, eq=False)
+class GlobalKeys(Mask):
+    """Every query sees the global keys of ``tokens`` (its ``global_tokens`` without the global
+    query rows). Equal to ``tokens`` on every query row that is not global."""
+
+    tokens: GlobalTokens
+
+    def _evaluate(self, rows, cols, Nq, Nk):
+        flags = self.tokens._flags(Nk, cols.device)  # (Bm, Nk)
+        return flags[:, cols][:, None]  # (Bm, 1, *cols.shape)
+
+    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
+        return _per_tile_bits(self.tokens._flags(Nk, k0.device)[:, _tile_offsets(k0, bn, Nk)])
+
+    def _block_kinds(self, tiling: Tiling, device):
+        flags = self.tokens._flags(tiling.full_k, device)[:, tiling.col_index(device)]  # (Bm, Nk)
+        kc, ks = tiling.pool_counts(flags, tiling.block_k)  # (Bm, nK)
+        return _kinds((kc == ks)[:, None, :], (kc == 0)[:, None, :]).expand(-1, tiling.n_q, -1)
+
+    def check(self, B, H, Nq, Nk):
+        self.tokens.check(B, H, Nq, Nk)
+
+    def structure_key(self):
+        return (type(self), self.tokens.structure_key())
+
+    def __repr__(self) -> str:
+        return f"global_keys({self.tokens!r})"
+
+
+def without_global_rows(mask: Mask | None) -> tuple[Mask | None, list[GlobalTokens]]:
+    """The mask with every ``global_tokens`` replaced by ``GlobalKeys``, and the ones replaced."""
+    found: list[GlobalTokens] = []
+
+    def walk(m: Mask) -> Mask:
+        if isinstance(m, GlobalTokens):
+            found.append(m)
+            return GlobalKeys(m)
+        if isinstance(m, (And, Or)):
+            return type(m)(walk(m.a), walk(m.b))
+        if isinstance(m, Not):
+            return Not(walk(m.a))
+        return m
+
+    return (None, found) if mask is None else (walk(mask), found)
+
+
+@dataclass(frozen=True)
+class GlobalRows:
+    """The global query positions (G,) sorted, and for each rank the ones it holds: ``local[r]``
+    their indices in r's shard, ``index[r]`` their places among the G."""
+
+    positions: Tensor
+    local: tuple[Tensor, ...]
+    index: tuple[Tensor, ...]
+
+    @property
+    def count(self) -> int:
+        return int(self.positions.numel())
+
+
+def global_rows(tokens: list[GlobalTokens], shard_positions: list[Tensor], N: int) -> GlobalRows | None:
+    """Where the global query rows are (a union over the batch and over every ``global_tokens``)."""
+    if not tokens:
+        return None
+    flags = torch.zeros(N, dtype=torch.bool)
+    for t in tokens:
+        flags |= t._flags(N, torch.device("cpu")).any(0)
+    pos = flags.nonzero().flatten()
+    if pos.numel() == 0:
+        return None
+    local, index = [], []
+    for held in shard_positions:
+        is_global = flags[held]  # (n_r,)
+        local.append(is_global.nonzero().flatten())
+        index.append(torch.searchsorted(pos, held[is_global]))
+    return GlobalRows(pos, tuple(local), tuple(index))
+
+
+def replace_rows(t: Tensor, local: Tensor, values: Tensor) -> Tensor:
+    """t with rows ``local`` (along dim 2) replaced by ``values``."""
+    return t.index_copy(2, local.to(t.device), values.to(t.dtype))
