@@ -25,6 +25,7 @@ pair's partial is recomputed with autograd, and its gradient flows from the merg
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,8 @@ from torch import Tensor
 from .._validate import _check_tensors, _normalize_bias, _normalize_mask
 from ..bias import Bias
 from ..functional import attention
-from ..masks import Mask
+from ..masks import UNCACHEABLE, Mask
+from ..ops.block_plan import _holds, structure_key
 from ..ops.merge import finite_or_zero, merge
 from ..ops.precision import compute_dtype
 from .comm import DEFAULT_TIMEOUT_S, CommStats, Exchange, check_same_everywhere, digest, world_of
@@ -121,11 +123,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | 
     for check in (mask_n, bias_n):
         if check is not None:
             check.check(q.shape[0], q.shape[1], N, N)
-    main, tokens = without_global_rows(mask_n) if schedule == "mask" else (mask_n, [])
-    held = [positions(layout, r, world, N) for r in range(world)]
-    call = _Call(build(main, layout, world, N, schedule, key_block), rank, group, bias_n, scale, softcap,
-                 impl, timeout_s, stats, (k.shape[0], k.shape[1], k.shape[3], v.shape[3]), mask_n,
-                 global_rows(tokens, held, N), held[rank].to(q.device))
+    plan, rows, held = _schedule(mask_n, layout, world, N, schedule, key_block)
+    call = _Call(plan, rank, group, bias_n, scale, softcap, impl, timeout_s, stats,
+                 (k.shape[0], k.shape[1], k.shape[3], v.shape[3]), mask_n, rows, held[rank].to(q.device))
     out, lse = _ContextParallel.apply(q, k, v, call)
     return (out, lse) if return_lse else out
 
@@ -148,6 +148,28 @@ def _agreed_length(q, k, v, mask, bias, scale, softcap, layout, schedule, key_bl
                          f"shards N={N} over {world} ranks as {want}; cut the sequence with "
                          f"attnkit.distributed.shard(x, rank, world, layout={layout!r})")
     return N
+
+
+SCHEDULE_CACHE_SIZE = 32  # schedules kept (with their masks): one per mask structure, layout and N
+_schedules: OrderedDict = OrderedDict()
+
+
+def _schedule(mask: Mask | None, layout: str, world: int, N: int, schedule: str,
+              key_block: int) -> tuple[Plan, GlobalRows | None, list[Tensor]]:
+    """The plan, the global query rows and every rank's positions, built once per mask structure
+    (``Mask.structure_key``: a model's layers share one) and kept with the mask that made them."""
+    key = (structure_key(mask), layout, world, N, schedule, key_block)
+    if key in _schedules:
+        _schedules.move_to_end(key)
+        return _schedules[key][1]
+    main, tokens = without_global_rows(mask) if schedule == "mask" else (mask, [])
+    held = [positions(layout, r, world, N) for r in range(world)]
+    made = (build(main, layout, world, N, schedule, key_block), global_rows(tokens, held, N), held)
+    if not _holds(key, UNCACHEABLE):
+        _schedules[key] = (mask, made)  # the mask holds the tensors the key names
+        while len(_schedules) > SCHEDULE_CACHE_SIZE:
+            _schedules.popitem(last=False)
+    return made
 
 
 class _ContextParallel(torch.autograd.Function):

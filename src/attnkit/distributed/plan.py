@@ -83,19 +83,13 @@ def _needed_keys(mask: Mask | None, queries: tuple[Run, ...], keys: Run, N: int)
 def _segments(need: torch.Tensor, run: Run, local_start: int, gap: int) -> list[Segment]:
     """The needed keys of ``run`` as segments of consecutive keys; gaps shorter than ``gap`` keys are
     sent too, so a dilated window or nearby global keys make one segment, not one per key."""
-    idx = need.nonzero().flatten().tolist()
-    out: list[Segment] = []
-    if not idx:
-        return out
-    first = last = idx[0]
-    for i in idx[1:] + [None]:
-        if i is not None and i - last <= gap:
-            last = i
-            continue
-        out.append(Segment(local_start + first, run.sub(first, last - first + 1)))
-        if i is not None:
-            first = last = i
-    return out
+    idx = need.nonzero().flatten()  # (m,) needed keys, ascending
+    if idx.numel() == 0:
+        return []
+    cut = ((idx[1:] - idx[:-1]) > gap).nonzero().flatten()  # a segment ends at idx[cut]
+    firsts = torch.cat([idx[:1], idx[cut + 1]]).tolist()
+    lasts = torch.cat([idx[cut], idx[-1:]]).tolist()
+    return [Segment(local_start + f, run.sub(f, l - f + 1)) for f, l in zip(firsts, lasts)]
 
 
 def pair_mask(mask: Mask | None, q: Run, k: Run, N: int) -> Mask | None | str:
