@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bias import Bias, RegionBias
-from ..masks import EMPTY, FULL, Causal, Mask, Region
+from ..masks import EMPTY, FULL, And, Causal, Mask, Not, Or, Region, SlidingWindow
 from .layout import Run, runs
 
 SCHEDULES = ("mask", "ring")
@@ -93,9 +93,9 @@ def _segments(need: torch.Tensor, run: Run, local_start: int, gap: int) -> list[
 
 
 def pair_mask(mask: Mask | None, q: Run, k: Run, N: int) -> Mask | None | str:
-    """The mask of one pair of runs: None when every pair is allowed, ``causal()`` when the
-    region is exactly a causal square (so torch's fused kernels run it), "empty" when none is,
-    else the region of the mask."""
+    """The mask of one pair of runs: None when every pair is allowed, "empty" when none is, the
+    mask itself on a diagonal square of a mask that depends on j - i only (so torch's fused causal
+    kernel or the banded backend run it), else the mask's ``Region``."""
     if mask is None:
         return None
     reg = region(mask, q, k, N)
@@ -104,9 +104,18 @@ def pair_mask(mask: Mask | None, q: Run, k: Run, N: int) -> Mask | None | str:
         return "empty"
     if bool((kinds == FULL).all()):
         return None
-    if isinstance(mask, Causal) and q.step == k.step == 1 and q.start == k.start and q.count == k.count:
-        return Causal()
+    if q.step == k.step == 1 and q.start == k.start and q.count == k.count and _shift_invariant(mask):
+        return mask  # a diagonal square: the mask itself, so sdpa (causal) or banded (windows) can run it
     return reg
+
+
+def _shift_invariant(mask: Mask) -> bool:
+    """True if the mask depends on key minus query position only (causal, windows, their & | ~)."""
+    if isinstance(mask, (Causal, SlidingWindow)):
+        return True
+    if isinstance(mask, (And, Or)):
+        return _shift_invariant(mask.a) and _shift_invariant(mask.b)
+    return isinstance(mask, Not) and _shift_invariant(mask.a)
 
 
 def _local_starts(rs: tuple[Run, ...]) -> list[int]:
