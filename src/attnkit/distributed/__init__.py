@@ -5,7 +5,9 @@ The only subpackage of attnkit that uses ``torch.distributed``. See ``docs/distr
 
 from .comm import CommStats, ContextParallelError
 from .context_parallel import context_parallel_attention
+from .core import ContextParallelAttention, parallelize
 from .layout import LAYOUTS, local_size, positions, runs, shard, unshard
 
 __all__ = ["CommStats", "ContextParallelError", "LAYOUTS", "context_parallel_attention", "local_size",
            "positions", "runs", "shard", "unshard"]
+__all__ += ["ContextParallelAttention", "parallelize"]

@@ -164,16 +164,39 @@ def _check_positional_fits(positional: AttentionPositional | None, num_heads: in
 
 def _check_core_fits(core: nn.Module | None, dropout: float, softcap: float | None,
                      positional: AttentionPositional | None) -> None:
+    """Refuse, at construction (or ``replace_attention``), a layer the core cannot serve.
+
+    An approximate core takes no dropout, softcap or additive bias (ALiBi); an exact core
+    (``core.exact``, e.g. ``attnkit.distributed.ContextParallelAttention``) takes bias and softcap
+    but no dropout; a sharded one (``core.sharded``) no RoPE whose frequencies follow each call's
+    longest position ("dynamic" NTK scaling), which would differ from rank to rank.
+    """
     if core is None:
         return
     if not isinstance(core, nn.Module):
         raise TypeError(f"core must be an nn.Module (an attnkit.approx core), got {type(core).__name__}")
+    name = type(core).__name__
+    if getattr(core, "exact", False):
+        if dropout:
+            raise ValueError(f"core {name}: dropout={dropout} acts on the attention probabilities, and {name} has no "
+                             "dropout; build the layer with dropout=0.0 (the block's dropout on its output stays)")
+        scaling = getattr(positional, "scaling", None)
+        if getattr(core, "sharded", False) and getattr(scaling, "rope_type", None) == "dynamic":
+            raise ValueError(f"core {name}: dynamic NTK RoPE picks its frequencies from each call's largest "
+                             "position, which differs between the ranks of a sharded sequence; use another "
+                             "rope_type, or run the model on one device")
+        return
     if dropout or softcap is not None:
-        raise ValueError(f"core {type(core).__name__}: dropout={dropout} / softcap={softcap} act on attention "
+        raise ValueError(f"core {name}: dropout={dropout} / softcap={softcap} act on attention "
                          "probabilities, which an approximate core never forms; use the block's dropout instead")
     if positional is not None and positional.bias() is not None:
-        raise ValueError(f"core {type(core).__name__}: {type(positional).__name__} is an additive bias, which an "
+        raise ValueError(f"core {name}: {type(positional).__name__} is an additive bias, which an "
                          "approximate core cannot take; use RotaryEmbedding or absolute positions")
+
+
+def _rotates(positional: AttentionPositional | None) -> bool:
+    """True if the positional module turns q and k by their positions (RoPE), so it needs them."""
+    return positional is not None and type(positional).rotate is not AttentionPositional.rotate
 
 
 class MultiHeadAttention(nn.Module):
@@ -199,6 +222,12 @@ class MultiHeadAttention(nn.Module):
             ``attnkit.attention``. A core with ``new_cache()`` decodes with that constant-size state
             (``new_cache``); otherwise a ``KVCache`` holds the keys and the core sees them all.
             A core takes no additive bias (ALiBi), dropout or softcap: refused at construction.
+            An *exact* core (class attribute ``exact = True``; ``forward(q, k, v, *, mask, scale,
+            cache, bias, softcap)``) is handed the layer's bias (the user's plus ALiBi's) and
+            softcap; only dropout is refused. A *sharded* one (``sharded = True``:
+            ``attnkit.distributed.ContextParallelAttention``, x is this rank's shard of one
+            sequence) also refuses ``cache=``, ``new_cache()`` and cross-attention, and with RoPE
+            needs ``positions=`` (the shard's global positions).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
@@ -269,6 +298,8 @@ class MultiHeadAttention(nn.Module):
                 array indices (key j against query i's index, bottom-right aligned), as cached keys
                 do. A batch with padding between real tokens therefore needs its real tokens made
                 contiguous first; ``Encoder`` and ``DecoderLM`` do this (or refuse, with a cache).
+                With a sharded core (context parallelism) they are this rank's tokens' global
+                positions (``core.positions(N)``), required when the positional module rotates.
 
         Returns:
             (B, N, E) in x's dtype.
@@ -276,12 +307,15 @@ class MultiHeadAttention(nn.Module):
         Raises:
             ValueError: x not (B, N, E); memory / value of mismatched shapes; value= without
                 memory=; a bounded cache whose mask reaches a dropped key; a cache filled from
-                another memory; ``attnkit.attention``'s errors (mask, bias, an impl that cannot run).
+                another memory; ``attnkit.attention``'s errors (mask, bias, an impl that cannot run);
+                with a sharded core: cache=, memory= (cross-attention), or no positions= with RoPE.
             TypeError: the wrong kind of cache for self- / cross-attention.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"MultiHeadAttention: expected x of shape (B, N, E={self.embed_dim}), got "
                              f"{tuple(x.shape)}; inputs are batch-first")
+        if getattr(self.core, "sharded", False):
+            self._check_sharded_call(memory, cache, positions)
         q = self._heads(self.q_proj(x), self.num_heads)  # (B, Hq, N, D)
         if memory is None:
             if value is not None:
@@ -304,6 +338,8 @@ class MultiHeadAttention(nn.Module):
     def new_cache(self, window: int | None = None) -> object:
         """This layer's decoding state: the core's own (``KernelState``: constant size) if it has one,
         else a ``KVCache(window)``."""
+        if getattr(self.core, "sharded", False):
+            self._check_sharded_call(None, True, None)
         if self.core is not None and hasattr(self.core, "new_cache"):
             return self.core.new_cache()
         return KVCache(window)
@@ -315,12 +351,34 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{type(self.core).__name__} mixes the queries (its landmarks average them), so in "
                              "cross-attention each target token would see later target tokens; use it for "
                              "self-attention only, or another core (Performer, linear, Linformer) here")
+        state = None if cache is None or isinstance(cache, (KVCache, MemoryKVCache)) else cache
+        if getattr(self.core, "exact", False):  # exact softmax attention: the layer's bias and softcap too
+            out = self.core(q, k, v, mask=mask, scale=self.scale, cache=state,
+                            bias=bias if cross else self._bias(bias), softcap=self.softcap)  # (B, Hq, N, Dv)
+            return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
         if bias is not None:
             raise ValueError(f"MultiHeadAttention with core {type(self.core).__name__}: bias= given, but an "
                              "approximate core takes no additive bias; use RoPE or absolute positions")
-        state = None if cache is None or isinstance(cache, (KVCache, MemoryKVCache)) else cache
         out = self.core(q, k, v, mask=mask, scale=self.scale, cache=state)  # (B, Hq, N, Dv)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, N, E)
+
+    def _check_sharded_call(self, memory: Tensor | None, cache: object, positions: Tensor | None) -> None:
+        """A sharded core (context parallelism): x is this rank's shard of one sequence, so refuse
+        what needs the whole sequence here (decoding, cross-attention) or silently misplaces it."""
+        name = type(self.core).__name__
+        if cache is not None:
+            raise ValueError(f"MultiHeadAttention with core {name}: a KV cache (decoding) was asked for, but the "
+                             "sequence is sharded across ranks; context parallelism is for training and prefill of "
+                             "long sequences. Decode on one device: attnkit.approx.replace_attention(model, None) "
+                             "puts exact attention back")
+        if memory is not None:
+            raise ValueError(f"MultiHeadAttention with core {name}: memory= given (cross-attention), but the core "
+                             "attends within one sharded sequence (self-attention); keep exact attention in "
+                             "cross-attention layers")
+        if positions is None and _rotates(self.positional):
+            raise ValueError(f"MultiHeadAttention with core {name}: {type(self.positional).__name__} needs the global "
+                             "positions of this rank's tokens; pass positions=core.positions(N) "
+                             "(attnkit.distributed.positions(layout, rank, world, N))")
 
     def _owns_state(self, cache: object) -> bool:
         """A cache made by this layer's core (its recurrent state), not a KVCache (a core whose

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..masks import And, Causal, KeyPadding, Mask, Not, Or, SlidingWindow, causal, key_padding
 from .attention import KVCache, MultiHeadAttention
 from .block import BlockCache, Context
-from .positional import LearnedPositionalEmbedding
+from .positional import LearnedPositionalEmbedding, _positions
 
 
 class TokenEmbeddings(nn.Module):
@@ -194,6 +194,32 @@ def _distance_biases(model: nn.Module) -> list[str]:
             if isinstance(m, MultiHeadAttention) and m.positional is not None and m.positional.bias() is not None]
 
 
+def _sharded(blocks: Sequence[nn.Module]) -> bool:
+    """True if a block's self-attention has a sharded core (context parallelism: each rank runs a
+    shard of the sequence, so the model cannot number its tokens 0..N-1 itself)."""
+    return any(getattr(getattr(getattr(b, "attn", None), "core", None), "sharded", False) for b in blocks)
+
+
+def _explicit_positions(owner: str, positions: Tensor | None, blocks: Sequence[nn.Module], input_ids: Tensor,
+                        attention_mask: Tensor | None, cache: object = None) -> Tensor | None:
+    """Check the caller's ``positions`` (N,) / (B, N) for the tokens of ``input_ids`` (B, N); with a
+    sharded core they are required, since a rank's tokens are not 0..n-1 of the sequence."""
+    if positions is None:
+        if _sharded(blocks):
+            raise ValueError(f"{owner}: its attention is sharded across ranks (context parallelism), so pass "
+                             "positions= (n,), the global positions of this rank's tokens: core.positions(N) or "
+                             "attnkit.distributed.positions(layout, rank, world, N)")
+        return None
+    if attention_mask is not None or cache is not None:
+        raise ValueError(f"{owner}: positions= places the tokens itself; with attention_mask= (padding) or cache= "
+                         "the model places them from the padding / the cache. Give positions= alone (no padding, "
+                         "no cache), or leave it out")
+    if not isinstance(positions, Tensor):
+        raise TypeError(f"{owner}: positions must be an integer tensor (N,) or (B, N), got {type(positions).__name__}")
+    B, N = input_ids.shape[0], input_ids.shape[-1]
+    return _positions(positions, B, N, input_ids.device)  # checks integers, shape (N,) / (B, N), >= 0
+
+
 def _check_position_budget(embeddings: nn.Module, longest: int, max_new_tokens: int, owner: str) -> None:
     """Before decoding: a learned position table must hold every position generation will feed.
 
@@ -235,7 +261,8 @@ class Encoder(nn.Module):
         self.embeddings, self.blocks, self.norm, self.mask = embeddings, nn.ModuleList(blocks), norm, mask
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                token_type_ids: Tensor | None = None, return_all: bool = False) -> Tensor | list[Tensor]:
+                token_type_ids: Tensor | None = None, return_all: bool = False,
+                positions: Tensor | None = None) -> Tensor | list[Tensor]:
         """Encode token ids: (B, N) -> hidden states (B, N, E).
 
         Args:
@@ -246,6 +273,10 @@ class Encoder(nn.Module):
             token_type_ids: (B, N) segment ids, for embeddings with token types (BERT).
             return_all: return [embeddings, after block 1, ..., after the last block (normed)],
                 each (B, N, E), like HF's ``hidden_states``.
+            positions: (N,) or (B, N) integer positions of the tokens (default 0..N-1), read by the
+                absolute encoding and RoPE; required when the attention is sharded across ranks
+                (``attnkit.distributed.parallelize``: this rank's global positions). Not with
+                ``attention_mask``.
 
         Returns:
             (B, N, E) in the model's dtype (or the list above). Rows of padding tokens are computed
@@ -253,18 +284,20 @@ class Encoder(nn.Module):
 
         Raises:
             ValueError: attention_mask not of shape (B, N) or holding values other than 0 and 1;
-                ids outside the vocabulary.
+                ids outside the vocabulary; positions not (N,) / (B, N) integers >= 0, given with
+                attention_mask, or missing with sharded attention.
         """
+        positions = _explicit_positions("Encoder", positions, self.blocks, input_ids, attention_mask)
         valid = _valid_tokens(attention_mask, tuple(input_ids.shape), device=input_ids.device)
         order = None if valid is None else _real_first(valid)
         if order is not None:  # real tokens first: each one's index is then its position
             input_ids, valid = input_ids.gather(1, order), valid.gather(1, order)
             if token_type_ids is not None:
                 token_type_ids = token_type_ids.gather(1, order.to(token_type_ids.device))
-        x = self.embeddings(input_ids, token_type_ids)  # (B, N, E)
+        x = self.embeddings(input_ids, token_type_ids, **({} if positions is None else {"offset": positions}))
         padding = None if valid is None else key_padding(valid.sum(-1))  # a prefix now: lengths (B,)
         mask = padding if self.mask is None else self.mask if padding is None else self.mask & padding
-        ctx = Context(mask=mask)
+        ctx = Context(mask=mask, positions=positions)
         states = [x]
         for block in self.blocks:
             x = block(x, ctx)
@@ -311,7 +344,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 cache: list[BlockCache] | None = None, memory: Tensor | None = None,
-                memory_mask: Mask | Tensor | None = None) -> Tensor:
+                memory_mask: Mask | Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """Next-token logits: input_ids (B, N) -> logits (B, N, V).
 
         Args:
@@ -326,6 +359,10 @@ class DecoderLM(nn.Module):
             cache: ``model.new_cache()``, updated in place (KV-cache decoding).
             memory: (B, S, E) the encoder's output, for blocks with cross-attention.
             memory_mask: the cross-attention mask over (N, S), e.g. ``ak.key_padding(source_mask)``.
+            positions: (N,) or (B, N) integer positions of the tokens (default 0..N-1, or after
+                the cached ones), read by the absolute encoding and RoPE. Required when the
+                attention is sharded across ranks (``attnkit.distributed.parallelize``): this
+                rank's tokens' global positions. Not with ``attention_mask`` or ``cache``.
 
         Returns:
             (B, N, V) logits in the LM head's dtype.
@@ -335,11 +372,13 @@ class DecoderLM(nn.Module):
                 cache, padding the model cannot place (between real tokens with ALiBi or a window;
                 before them with a mask that picks absolute indices); a cache of another model; a
                 bounded cache whose mask would reach a dropped key; blocks with cross-attention but
-                no memory.
+                no memory; positions not (N,) / (B, N) integers >= 0, given with attention_mask or
+                cache, or missing with sharded attention.
         """
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} entries for {len(self.blocks)} blocks; use model.new_cache()")
         B, N = input_ids.shape[0], input_ids.shape[-1]
+        given = _explicit_positions("DecoderLM", positions, self.blocks, input_ids, attention_mask, cache)
         offset = 0 if cache is None else cache[0].self_attn.position
         stored = 0 if cache is None else len(cache[0].self_attn)
         valid = _valid_tokens(attention_mask, (B, offset + N), device=self.lm_head.weight.device,
@@ -347,7 +386,7 @@ class DecoderLM(nn.Module):
                                        f"({offset}) and new ({N})")
         order = None
         if valid is None:
-            positions, mask = None, self.mask
+            positions, mask = given, self.mask
         elif cache is None:
             order = _real_first(valid)
             if order is not None:  # real tokens first: each one's index is then its position
