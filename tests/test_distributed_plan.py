@@ -134,7 +134,7 @@ def test_layout_errors():
         L.unshard([torch.zeros(1, 5, 2), torch.zeros(1, 3, 2)], dim=1, layout="contiguous")
 
 
-@pytest.mark.parametrize("name", ["causal", "window", "window|global", "document"])
+@pytest.mark.parametrize("name", ["causal", "window", "window|global", "document", "padding", "dilated"])
 def test_pair_mask_equals_the_region_truth(name):
     """pair_mask's shortcuts (None when full, causal() on a diagonal square, "empty") agree with the
     mask's truth on the pair's rows and keys, for runs in every relative position."""

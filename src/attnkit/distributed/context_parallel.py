@@ -164,7 +164,7 @@ def _schedule(mask: Mask | None, layout: str, world: int, N: int, schedule: str,
         return _schedules[key][1]
     main, tokens = without_global_rows(mask) if schedule == "mask" else (mask, [])
     held = [positions(layout, r, world, N) for r in range(world)]
-    made = (build(main, layout, world, N, schedule, key_block), global_rows(tokens, held, N), held)
+    made = (build(main, layout, world, N, schedule, key_block, compute=mask), global_rows(tokens, held, N), held)
     if not _holds(key, UNCACHEABLE):
         _schedules[key] = (mask, made)  # the mask holds the tensors the key names
         while len(_schedules) > SCHEDULE_CACHE_SIZE:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..bias import Bias, RegionBias
-from ..masks import EMPTY, FULL, And, Causal, Mask, Not, Or, Region, SlidingWindow
+from ..masks import EMPTY, FULL, And, Causal, Dense, Document, GlobalTokens, KeyPadding, Mask, Not, Or, Region, SlidingWindow
 from .layout import Run, runs
 
 SCHEDULES = ("mask", "ring")
@@ -92,30 +92,52 @@ def _segments(need: torch.Tensor, run: Run, local_start: int, gap: int) -> list[
     return [Segment(local_start + f, run.sub(f, l - f + 1)) for f, l in zip(firsts, lasts)]
 
 
-def pair_mask(mask: Mask | None, q: Run, k: Run, N: int) -> Mask | None | str:
-    """The mask of one pair of runs: None when every pair is allowed, "empty" when none is, the
-    mask itself on a diagonal square of a mask that depends on j - i only (so torch's fused causal
-    kernel or the banded backend run it), else the mask's ``Region``."""
+def pair_mask(mask: Mask | None, q: Run, k: Run, N: int, compute: Mask | None = None) -> Mask | None | str:
+    """The mask of one pair of runs: None when every pair is allowed, "empty" when none is, a plain
+    mask on a diagonal square (``_on_diagonal``: sdpa's causal kernel or banded can run it), else a
+    ``Region``. ``mask`` classifies; the pair runs with ``compute`` (default: ``mask``), which must
+    agree with it on every row whose result is kept (``global_rows.py``: the original mask, whose
+    global rows are recomputed apart)."""
     if mask is None:
         return None
-    reg = region(mask, q, k, N)
-    kinds = reg.block_kinds(q.count, k.count, q.count, k.count)  # (Bm, Hm, 1, 1): the pair as one tile
+    compute = mask if compute is None else compute
+    kinds = region(mask, q, k, N).block_kinds(q.count, k.count, q.count, k.count)  # (Bm, Hm, 1, 1): one tile
     if bool((kinds == EMPTY).all()):
         return "empty"
     if bool((kinds == FULL).all()):
         return None
-    if q.step == k.step == 1 and q.start == k.start and q.count == k.count and _shift_invariant(mask):
-        return mask  # a diagonal square: the mask itself, so sdpa (causal) or banded (windows) can run it
-    return reg
+    if q.step == k.step == 1 and q.start == k.start and q.count == k.count:
+        local = _on_diagonal(compute, q.start, q.count, N)
+        if local is not None:
+            return local
+    return region(compute, q, k, N)
 
 
-def _shift_invariant(mask: Mask) -> bool:
-    """True if the mask depends on key minus query position only (causal, windows, their & | ~)."""
-    if isinstance(mask, (Causal, SlidingWindow)):
-        return True
-    if isinstance(mask, (And, Or)):
-        return _shift_invariant(mask.a) and _shift_invariant(mask.b)
-    return isinstance(mask, Not) and _shift_invariant(mask.a)
+def _on_diagonal(m: Mask, start: int, n: int, N: int) -> Mask | None:
+    """The mask on the diagonal square [start, start + n)^2 of its (N, N) problem as a plain (n, n)
+    mask (windows and causal as they are, positions and ids sliced), or None if some part cannot."""
+    if isinstance(m, (Causal, SlidingWindow)):
+        return m
+    if isinstance(m, (And, Or)):
+        a, b = _on_diagonal(m.a, start, n, N), _on_diagonal(m.b, start, n, N)
+        return None if a is None or b is None else type(m)(a, b)
+    if isinstance(m, Not):
+        a = _on_diagonal(m.a, start, n, N)
+        return None if a is None else Not(a)
+    if isinstance(m, GlobalTokens):
+        if m.flags is not None:
+            return GlobalTokens(None, m.flags[:, start:start + n])
+        idx = m.indices
+        return GlobalTokens(idx[(idx >= start) & (idx < start + n)] - start, None)
+    if isinstance(m, KeyPadding):
+        if m.valid is not None:
+            return KeyPadding(None, m.valid[:, start:start + n])
+        return KeyPadding((m.lengths - start).clamp(0, n), None)
+    if isinstance(m, Document):
+        return Document(m.values[:, start:start + n])
+    if isinstance(m, Dense):
+        return Dense(m._full(N, N)[:, :, start:start + n, start:start + n])
+    return None
 
 
 def _local_starts(rs: tuple[Run, ...]) -> list[int]:
@@ -123,8 +145,9 @@ def _local_starts(rs: tuple[Run, ...]) -> list[int]:
 
 
 def build(mask: Mask | None, layout: str, world: int, N: int, schedule: str = "mask",
-          key_block: int = KEY_BLOCK) -> Plan:
-    """The plan every rank computes (identically) for a call. ``schedule="ring"`` sends every key."""
+          key_block: int = KEY_BLOCK, compute: Mask | None = None) -> Plan:
+    """The plan every rank computes (identically) for a call. ``schedule="ring"`` sends every key.
+    ``mask`` decides what is sent and which pairs run; the pairs run with ``compute`` (``pair_mask``)."""
     held = [runs(layout, r, world, N) for r in range(world)]
     starts = [_local_starts(h) for h in held]
     sends = [[() for _ in range(world)] for _ in range(world)]
@@ -139,18 +162,18 @@ def build(mask: Mask | None, layout: str, world: int, N: int, schedule: str = "m
                     segs += _segments(_needed_keys(mask, held[dst], run, N), run, start, key_block)
             if src != dst:
                 sends[src][dst] = tuple(segs)
-            pairs[dst][src] = tuple(_pairs(mask, held[dst], starts[dst], segs, N))
+            pairs[dst][src] = tuple(_pairs(mask, held[dst], starts[dst], segs, N, compute))
     return Plan(world, N, tuple(map(tuple, sends)), tuple(map(tuple, pairs)))
 
 
 def _pairs(mask: Mask | None, queries: tuple[Run, ...], q_starts: list[int], segs: list[Segment],
-           N: int) -> list[Pair]:
+           N: int, compute: Mask | None) -> list[Pair]:
     """The non-empty (query run, key segment) pairs, keys indexed in the order the segments arrive."""
     out, k_start = [], 0
     for seg in segs:
         for q, q_start in zip(queries, q_starts):
             if q.count:
-                m = pair_mask(mask, q, seg.run, N)
+                m = pair_mask(mask, q, seg.run, N, compute)
                 if m != "empty":
                     out.append(Pair(q_start, q, k_start, seg.run, m))
         k_start += seg.run.count
