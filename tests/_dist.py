@@ -12,6 +12,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -54,9 +55,9 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 120.0, threads: int = 1,
               allow_errors: bool = False) -> list:
     """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run in its own process.
 
-    Raises RankError if a rank raised (``allow_errors=True`` returns the RankError's content
-    instead: a list holding each rank's result or its ``("error", traceback)``), TimeoutError if a
-    rank neither answered nor raised within ``timeout_s``.
+    Raises RankError if a rank raised or died without answering (``allow_errors=True`` returns the
+    RankError's content instead: a list holding each rank's result or its ``("error", traceback)``),
+    TimeoutError if a rank neither answered, raised nor died within ``timeout_s``.
     """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -66,13 +67,23 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 120.0, threads: int = 1,
     for p in procs:
         p.start()
     results, errors = {}, {}
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world):
-            rank, status, value = out.get(timeout=timeout_s)
-            (results if status == "ok" else errors)[rank] = value
-    except queue.Empty:
-        missing = sorted(set(range(world)) - set(results) - set(errors))
-        raise TimeoutError(f"ranks {missing} gave no answer within {timeout_s} s; errors so far: {errors}") from None
+        while len(results) + len(errors) < world:
+            try:
+                rank, status, value = out.get(timeout=0.5)
+                (results if status == "ok" else errors)[rank] = value
+                continue
+            except queue.Empty:
+                pass
+            silent = set(range(world)) - set(results) - set(errors)
+            dead = {r: procs[r].exitcode for r in silent if procs[r].exitcode not in (None, 0)}
+            if dead and out.empty():  # died without answering (gloo aborts a process on some errors)
+                for r, code in dead.items():
+                    errors[r] = f"rank {r} died with exit code {code} without answering"
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(silent)} gave no answer within {timeout_s} s; errors so far: "
+                                   f"{errors}")
     finally:
         for p in procs:
             p.join(timeout=10)

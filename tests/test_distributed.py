@@ -522,9 +522,6 @@ def test_stalled_peer_times_out(failing):
     assert "rank 0" in msg and "peer" in msg and "3 s" in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (distributed/comm.py check_same_everywhere): a peer that never "
-                   "calls is reported as 'peer all', not by its rank, though docs/distributed.md promises the "
-                   "peer is named; e.g. record each rank's arrival in the store and name the missing ones")
 def test_stalled_peer_is_named(failing):
     for step in ("stall", "raised peer"):
         msg = failing[0][step][1]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_TIMEOUT_S = 300.0
+TAG_CHECK = 10  # the call's first messages: each rank's shapes and checksums
 
 
 class ContextParallelError(RuntimeError):
@@ -80,7 +81,8 @@ class Exchange:
         try:
             works = dist.batch_isend_irecv(ops)
         except Exception as err:  # a closed connection can surface here already
-            raise _fail(self.rank, f"posting {self.what}", [p for _, p, _ in peers], self.timeout_s, err) from err
+            raise _fail(self.rank, f"posting {self.what}", sorted({p for _, p, _ in peers}), self.timeout_s,
+                        err) from err
         for (kind, peer, t), work in zip(peers, works):
             if kind == "send":
                 self._sent.append((peer, work))
@@ -133,18 +135,17 @@ def digest(obj) -> float:
 
 def check_same_everywhere(group, rank: int, world: int, fields: dict[str, float], device,
                           timeout_s: float, per_rank: tuple[str, ...] = ()) -> list[dict[str, float]]:
-    """All-gather ``fields`` and raise ValueError on every rank (the same message) if any field
-    differs across ranks, except those named in ``per_rank`` (gathered, not compared). Returns
-    every rank's fields."""
+    """Exchange ``fields`` with every peer (point to point, so a peer that never answers is named)
+    and raise ValueError on every rank (the same message) if any field differs across ranks, except
+    those named in ``per_rank`` (exchanged, not compared). Returns every rank's fields."""
     names = list(fields)
     mine = torch.tensor([fields[n] for n in names], dtype=torch.float64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    try:
-        work = dist.all_gather(gathered, mine, group=group, async_op=True)
-        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-    except Exception as err:
-        raise _fail(rank, "gathering every rank's shapes and mask", "all", timeout_s, err) from err
-    table = [dict(zip(names, g.tolist())) for g in gathered]
+    ex = Exchange(group, rank, timeout_s, None, "every rank's shapes and mask", TAG_CHECK)
+    ex.post({r: mine for r in range(world) if r != rank},
+            {r: torch.empty_like(mine) for r in range(world) if r != rank})
+    rows = [mine if r == rank else ex.recv(r) for r in range(world)]
+    ex.finish()
+    table = [dict(zip(names, row.tolist())) for row in rows]
     for n in names:
         if n in per_rank:
             continue
