@@ -115,30 +115,35 @@ class Exchange:
         self._sent = []
 
 
-def digest(obj) -> float:
-    """A number equal on every rank for equal masks / biases / values (a content checksum: types and
-    scalars by CRC32 of their repr, tensors by a position-weighted sum of their values)."""
+def digest(obj, crc: int = 0) -> int:
+    """A CRC32 equal on every rank for equal masks / biases / values: over the types, the scalars'
+    reprs and the tensors' dtypes, shapes and bytes (a device tensor is copied to the host once)."""
     if obj is None:
-        return 0.0
+        return zlib.crc32(b"None", crc)
     if isinstance(obj, Tensor):
-        t = obj.detach().flatten().double()
-        w = torch.arange(1, t.numel() + 1, device=t.device, dtype=torch.float64).remainder_(1009).add_(1)
-        return float((t.nan_to_num(posinf=1e300, neginf=-1e300) * w).sum()) + 7.0 * t.numel()
+        t = obj.detach().contiguous()
+        crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
+        return zlib.crc32(t.flatten().view(torch.uint8).cpu().numpy().tobytes(), crc) if t.numel() else crc
     if dataclasses.is_dataclass(obj):
-        parts = [float(zlib.crc32(type(obj).__name__.encode()))]
-        parts += [digest(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
-        return sum(p * (i + 1) for i, p in enumerate(parts))
+        crc = zlib.crc32(type(obj).__name__.encode(), crc)
+        for f in dataclasses.fields(obj):
+            crc = digest(getattr(obj, f.name), crc)
+        return crc
     if isinstance(obj, (tuple, list)):
-        return sum(digest(x) * (i + 1) for i, x in enumerate(obj)) + 3.0 * len(obj)
-    return float(zlib.crc32(repr(obj).encode()))
+        for x in obj:
+            crc = digest(x, zlib.crc32(b",", crc))
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
 
 
 def check_same_everywhere(group, rank: int, world: int, fields: dict[str, float], device,
-                          timeout_s: float, per_rank: tuple[str, ...] = ()) -> list[dict[str, float]]:
+                          timeout_s: float, per_rank: tuple[str, ...] = (),
+                          names: dict[str, tuple] | None = None) -> list[dict[str, float]]:
     """Exchange ``fields`` with every peer (point to point, so a peer that never answers is named)
     and raise ValueError on every rank (the same message) if any field differs across ranks, except
-    those named in ``per_rank`` (exchanged, not compared). Returns every rank's fields."""
-    names = list(fields)
+    those named in ``per_rank`` (exchanged, not compared); ``names[field]`` spells a coded field's
+    values in the message. Returns every rank's fields."""
+    names, labels = list(fields), names or {}
     mine = torch.tensor([fields[n] for n in names], dtype=torch.float64, device=device)
     ex = Exchange(group, rank, timeout_s, None, "every rank's shapes and mask", TAG_CHECK)
     ex.post({r: mine for r in range(world) if r != rank},
@@ -151,7 +156,8 @@ def check_same_everywhere(group, rank: int, world: int, fields: dict[str, float]
             continue
         values = [row[n] for row in table]
         if any(v != values[0] for v in values):
-            shown = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(values))
+            shown = ", ".join(f"rank {r}: {labels[n][int(v)] if n in labels else f'{v:g}'}"
+                              for r, v in enumerate(values))
             raise ValueError(f"context_parallel_attention: {n} differs across ranks ({shown}); every rank must "
                              f"call with the same {n} (its shard of one problem, the same mask, bias and layout)")
     return table

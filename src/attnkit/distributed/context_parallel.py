@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._validate import _check_tensors, _normalize_bias, _normalize_mask
+from .._dispatch import check_impl_name
+from .._validate import _normalize_bias, _normalize_mask, validate
+from ..bias import row_stabilized
 from ..bias import Bias
 from ..functional import attention
 from ..masks import UNCACHEABLE, Mask
@@ -39,7 +41,7 @@ from ..ops.block_plan import _holds, structure_key
 from ..ops.merge import finite_or_zero, merge
 from ..ops.precision import compute_dtype
 from .comm import DEFAULT_TIMEOUT_S, CommStats, Exchange, check_same_everywhere, digest, world_of
-from .global_rows import GlobalRows, global_rows, replace_rows, without_global_rows
+from .global_rows import GlobalRows, frozen, global_rows, replace_rows, without_global_rows
 from .layout import LAYOUTS, check_layout, local_size, positions
 from .plan import KEY_BLOCK, SCHEDULES, Plan, Segment, build, region_bias
 
@@ -107,13 +109,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | 
             (not supported) or a bias that requires grad.
     """
     rank, world = world_of(group)
-    _check_tensors(q, k, v)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"context_parallel_attention: q holds {q.shape[2]} positions but k {k.shape[2]}; it is "
-                         "self-attention over one sharded sequence (the same positions for q, k and v)")
-    check_layout(layout)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: choose 'mask' (mask-aware) or 'ring' (every key to every rank)")
+    _check_local_call(q, k, v, scale, softcap, layout, schedule, impl, timeout_s, key_block)
     mask_n, bias_n = _normalize_mask(mask), _normalize_bias(bias, q)
     if bias_n is not None and bias_n.requires_grad():
         raise ValueError("context_parallel_attention: the bias requires grad, which the distributed backward "
@@ -123,11 +119,36 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | 
     for check in (mask_n, bias_n):
         if check is not None:
             check.check(q.shape[0], q.shape[1], N, N)
+    bias_n, shift = row_stabilized(bias_n, mask_n, N, N, q.device)  # rows whose visible bias is all huge
     plan, rows, held = _schedule(mask_n, layout, world, N, schedule, key_block)
     call = _Call(plan, rank, group, bias_n, scale, softcap, impl, timeout_s, stats,
-                 (k.shape[0], k.shape[1], k.shape[3], v.shape[3]), mask_n, rows, held[rank].to(q.device))
+                 (k.shape[0], k.shape[1], k.shape[3], v.shape[3]), plan.compute, rows, held[rank].to(q.device))
     out, lse = _ContextParallel.apply(q, k, v, call)
+    if shift is not None:  # the partials merged with the shifted rows; the lse returned is the true one
+        mine = shift if shift.shape[-1] == 1 else shift[:, :, call.key_positions.to(shift.device)]
+        lse = lse + mine.to(lse.dtype).clamp(torch.finfo(lse.dtype).min, torch.finfo(lse.dtype).max)
     return (out, lse) if return_lse else out
+
+
+def _check_local_call(q, k, v, scale, softcap, layout, schedule, impl, timeout_s, key_block) -> None:
+    """Everything a rank can check alone, before it sends anything (a rank that raises later would
+    leave messages in flight and the group unusable)."""
+    validate(q, k, v, scale=scale, softcap=softcap)  # shapes, dtypes, scale, softcap: ak.attention's checks
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"context_parallel_attention: q holds {q.shape[2]} positions but k {k.shape[2]}; it is "
+                         "self-attention over one sharded sequence (the same positions for q, k and v)")
+    check_layout(layout)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose 'mask' (mask-aware) or 'ring' (every key to every rank)")
+    check_impl_name(impl)
+    if impl == "banded":
+        raise ValueError("impl='banded' cannot run a shard pair: its mask is a Region of yours, outside the "
+                         "Longformer family banded parses; use impl='auto' (it takes banded for the diagonal "
+                         "squares it can run) or 'tiled'")
+    if isinstance(key_block, bool) or not isinstance(key_block, int) or key_block < 1:
+        raise ValueError(f"key_block must be an int >= 1 (keys), got {key_block!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
 
 
 def _agreed_length(q, k, v, mask, bias, scale, softcap, layout, schedule, key_block, group, rank, world,
@@ -135,11 +156,12 @@ def _agreed_length(q, k, v, mask, bias, scale, softcap, layout, schedule, key_bl
     """Check every rank called alike (one all-gather) and return N; raise, the same on every rank."""
     fields = {"batch size B": q.shape[0], "query heads Hq": q.shape[1], "kv heads Hkv": k.shape[1],
               "head dim D": q.shape[3], "value dim Dv": v.shape[3], "dtype": _DTYPES.index(q.dtype),
-              "mask": digest(mask), "bias": digest(bias), "scale": -1.0 if scale is None else float(scale),
+              "mask (checksum)": digest(mask), "bias (checksum)": digest(bias), "scale": -1.0 if scale is None else float(scale),
               "softcap": -1.0 if softcap is None else float(softcap), "layout": LAYOUTS.index(layout),
               "schedule": SCHEDULES.index(schedule), "key_block": key_block, "n": q.shape[2]}
     device = q.device if q.device.type == "cuda" else "cpu"
-    table = check_same_everywhere(group, rank, world, fields, device, timeout_s, per_rank=("n",))
+    table = check_same_everywhere(group, rank, world, fields, device, timeout_s, per_rank=("n",),
+                                  names={"dtype": _DTYPES, "layout": LAYOUTS, "schedule": SCHEDULES})
     sizes = [int(row["n"]) for row in table]
     N = sum(sizes)
     want = [local_size(layout, r, world, N) for r in range(world)]
@@ -157,11 +179,14 @@ _schedules: OrderedDict = OrderedDict()
 def _schedule(mask: Mask | None, layout: str, world: int, N: int, schedule: str,
               key_block: int) -> tuple[Plan, GlobalRows | None, list[Tensor]]:
     """The plan, the global query rows and every rank's positions, built once per mask structure
-    (``Mask.structure_key``: a model's layers share one) and kept with the mask that made them."""
+    (``Mask.structure_key``: a model's layers share one) and kept with the mask that made them. The
+    key names small CPU tensors (lengths, indices) by content: the plan is built from a copy of them
+    (``frozen``), so a later call with equal values reuses it even if the first tensor was refilled."""
     key = (structure_key(mask), layout, world, N, schedule, key_block)
     if key in _schedules:
         _schedules.move_to_end(key)
         return _schedules[key][1]
+    mask = frozen(mask)  # the plan's pairs read the mask later: not a tensor the caller may refill
     main, tokens = without_global_rows(mask) if schedule == "mask" else (mask, [])
     held = [positions(layout, r, world, N) for r in range(world)]
     made = (build(main, layout, world, N, schedule, key_block, compute=mask), global_rows(tokens, held, N), held)
@@ -422,13 +447,15 @@ def _global_backward(q_global, k, v, extra, call: _Call, dq, dk, dv) -> None:
     ct, Dv = dq.dtype, v.shape[3]
     whole = _gathered(extra[1], extra[0], call)  # (B, Hq, G, 2 Dv + 2)
     d_out, out, lse, d_lse = whole[..., :Dv], whole[..., Dv:2 * Dv], whole[..., -2], whole[..., -1]
-    with torch.enable_grad():
-        qg, kk, vv = (t.detach().requires_grad_() for t in (q_global, k, v))
-        o, l = _global_partial(qg, kk, vv, call)
-    w = torch.exp(l.detach().to(ct) - finite_or_zero(lse))  # (B, Hq, G)
-    g_lse = w * ((d_out * (o.detach().to(ct) - out)).sum(-1) + d_lse)
-    dqg, dkk, dvv = torch.autograd.grad((o, l), (qg, kk, vv), ((w.unsqueeze(-1) * d_out).to(o.dtype),
-                                                              g_lse.to(l.dtype)), allow_unused=True)
+    dqg = dkk = dvv = None
+    if k.shape[2]:  # a rank holding no keys adds nothing (and its empty lse has no graph)
+        with torch.enable_grad():
+            qg, kk, vv = (t.detach().requires_grad_() for t in (q_global, k, v))
+            o, l = _global_partial(qg, kk, vv, call)
+        w = torch.exp(l.detach().to(ct) - finite_or_zero(lse))  # (B, Hq, G)
+        g_lse = w * ((d_out * (o.detach().to(ct) - out)).sum(-1) + d_lse)
+        dqg, dkk, dvv = torch.autograd.grad((o, l), (qg, kk, vv), ((w.unsqueeze(-1) * d_out).to(o.dtype),
+                                                                  g_lse.to(l.dtype)), allow_unused=True)
     dk += 0 if dkk is None else dkk.to(ct)
     dv += 0 if dvv is None else dvv.to(ct)
     dqg = torch.zeros_like(q_global, dtype=ct) if dqg is None else dqg.to(ct)

@@ -14,12 +14,13 @@ attention, computed where the keys live):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..masks import And, GlobalTokens, Mask, Not, Or, Tiling, _kinds, _per_tile_bits, _tile_offsets
+from ..masks import And, GlobalTokens, Mask, Not, Or, Tiling, _kinds, _per_tile_bits, _tile_offsets, tensor_key
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +50,22 @@ class GlobalKeys(Mask):
 
     def __repr__(self) -> str:
         return f"global_keys({self.tokens!r})"
+
+
+def frozen(mask: Mask | None) -> Mask | None:
+    """The mask with each tensor a cache key names by content (``masks.tensor_key``: small CPU
+    integer or bool tensors) copied, so what was built from it cannot change if the caller refills
+    the original in place; other tensors are keyed by identity and version, and kept."""
+    if mask is None:
+        return None
+    changes = {}
+    for f in dataclasses.fields(mask):
+        x = getattr(mask, f.name)
+        if isinstance(x, Mask):
+            changes[f.name] = frozen(x)
+        elif isinstance(x, Tensor) and tensor_key(x)[0] == "values":
+            changes[f.name] = x.clone()
+    return dataclasses.replace(mask, **changes) if changes else mask
 
 
 def without_global_rows(mask: Mask | None) -> tuple[Mask | None, list[GlobalTokens]]:

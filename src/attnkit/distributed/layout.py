@@ -55,6 +55,11 @@ def _split(total: int, parts: int) -> list[int]:
 def runs(layout: str, rank: int, world: int, N: int) -> tuple[Run, ...]:
     """The runs of positions rank ``rank`` of ``world`` holds of a sequence of N, in local order."""
     check_layout(layout)
+    for name, x, lo in (("world", world, 1), ("N", N, 0)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     if layout == "striped":
         return (Run(rank, len(range(rank, N, world)), world),)
     parts = world if layout == "contiguous" else 2 * world
@@ -85,6 +90,8 @@ def shard(x: Tensor, rank: int, world: int, *, dim: int = -2, layout: str = "zig
 def unshard(shards: list[Tensor], *, dim: int = -2, layout: str = "zigzag") -> Tensor:
     """The whole-sequence tensor from every rank's shard (``shards[r]`` from rank r), undoing ``shard``."""
     world = len(shards)
+    if not world:
+        raise ValueError("unshard: no shards given; pass one tensor per rank, rank 0 first")
     N = sum(s.shape[dim] for s in shards)
     for r, s in enumerate(shards):
         want = local_size(layout, r, world, N)

@@ -51,6 +51,7 @@ class Plan:
 
     world: int
     N: int
+    compute: Mask | None  # the mask the pairs run with (see build)
     sends: tuple[tuple[tuple[Segment, ...], ...], ...]
     pairs: tuple[tuple[tuple[Pair, ...], ...], ...]
 
@@ -163,7 +164,7 @@ def build(mask: Mask | None, layout: str, world: int, N: int, schedule: str = "m
             if src != dst:
                 sends[src][dst] = tuple(segs)
             pairs[dst][src] = tuple(_pairs(mask, held[dst], starts[dst], segs, N, compute))
-    return Plan(world, N, tuple(map(tuple, sends)), tuple(map(tuple, pairs)))
+    return Plan(world, N, mask if compute is None else compute, tuple(map(tuple, sends)), tuple(map(tuple, pairs)))
 
 
 def _pairs(mask: Mask | None, queries: tuple[Run, ...], q_starts: list[int], segs: list[Segment],
