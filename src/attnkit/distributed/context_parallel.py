@@ -105,8 +105,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | 
     Raises:
         ContextParallelError: torch.distributed not initialized; a peer raised, died or timed out.
         ValueError / TypeError: shapes, dtypes, mask, bias, layout or schedule that differ across ranks
-            (named, with every rank's value) or do not fit; n not the layout's share of N; dropout
-            (not supported) or a bias that requires grad.
+            (named, with every rank's value) or do not fit; n not the layout's share of N; a bias
+            that requires grad; impl="banded" (a shard pair's mask is a Region; "auto" uses banded
+            where it can); key_block < 1; timeout_s not > 0. Everything a rank can check alone is
+            checked before it sends anything, so such an error leaves the group usable.
     """
     rank, world = world_of(group)
     _check_local_call(q, k, v, scale, softcap, layout, schedule, impl, timeout_s, key_block)
