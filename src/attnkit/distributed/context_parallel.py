@@ -203,18 +203,18 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call):
         q_rows = _post_global_queries(q, call)
-        out, lse = _forward(q, k, v, call)
+        out, lse, pair_lses = _forward(q, k, v, call)
         q_global = None
         if call.rows is not None:
             q_global = _global_queries(q, q_rows, call)
             out, lse = _global_forward(q_global, k, v, out, lse, call)
-        ctx.save_for_backward(q, k, v, out, lse, q_global)
+        ctx.save_for_backward(q, k, v, out, lse, q_global, *pair_lses)
         ctx.call = call
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, dlse: Tensor | None):
-        q, k, v, out, lse, q_global = ctx.saved_tensors
+        q, k, v, out, lse, q_global, *pair_lses = ctx.saved_tensors
         call = ctx.call
         extra = None
         if call.rows is not None:  # the global rows' gradients flow through their own partials only
@@ -222,7 +222,7 @@ class _ContextParallel(torch.autograd.Function):
             mine = call.rows.local[call.rank]
             dout = replace_rows(dout, mine, torch.zeros_like(dout[:, :, :len(mine)]))
             dlse = None if dlse is None else dlse.index_fill(2, mine.to(dlse.device), 0.0)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, call)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, call, iter(pair_lses))
         if call.rows is not None:
             _global_backward(q_global, k, v, extra, call, dq, dk, dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
@@ -270,17 +270,19 @@ def _keys_from(src: int, k: Tensor, v: Tensor, ex: Exchange, call: _Call) -> tup
     return _unpack(ex.recv(src), call.plan.keys_sent(src, call.rank), call)
 
 
-def _partial(q: Tensor, kk: Tensor, vv: Tensor, pair, call: _Call) -> tuple[Tensor, Tensor]:
+def _partial(q: Tensor, kk: Tensor, vv: Tensor, pair, call: _Call, need_lse: bool = True):
     """One pair's (out, lse): q's rows of the pair's query run against its key segment."""
     qs = q[:, :, pair.q_start:pair.q_start + pair.q_run.count]
     ks = kk[:, :, pair.k_start:pair.k_start + pair.k_run.count]
     vs = vv[:, :, pair.k_start:pair.k_start + pair.k_run.count]
     return attention(qs, ks, vs, mask=pair.mask, bias=region_bias(call.bias, pair.q_run, pair.k_run, call.plan.N),
-                     scale=call.scale, softcap=call.softcap, impl=call.impl, return_lse=True)
+                     scale=call.scale, softcap=call.softcap, impl=call.impl, return_lse=need_lse)
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(out, lse) of this rank's rows, and each pair's lse (B, Hq, r) in order, for the backward."""
     ex = _post_kv(k, v, call, TAG_KV)
+    pair_lses = []
     ct = compute_dtype(q.dtype)
     B, Hq, n, _ = q.shape
     out = torch.zeros(B, Hq, n, v.shape[3], dtype=ct, device=q.device)
@@ -289,13 +291,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, call: _Call) -> tuple[Tensor, Tens
         kv = _keys_from(src, k, v, ex, call)
         for pair in call.plan.pairs[call.rank][src] if kv is not None else ():
             o, l = _partial(q, kv[0], kv[1], pair, call)
+            pair_lses.append(l.to(ct))
             rows = slice(pair.q_start, pair.q_start + pair.q_run.count)
             out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], o.to(ct), l.to(ct))
     ex.finish()
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse, pair_lses
 
 
-def _backward(q, k, v, out, lse, dout, dlse, call: _Call) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(q, k, v, out, lse, dout, dlse, call: _Call, pair_lses) -> tuple[Tensor, Tensor, Tensor]:
     plan, rank = call.plan, call.rank
     ex = _post_kv(k, v, call, TAG_KV_BACKWARD)
     ct = compute_dtype(q.dtype)
@@ -311,7 +314,7 @@ def _backward(q, k, v, out, lse, dout, dlse, call: _Call) -> tuple[Tensor, Tenso
         gk, gv = (dk, dv) if src == rank else (torch.zeros(kv[0].shape, dtype=ct, device=k.device),
                                                torch.zeros(kv[1].shape, dtype=ct, device=v.device))
         for pair in plan.pairs[rank][src]:
-            _pair_backward(q, kv, out, lse, dout, dlse, pair, call, dq, gk, gv)
+            _pair_backward(q, kv, out, lse, dout, dlse, pair, call, dq, gk, gv, next(pair_lses))
         if src != rank:  # send this source's key gradients home as soon as they are complete
             grads.post({src: torch.cat([gk.flatten(), gv.flatten()])}, {})
     for dst, segs in enumerate(plan.sends[rank]):
@@ -328,26 +331,55 @@ def _backward(q, k, v, out, lse, dout, dlse, call: _Call) -> tuple[Tensor, Tenso
     return dq, dk, dv
 
 
-def _pair_backward(q, kv, out, lse, dout, dlse, pair, call: _Call, dq, gk, gv) -> None:
-    """Recompute one pair's partial with autograd and add its share of dq, dk, dv (module docstring)."""
+def _pair_backward(q, kv, out, lse, dout, dlse, pair, call: _Call, dq, gk, gv, lse_p: Tensor) -> None:
+    """Add one pair's share of dq, dk, dv (module docstring): the gradient of the merged output
+    reaches the pair's partial as d out_p = w dout and d lse_p = w (<dout, out_p - out> + dlse).
+
+    The out_p part is the backward of a plain recomputed call (any backend: torch's fused kernels
+    give no lse gradient). The lse_p part adds d lse_p[i] * P[i, j] to the pair's score gradients,
+    P its own softmax: dq += scale * d lse_p * (P k) and dk += scale * P^T (d lse_p * q), one more
+    call whose values are the keys. With softcap the scores' derivative is no longer one factor,
+    so autograd takes both outputs of a call that returns the lse."""
     ct = dq.dtype
     rows = slice(pair.q_start, pair.q_start + pair.q_run.count)
     cols = slice(pair.k_start, pair.k_start + pair.k_run.count)
+    at_zero = _at_zero(pair)
     with torch.enable_grad():
         qs = q[:, :, rows].detach().requires_grad_()
         ks = kv[0][:, :, cols].detach().requires_grad_()
         vs = kv[1][:, :, cols].detach().requires_grad_()
-        o, l = _partial(qs, ks, vs, _at_zero(pair), call)
-    w = torch.exp(l.detach().to(ct) - finite_or_zero(lse[:, :, rows]))  # (B, Hq, r): 0 where lse_p = -inf
+        if call.softcap is None:
+            o = _partial(qs, ks, vs, at_zero, call, need_lse=False)
+        else:
+            o, l = _partial(qs, ks, vs, at_zero, call)
+    w = torch.exp(lse_p - finite_or_zero(lse[:, :, rows]))  # (B, Hq, r): 0 where lse_p = -inf
     d_out = dout[:, :, rows].to(ct)
     d_lse = w * (d_out * (o.detach().to(ct) - out[:, :, rows].to(ct))).sum(-1)  # (B, Hq, r)
     if dlse is not None:
         d_lse = d_lse + w * dlse[:, :, rows].to(ct)
-    dqs, dks, dvs = torch.autograd.grad((o, l), (qs, ks, vs), ((w.unsqueeze(-1) * d_out).to(o.dtype), d_lse.to(l.dtype)),
-                                        allow_unused=True)
+    g_out = (w.unsqueeze(-1) * d_out).to(o.dtype)
+    if call.softcap is None:
+        dqs, dks, dvs = torch.autograd.grad(o, (qs, ks, vs), g_out, allow_unused=True)
+        dqs, dks = _lse_share(qs.detach(), ks.detach(), d_lse, at_zero, call, dqs, dks)
+    else:
+        dqs, dks, dvs = torch.autograd.grad((o, l), (qs, ks, vs), (g_out, d_lse.to(l.dtype)), allow_unused=True)
     for acc, g, sl in ((dq, dqs, rows), (gk, dks, cols), (gv, dvs, cols)):
         if g is not None:
             acc[:, :, sl] += g.to(ct)
+
+
+def _lse_share(qs: Tensor, ks: Tensor, d_lse: Tensor, pair, call: _Call, dqs, dks) -> tuple[Tensor, Tensor]:
+    """dq and dk plus the lse's share: d lse_p[i] * P[i, j] added to the score gradients."""
+    scale = call.scale if call.scale is not None else qs.shape[-1] ** -0.5
+    with torch.enable_grad():
+        values = ks.clone().requires_grad_()  # (B, Hkv, c, D) the keys as values: P k
+        pk = _partial(qs, ks, values, pair, call, need_lse=False)  # (B, Hq, r, D)
+    g = scale * d_lse.unsqueeze(-1)  # (B, Hq, r, 1)
+    (dk_extra,) = torch.autograd.grad(pk, values, (g * qs.to(g.dtype)).to(pk.dtype))  # P^T (scale d_lse q)
+    dq_extra = g * pk.detach().to(g.dtype)
+    dqs = dq_extra if dqs is None else dqs + dq_extra.to(dqs.dtype)
+    dks = dk_extra if dks is None else dks + dk_extra.to(dks.dtype)
+    return dqs, dks
 
 
 def _at_zero(pair):
