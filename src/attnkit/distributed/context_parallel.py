@@ -26,7 +26,7 @@ pair's partial is recomputed with autograd, and its gradient flows from the merg
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -384,7 +384,6 @@ def _lse_share(qs: Tensor, ks: Tensor, d_lse: Tensor, pair, call: _Call, dqs, dk
 
 def _at_zero(pair):
     """The pair with its query and key starts at 0 (for tensors already sliced to it)."""
-    from dataclasses import replace
     return replace(pair, q_start=0, k_start=0)
 
 
