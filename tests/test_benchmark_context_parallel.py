@@ -139,11 +139,14 @@ def test_quick_run_ring_sends_whole_shards_and_mask_no_more(cpb, quick):
             continue
         layout = cpb.CASES[case][1]
         if schedule == "ring" and mode == "fwd":  # every rank's shard to each of the P - 1 others
-            assert r["bytes_sent"] == [(p - 1) * cp_layout.local_size(layout, q, p, n) * per_key for q in range(p)]
+            shards = [(p - 1) * cp_layout.local_size(layout, q, p, n) * per_key for q in range(p)]
+            if case == "longformer":  # both schedules also send the global rows' queries and partials
+                assert all(b >= w for b, w in zip(r["bytes_sent"], shards)), (r["bytes_sent"], shards)
+            else:
+                assert r["bytes_sent"] == shards
         if schedule == "mask":
             ring = by[(case, "ring", mode, n, p)]
-            if case != "longformer":  # which also sends its global rows' queries and partial results
-                assert r["bytes_sent_max"] <= ring["bytes_sent_max"]
+            assert r["bytes_sent_max"] <= ring["bytes_sent_max"]
             if case in ("window", "longformer") and n // p > cpb.W:  # a neighbour's W edge keys, not its shard
                 assert r["bytes_sent_max"] < ring["bytes_sent_max"]
 
