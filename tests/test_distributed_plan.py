@@ -51,7 +51,7 @@ def test_zigzag_balances_causal_work():
 @pytest.mark.parametrize("schedule", ["mask", "ring"])
 def test_pairs_cover_the_mask_exactly_once(layout, world, N, name, schedule):
     mask = _masks(N)[name]
-    main = without_global_rows(mask)[0] if schedule == "mask" else mask
+    main = without_global_rows(mask, N)[0] if schedule == "mask" else mask
     plan = build(main, layout, world, N, schedule, key_block=4)
     truth = torch.ones(1, 1, N, N, dtype=torch.bool) if main is None else main.materialize(N, N)
     for dst in range(world):
@@ -81,7 +81,7 @@ def test_nothing_the_mask_rules_out_is_sent(layout, name):
     """Every key sent is one some query of the receiver may see, up to the joined gaps (< key_block)."""
     N, world = 67, 4
     mask = _masks(N)[name]
-    main = without_global_rows(mask)[0]
+    main = without_global_rows(mask, N)[0]
     plan = build(main, layout, world, N, "mask", key_block=1)
     truth = main.materialize(N, N).any(0).any(0)  # (N, N) over the batch and heads
     for dst in range(world):
@@ -122,7 +122,7 @@ def test_global_rows_leave_the_main_plan():
     N, world = 4096, 4
     mask = ak.sliding_window(16) | ak.global_tokens([3, 2000])
     full = build(mask, "contiguous", world, N)
-    main = build(without_global_rows(mask)[0], "contiguous", world, N)
+    main = build(without_global_rows(mask, N)[0], "contiguous", world, N)
     assert full.keys_sent(3, 0) == N // world  # rank 0 holds global row 3: it would need everything
     assert main.keys_sent(3, 0) == 0 and main.keys_sent(1, 0) == 16 + 1  # the window edge and global key 2000
 

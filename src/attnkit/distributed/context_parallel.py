@@ -189,7 +189,7 @@ def _schedule(mask: Mask | None, layout: str, world: int, N: int, schedule: str,
         _schedules.move_to_end(key)
         return _schedules[key][1]
     mask = frozen(mask)  # the plan's pairs read the mask later: not a tensor the caller may refill
-    main, tokens = without_global_rows(mask)  # both schedules compute alike; "ring" only sends every key
+    main, tokens = without_global_rows(mask, N)  # both schedules compute alike; "ring" only sends every key
     held = [positions(layout, r, world, N) for r in range(world)]
     made = (build(main, layout, world, N, schedule, key_block, compute=mask), global_rows(tokens, held, N), held)
     if not _holds(key, UNCACHEABLE):

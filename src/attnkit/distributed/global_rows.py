@@ -4,9 +4,10 @@ A global token's query row sees every key of the sequence. Fed like the other ro
 receive every key shard: O(N) traffic for a handful of rows. Instead (Beltagy et al. 2020's global
 attention, computed where the keys live):
 
-- the main schedule runs with each ``global_tokens(g)`` replaced by ``GlobalKeys`` (every query
-  sees the global keys; global queries see only what their other terms give them), which equals
-  the mask on every row that is not global, so only window edges and global keys travel;
+- the main schedule runs with each ``global_tokens(g)`` replaced by "every query sees the global
+  keys" (``key_padding`` of the global keys; global queries see only what their other terms give
+  them), which equals the mask on every row that is not global, so only window edges and global
+  keys travel;
 - the global rows' queries (B, Hq, G, D) are sent once to every rank; each rank attends them to its
   own keys under the full mask and returns the partial (out, lse) to the row's owner, which merges
   the P partials (``ops/merge.py``) and overwrites its rows: O(G·D) per rank each way.
@@ -20,36 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import And, GlobalTokens, Mask, Not, Or, Tiling, _kinds, _per_tile_bits, _tile_offsets, tensor_key
-
-
-@dataclass(frozen=True, eq=False)
-class GlobalKeys(Mask):
-    """Every query sees the global keys of ``tokens`` (its ``global_tokens`` without the global
-    query rows). Equal to ``tokens`` on every query row that is not global."""
-
-    tokens: GlobalTokens
-
-    def _evaluate(self, rows, cols, Nq, Nk):
-        flags = self.tokens._flags(Nk, cols.device)  # (Bm, Nk)
-        return flags[:, cols][:, None]  # (Bm, 1, *cols.shape)
-
-    def _tile_signature(self, q0, k0, bm, bn, Nq, Nk):
-        return _per_tile_bits(self.tokens._flags(Nk, k0.device)[:, _tile_offsets(k0, bn, Nk)])
-
-    def _block_kinds(self, tiling: Tiling, device):
-        flags = self.tokens._flags(tiling.full_k, device)[:, tiling.col_index(device)]  # (Bm, Nk)
-        kc, ks = tiling.pool_counts(flags, tiling.block_k)  # (Bm, nK)
-        return _kinds((kc == ks)[:, None, :], (kc == 0)[:, None, :]).expand(-1, tiling.n_q, -1)
-
-    def check(self, B, H, Nq, Nk):
-        self.tokens.check(B, H, Nq, Nk)
-
-    def structure_key(self):
-        return (type(self), self.tokens.structure_key())
-
-    def __repr__(self) -> str:
-        return f"global_keys({self.tokens!r})"
+from ..masks import And, GlobalTokens, KeyPadding, Mask, Not, Or, tensor_key
 
 
 def frozen(mask: Mask | None) -> Mask | None:
@@ -68,14 +40,15 @@ def frozen(mask: Mask | None) -> Mask | None:
     return dataclasses.replace(mask, **changes) if changes else mask
 
 
-def without_global_rows(mask: Mask | None) -> tuple[Mask | None, list[GlobalTokens]]:
-    """The mask with every ``global_tokens`` replaced by ``GlobalKeys``, and the ones replaced."""
+def without_global_rows(mask: Mask | None, N: int) -> tuple[Mask | None, list[GlobalTokens]]:
+    """The mask of an (N, N) problem with every ``global_tokens`` replaced by "every query sees the
+    global keys" (a ``KeyPadding`` whose valid keys are the global ones), and the ones replaced."""
     found: list[GlobalTokens] = []
 
     def walk(m: Mask) -> Mask:
         if isinstance(m, GlobalTokens):
             found.append(m)
-            return GlobalKeys(m)
+            return KeyPadding(lengths=None, valid=m._flags(N, torch.device("cpu")))  # (Bm, N) bool
         if isinstance(m, (And, Or)):
             return type(m)(walk(m.a), walk(m.b))
         if isinstance(m, Not):
